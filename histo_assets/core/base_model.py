@@ -1,0 +1,407 @@
+"""The Stable Diffusion base model: a seeded miniature for demos and tests, or
+real SD 1.x weights from local files.
+
+Everything loads offline: these machines cannot reach a model hub, so every
+loader passes ``local_files_only=True`` and every input is validated (paths,
+config folders, SHA-256) before any weights are read, so that a wrong setting
+fails in a second with a message naming the problem instead of minutes later
+inside diffusers.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Set before diffusers/transformers are imported by this module, so that
+# huggingface_hub never tries the network; local_files_only=True below is the
+# guard that holds even if they were imported earlier.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.models.attention_processor import Attention
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from histo_assets.core.io import atomic_directory, sha256_file, stable_hash
+
+SOURCES = ("tiny", "diffusers", "single_file")
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+# Components a StableDiffusionPipeline folder needs, and the file in each that
+# proves the component is there. Tokenizers are checked separately because
+# they come in two layouts.
+_COMPONENT_CONFIGS = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "scheduler": "scheduler_config.json",
+}
+_WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
+
+TINY_MAX_LENGTH = 77
+# Cross-attention width chosen unlike every block width (32, 64), so that a
+# hypernetwork's width-keyed modules are unambiguous between self- and
+# cross-attention (a1111-hypernetwork.md §10).
+TINY_CROSS_ATTENTION_DIM = 48
+TINY_HYPERNETWORK_SIZES = (48, 32, 64)
+
+
+class BaseModelError(ValueError):
+    """A base-model setting that cannot be used; raised before any weights load."""
+
+
+@dataclass
+class BaseModel:
+    """A loaded pipeline plus the identity A1111 records in hypernetwork files.
+
+    ``sha256`` is the hash of the weights: of the file for ``single_file``; for
+    a diffusers folder (``diffusers`` and ``tiny``) it is :func:`folder_weights_sha256`.
+    ``short_hash`` is its first 10 hex digits, A1111's ``sd_checkpoint``.
+    """
+
+    pipeline: StableDiffusionPipeline
+    sha256: str
+    short_hash: str
+    name: str
+    source: str
+    path: Path
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def unet(self) -> UNet2DConditionModel:
+        return self.pipeline.unet
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.pipeline.vae
+
+    @property
+    def text_encoder(self) -> CLIPTextModel:
+        return self.pipeline.text_encoder
+
+    @property
+    def tokenizer(self) -> CLIPTokenizer:
+        return self.pipeline.tokenizer
+
+    @property
+    def scheduler(self):
+        return self.pipeline.scheduler
+
+
+def resolve_device(preference: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; an explicit CUDA request without one is an error, not a silent CPU run."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(preference)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BaseModelError(f"device {preference!r} requested but CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        raise BaseModelError(f"unsupported device {preference!r}; use auto, cpu or cuda[:N]")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``auto``/None: fp16 on CUDA (as A1111 runs SD), fp32 on CPU, where half precision is slow and inexact."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise BaseModelError(f"unsupported dtype {dtype!r}; use auto or one of {sorted(names)}")
+    return names[dtype]
+
+
+def short_hash(sha256: str) -> str:
+    """A1111's ``sd_checkpoint`` form of a hash."""
+    return sha256[:10]
+
+
+def folder_weights_sha256(folder: str | os.PathLike) -> str:
+    """Combined hash of every weight file under a diffusers folder.
+
+    It is the SHA-256 of the sorted JSON mapping ``{relative posix path: file
+    sha256}`` over files ending in one of :data:`WEIGHT_SUFFIXES`. Configs and
+    tokenizer files are left out so that the hash names the weights, like the
+    single-file hash does; renaming or moving a weight file changes it.
+    """
+    root = Path(folder)
+    digests = {
+        path.relative_to(root).as_posix(): sha256_file(path)
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES)
+    }
+    if not digests:
+        raise BaseModelError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) under {root}")
+    return stable_hash(digests)
+
+
+def attention_context_widths(unet: torch.nn.Module) -> list[int]:
+    """Sorted distinct widths of the contexts fed to ``to_k``/``to_v`` in every attention layer.
+
+    These are the keys an A1111 hypernetwork must use to act on this model
+    (768, 320, 640, 1280 for SD 1.5; 48, 32, 64 for the tiny model).
+    """
+    widths = {module.to_k.in_features for module in unet.modules() if isinstance(module, Attention)}
+    if not widths:
+        raise BaseModelError("the U-Net has no attention layers, so a hypernetwork cannot act on it")
+    return sorted(widths)
+
+
+def check_hypernetwork_sizes(sizes, unet: torch.nn.Module) -> None:
+    """Refuse sizes the model has no attention context for: their modules would never train."""
+    widths = attention_context_widths(unet)
+    unmatched = [size for size in sizes if size not in widths]
+    if unmatched:
+        raise BaseModelError(
+            f"hypernetwork sizes {list(sizes)} include {unmatched}, which match no attention context width "
+            f"of this model; its widths are {widths}"
+        )
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins for bytes used by byte-level BPE (GPT-2/CLIP order).
+
+    Printable Latin-1 bytes stand for themselves; the rest are shifted past
+    255 in byte order. The order fixes token ids, so it must stay exactly this.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(shifted))]
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer with a 514-token byte-level vocabulary and no merges.
+
+    The real CLIP vocabulary is not available offline; this one tokenises any
+    text (one token per byte) with CLIP's normalisation and special tokens.
+    """
+    symbols = _byte_symbols()
+    tokens = symbols + [symbol + "</w>" for symbol in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TINY_MAX_LENGTH)
+
+
+def _tiny_pipeline(seed: int) -> StableDiffusionPipeline:
+    tokenizer = tiny_tokenizer()
+    # Diffusers and transformers initialise weights from the global RNG; fork it
+    # so that building is seeded without disturbing the caller's RNG state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=TINY_CROSS_ATTENTION_DIM,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(32,) * 4,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=32,
+            sample_size=64,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=TINY_CROSS_ATTENTION_DIM,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=TINY_MAX_LENGTH,
+                projection_dim=TINY_CROSS_ATTENTION_DIM,
+                vocab_size=len(tokenizer),
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_model(path: str | os.PathLike, seed: int) -> Path:
+    """Write a seeded, randomly initialised miniature SD 1.x in diffusers layout.
+
+    It has the architecture of SD 1.5 at toy scale (64 px images, 8x8 latents),
+    so the whole pipeline can run on a CPU in seconds. The folder is built in a
+    temporary sibling and swapped in whole, so readers never see a partial
+    model; the same seed gives byte-identical weight files.
+    """
+    target = Path(path)
+    pipeline = _tiny_pipeline(seed)
+    with atomic_directory(target) as staging:
+        pipeline.save_pretrained(staging, safe_serialization=True)
+    return target
+
+
+def tiny_model_dir(cache_dir: str | os.PathLike, seed: int) -> Path:
+    return Path(cache_dir) / f"tiny-sd-seed{seed}"
+
+
+def _missing_diffusers_parts(folder: Path, *, need_weights: bool) -> list[str]:
+    missing = [] if (folder / "model_index.json").is_file() else ["model_index.json"]
+    for component, config in _COMPONENT_CONFIGS.items():
+        if not (folder / component / config).is_file():
+            missing.append(f"{component}/{config}")
+    tokenizer = folder / "tokenizer"
+    if not ((tokenizer / "tokenizer.json").is_file()
+            or ((tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file())):
+        missing.append("tokenizer/tokenizer.json (or tokenizer/vocab.json + tokenizer/merges.txt)")
+    if need_weights:
+        for component in _WEIGHTED_COMPONENTS:
+            sub = folder / component
+            if sub.is_dir() and not any(p.name.endswith(WEIGHT_SUFFIXES) for p in sub.iterdir()):
+                missing.append(f"{component}/<weights>")
+    return missing
+
+
+def _require_diffusers_folder(folder: Path, role: str, *, need_weights: bool) -> None:
+    if not folder.is_dir():
+        raise BaseModelError(f"{role} {folder} is not a directory")
+    missing = _missing_diffusers_parts(folder, need_weights=need_weights)
+    if missing:
+        raise BaseModelError(f"{role} {folder} is not a complete diffusers Stable Diffusion folder; missing: "
+                             + ", ".join(missing))
+
+
+def _verify_sha256(actual: str, expected: str | None, what: Path) -> None:
+    if expected is not None and actual.lower() != expected.strip().lower():
+        raise BaseModelError(f"SHA-256 mismatch for {what}: expected {expected.strip().lower()}, got {actual}")
+
+
+def load_base_model(
+    source: str,
+    path: str | os.PathLike | None = None,
+    config: str | os.PathLike | None = None,
+    *,
+    expected_sha256: str | None = None,
+    name: str | None = None,
+    tiny_cache_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = "auto",
+) -> BaseModel:
+    """Load a Stable Diffusion 1.x pipeline from local files, offline.
+
+    ``source``:
+      * ``tiny``: the miniature of :func:`build_tiny_model`, built once per seed
+        under ``tiny_cache_dir`` and then loaded like a diffusers folder;
+      * ``diffusers``: ``path`` is a ``save_pretrained`` folder;
+      * ``single_file``: ``path`` is an original (LDM) ``.safetensors``/``.ckpt``
+        and ``config`` a local diffusers folder giving every component's config
+        (weights there are not needed). That folder replaces the hub lookup
+        diffusers would otherwise do, so no original-config YAML is required.
+
+    ``expected_sha256`` is checked against :attr:`BaseModel.sha256` before the
+    weights load. ``name`` is what hypernetwork files record as
+    ``sd_checkpoint_name``; by default the file or folder name.
+    """
+    if source not in SOURCES:
+        raise BaseModelError(f"unknown base model source {source!r}; use one of {', '.join(SOURCES)}")
+    torch_device = resolve_device(device) if not isinstance(device, torch.device) else device
+    torch_dtype = resolve_dtype(dtype, torch_device)
+
+    if source == "tiny":
+        if tiny_cache_dir is None:
+            raise BaseModelError("source 'tiny' needs tiny_cache_dir, the folder where the built model is cached")
+        folder = tiny_model_dir(tiny_cache_dir, seed)
+        if not folder.is_dir() or _missing_diffusers_parts(folder, need_weights=True):
+            build_tiny_model(folder, seed)
+        return _load_folder(folder, "tiny", expected_sha256, name or folder.name, torch_device, torch_dtype)
+
+    if path is None:
+        raise BaseModelError(f"base model source {source!r} needs a path")
+    model_path = Path(path).expanduser()
+
+    if source == "diffusers":
+        _require_diffusers_folder(model_path, "base model folder", need_weights=True)
+        return _load_folder(model_path, "diffusers", expected_sha256, name or model_path.name, torch_device,
+                            torch_dtype)
+
+    if not model_path.is_file():
+        raise BaseModelError(f"base model file {model_path} does not exist")
+    if not model_path.name.endswith(SINGLE_FILE_SUFFIXES):
+        raise BaseModelError(f"base model file {model_path} must end in one of {', '.join(SINGLE_FILE_SUFFIXES)}")
+    if config is None:
+        raise BaseModelError(
+            "source 'single_file' needs config: a local diffusers folder with model_index.json and the unet, vae, "
+            "text_encoder, tokenizer and scheduler configs (e.g. a copy of the stable-diffusion-v1-5 repo without "
+            "its weights), because the hub cannot be reached to fetch them"
+        )
+    config_dir = Path(config).expanduser()
+    _require_diffusers_folder(config_dir, "base model config folder", need_weights=False)
+    sha256 = sha256_file(model_path)
+    _verify_sha256(sha256, expected_sha256, model_path)
+    pipeline = StableDiffusionPipeline.from_single_file(
+        str(model_path),
+        config=str(config_dir),
+        local_files_only=True,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        dtype=torch_dtype,
+    )
+    return _finish(pipeline, sha256, name or model_path.name, "single_file", model_path, torch_device, torch_dtype)
+
+
+def _load_folder(folder: Path, source: str, expected_sha256: str | None, name: str, device: torch.device,
+                 dtype: torch.dtype) -> BaseModel:
+    sha256 = folder_weights_sha256(folder)
+    _verify_sha256(sha256, expected_sha256, folder)
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        folder,
+        local_files_only=True,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        dtype=dtype,
+    )
+    return _finish(pipeline, sha256, name, source, folder, device, dtype)
+
+
+def _finish(pipeline: StableDiffusionPipeline, sha256: str, name: str, source: str, path: Path,
+            device: torch.device, dtype: torch.dtype) -> BaseModel:
+    """Freeze and place the pipeline: the base model is never trained here."""
+    pipeline.to(device)
+    for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    return BaseModel(pipeline=pipeline, sha256=sha256, short_hash=short_hash(sha256), name=name, source=source,
+                     path=path, device=device, dtype=dtype)
