@@ -27,6 +27,7 @@ from histo_assets.core.hypernetwork import (
     export_safetensors,
     load_hypernetwork,
     load_optimizer_state,
+    sanitize_name,
     save_hypernetwork,
     short_hash,
 )
@@ -307,6 +308,10 @@ def test_save_load_round_trip_keeps_a1111_layout_and_metadata(tmp_path):
     assert again.read_bytes() == path.read_bytes()
 
 
+def test_sanitize_name_keeps_alphanumerics_and_dot_underscore_dash_space():
+    assert sanitize_name("adipose/tissue: v1.2_a-b c!") == "adiposetissue v1.2_a-b c"
+
+
 def test_name_defaults_to_file_stem(tmp_path):
     hn = _tiny_hn()
     path = save_hypernetwork(hn, tmp_path / "stemmed.pt")
@@ -474,7 +479,9 @@ def test_multiplier_zero_is_bit_identical_to_stock(unet, unet_inputs):
             hooked = unet(*unet_inputs).sample
         with apply_hypernetwork(unet, hn, multiplier=1.0):
             active = unet(*unet_inputs).sample
+            per_call_off = unet(*unet_inputs, cross_attention_kwargs={"hn_scale": 0.0}).sample
     assert torch.equal(hooked, stock)
+    assert torch.equal(per_call_off, stock)
     assert not torch.equal(active, stock)
     assert (active - stock).abs().max() > 0
 
@@ -510,7 +517,7 @@ def test_gradients_reach_only_the_hypernetwork(unet, unet_inputs):
 @pytest.mark.parametrize(
     "config",
     [
-        {"residual_connection": True, "rescale_output_factor": 2.0, "norm_num_groups": 8, "four_d": True},
+        {"residual_connection": True, "rescale_output_factor": 3.0, "norm_num_groups": 8, "four_d": True},
         {"cross_attention_norm": "layer_norm", "mask": True},
         {"spatial_norm_dim": 4, "four_d": True},
     ],

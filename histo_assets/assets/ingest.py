@@ -41,7 +41,7 @@ def _preview(folder: Path, out: Path) -> Path:
     return atomic_save_png(out, contact_sheet(images, columns=8, thumb=96) if images else contact_sheet([]))
 
 
-def _stage_result(summary: dict, folder: Path, extra: dict | None = None) -> dict:
+def _stage_result(summary: dict, folder: Path, reused: bool, extra: dict | None = None) -> dict:
     """Metadata shown in the UI, the same whether the stage ran or was reused."""
     from PIL import Image
 
@@ -50,6 +50,7 @@ def _stage_result(summary: dict, folder: Path, extra: dict | None = None) -> dic
         "images": summary["count"],
         "skipped": dg.MetadataValue.md(_problems_markdown([Problem(**p) for p in summary.get("problems", [])])),
         "fingerprint": summary["fingerprint"][:16],
+        "reused_unchanged_output": reused,
     }
     preview = folder / PREVIEW
     if preview.is_file():
@@ -137,7 +138,8 @@ def square_crops(context: dg.AssetExecutionContext, config: StageConfig, params:
     stage_fingerprint = fingerprint(sources=sources, crops=crops, ingest=ingest, resolution=p.resolution, code=SQUARE_CROPS_VERSION)
     out = layout.square_crops(tissue_class)
     summary = current_summary(out, stage_fingerprint)
-    if summary:
+    reused = summary is not None
+    if reused:
         context.log.info(f"{tissue_class}: inputs and params unchanged, reusing {out}")
     else:
         settings = CropSettings(
@@ -165,7 +167,7 @@ def square_crops(context: dg.AssetExecutionContext, config: StageConfig, params:
                 "data_version": stable_hash(sorted((r.crop_file, r.crop_sha256) for r in records)),
             }
             atomic_write_json(staging / SUMMARY, summary)
-    yield dg.MaterializeResult(metadata=_stage_result(summary, out, {"mode": crops["mode"]}), data_version=dg.DataVersion(summary["data_version"]))
+    yield dg.MaterializeResult(metadata=_stage_result(summary, out, reused, {"mode": crops["mode"]}), data_version=dg.DataVersion(summary["data_version"]))
     yield from image_check_results("square_crops", out / IMAGES, p.resolution, int(p["checks"]["min_square_crops"]))
 
 
@@ -204,7 +206,8 @@ def augmented_crops(context: dg.AssetExecutionContext, config: StageConfig, para
     stage_fingerprint = fingerprint(crops=sorted(hashes.items()), augmentation=section, split=p["split"], seed=seed, code=AUGMENTED_CROPS_VERSION)
     out = layout.augmented_crops(tissue_class)
     summary = current_summary(out, stage_fingerprint)
-    if summary:
+    reused = summary is not None
+    if reused:
         context.log.info(f"{tissue_class}: inputs and params unchanged, reusing {out}")
     else:
         train, held_out = split_holdout(list(hashes), holdout_fraction, derive_seed(seed, "holdout"))
@@ -233,5 +236,5 @@ def augmented_crops(context: dg.AssetExecutionContext, config: StageConfig, para
             }
             atomic_write_json(staging / SUMMARY, summary)
     extra = {"train_crops": summary["train_crops"], "held_out_crops": summary["held_out_crops"]}
-    yield dg.MaterializeResult(metadata=_stage_result(summary, out, extra), data_version=dg.DataVersion(summary["data_version"]))
+    yield dg.MaterializeResult(metadata=_stage_result(summary, out, reused, extra), data_version=dg.DataVersion(summary["data_version"]))
     yield from image_check_results("augmented_crops", out / IMAGES, p.resolution, int(p["checks"]["min_augmented_crops"]))

@@ -77,7 +77,7 @@ def sanitize_name(name: str) -> str:
 
 def rebuilt_dropout_structure(n_layers: int, use_dropout: bool, last_layer_dropout: bool) -> tuple[float, ...]:
     """§8: the dropout structure A1111 assumes when a file (or caller) does not give one."""
-    if not use_dropout or n_layers < 3:
+    if not use_dropout or n_layers < 3:  # a single Linear has no hidden layer to drop out of
         return (0.0,) * n_layers
     last = _LEGACY_DROPOUT if last_layer_dropout else 0.0
     return (0.0,) + (_LEGACY_DROPOUT,) * (n_layers - 3) + (last, 0.0)
@@ -300,7 +300,7 @@ def _options_from_file(contents: Mapping[Any, Any], sizes: tuple[int, ...]) -> H
         layer_norm=bool(contents.get("is_layer_norm", False)),
         use_dropout=use_dropout,
         dropout_structure=None if dropout is None else tuple(dropout),
-        activate_output=bool(contents.get("activate_output", False)),
+        activate_output=bool(contents.get("activate_output", True)),
         last_layer_dropout=bool(contents.get("last_layer_dropout", False)),
     )
 
@@ -352,7 +352,7 @@ def load_hypernetwork(path: str | Path, *, map_location: str | torch.device = "c
     hn.sd_checkpoint = contents.get("sd_checkpoint")
     hn.sd_checkpoint_name = contents.get("sd_checkpoint_name")
     hn.optional_info = contents.get("optional_info")
-    return hn
+    return hn.to(map_location)
 
 
 def export_safetensors(hn: Hypernetwork, path: str | Path) -> Path:
@@ -375,7 +375,8 @@ class HypernetworkAttnProcessor:
     Mirrors diffusers' ``AttnProcessor2_0`` operation for operation, so that a
     context passed through unchanged gives bit-identical results. A plain
     object, not an ``nn.Module``, so the hypernetwork's weights never become
-    part of the U-Net's parameters or state dict.
+    part of the U-Net's parameters or state dict. ``hn_scale`` overrides the
+    multiplier per call, e.g. ``pipe(..., cross_attention_kwargs={"hn_scale": 0.8})``.
     """
 
     def __init__(self, hypernetwork: Hypernetwork, multiplier: float = 1.0) -> None:
@@ -390,6 +391,7 @@ class HypernetworkAttnProcessor:
         attention_mask: Tensor | None = None,
         temb: Tensor | None = None,
         *args: Any,
+        hn_scale: float | None = None,
         **kwargs: Any,
     ) -> Tensor:
         residual = hidden_states
@@ -412,7 +414,8 @@ class HypernetworkAttnProcessor:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        context_k, context_v = self.hypernetwork.transform_context(encoder_hidden_states, self.multiplier)
+        multiplier = self.multiplier if hn_scale is None else hn_scale
+        context_k, context_v = self.hypernetwork.transform_context(encoder_hidden_states, multiplier)
         key = attn.to_k(context_k)
         value = attn.to_v(context_v)
 

@@ -65,7 +65,7 @@ def to_rgb8(image: Image.Image) -> Image.Image:
         array = np.asarray(image, dtype=np.float64)
         low, high = float(array.min()), float(array.max())
         scaled = np.zeros_like(array) if high <= low else (array - low) / (high - low) * 255.0
-        return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(np.round(scaled).astype(np.uint8)).convert("RGB")
     if image.mode in {"RGBA", "LA", "PA"} or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -163,13 +163,15 @@ def _open_pyramid(path: Path):
     """Open a tiled TIFF/SVS with tiffslide; None means 'read it as a plain image'."""
     import tiffslide
 
+    slide = None
     try:
         slide = tiffslide.TiffSlide(path)
+        if slide.level_count > 1 or slide.properties.get("tiffslide.vendor") == "aperio":
+            return slide
     except Exception:
-        return None
-    if slide.level_count > 1 or slide.properties.get("tiffslide.vendor") == "aperio":
-        return slide
-    slide.close()
+        pass  # tiffslide cannot parse it; Pillow gets its turn and reports the reason
+    if slide is not None:
+        slide.close()
     return None
 
 

@@ -1,0 +1,662 @@
+"""Hypernetwork training with AUTOMATIC1111's semantics on the diffusers stack.
+
+Implemented clean-room from ``shared/reference/a1111-hypernetwork.md`` §7; the
+section numbers in comments refer to it. The base model stays frozen and only
+the hypernetwork's K/V modules train, on the ε-prediction MSE with latents and
+text conditioning computed once per image when the dataset is built.
+
+Every random draw of step ``s`` (batch order, timesteps, noise, resampled
+latents, dropout) comes from generators seeded by ``(seed, s)``, so no RNG
+state has to be saved: a run resumed from a checkpoint and its optimizer
+sidecar ends, on CPU, with exactly the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from PIL import Image
+from tqdm.auto import tqdm
+
+from histo_assets.core.base_model import BaseModel, check_hypernetwork_sizes
+from histo_assets.core.hypernetwork import (
+    Hypernetwork,
+    HypernetworkOptions,
+    apply_hypernetwork,
+    load_hypernetwork,
+    load_optimizer_state,
+    save_hypernetwork,
+)
+from histo_assets.core.io import atomic_write_json, atomic_write_text, sha256_file, stable_hash
+from histo_assets.core.seeding import derive_seed
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+LATENT_SAMPLING = ("once", "deterministic", "random")
+CLIP_MODES = ("disabled", "value", "norm")
+# "correct" clips true gradients; "a1111" clips the loss-scaled ones like A1111 (§7.7 step 5).
+CLIP_COMPAT = ("correct", "a1111")
+# §7.2: leading digits, dashes and spaces of a file stem are not caption words.
+CAPTION_PREFIX = re.compile(r"^[-\d]+\s*")
+# §7.5: torch's AdamW defaults, written out because A1111 relies on them.
+WEIGHT_DECAY = 0.01
+# Names become file names and the A1111 ``name`` field (§2).
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9._\- ]*$")
+_ENCODE_BATCH = 8
+# Settings that may change between an interrupted run and its resumption.
+_RESUMABLE_CHANGES = ("max_steps", "checkpoint_steps", "loss_log_every")
+
+Log = Callable[[str], None]
+
+
+class TrainingError(ValueError):
+    """A training setting or output folder that cannot be used."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the weights) became NaN or infinite.
+
+    ``step`` is the 1-based number of the update being computed, as in the
+    loss CSV. Checkpoints written earlier are complete and loadable (every
+    write is atomic), so training can restart from one with other settings.
+    """
+
+    def __init__(self, step: int, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+def parse_schedule(text: str, max_steps: int, current_step: int = 0) -> list[tuple[float, int]]:
+    """Segments ``(value, end_step)`` of an A1111 schedule string (§7.6).
+
+    ``"v1:s1, v2:s2, ..."``: v_i applies until optimizer step s_i. Entries
+    ending at or before ``current_step`` are skipped, which is how a resumed
+    run picks up mid-schedule; ends are clamped to ``max_steps`` and the first
+    entry beyond it ends parsing; ``s = -1`` and a bare value mean "until
+    ``max_steps``" and also end parsing. Steps are parsed as integers, so
+    ``1e4`` is an error. The result may be empty when every entry is skipped.
+    """
+    if max_steps < 1:
+        raise TrainingError(f"max_steps must be at least 1, got {max_steps}")
+    entries = [entry.strip() for entry in str(text).split(",")]
+    if not any(entries):
+        raise TrainingError(f"schedule {text!r} is empty")
+    segments: list[tuple[float, int]] = []
+    for entry in entries:
+        if not entry:
+            continue
+        parts = [part.strip() for part in entry.split(":")]
+        if len(parts) > 2:
+            raise TrainingError(f"schedule entry {entry!r} in {text!r} must be 'value' or 'value:step'")
+        value = _schedule_value(parts[0], text)
+        if len(parts) == 1:
+            segments.append((value, max_steps))
+            break
+        try:
+            end = int(parts[1])
+        except ValueError:
+            raise TrainingError(f"schedule entry {entry!r} in {text!r}: step {parts[1]!r} is not an integer") from None
+        if end == -1:
+            segments.append((value, max_steps))
+            break
+        if end <= current_step:
+            continue
+        segments.append((value, min(end, max_steps)))
+        if end > max_steps:
+            break
+    return segments
+
+
+def _schedule_value(raw: str, text: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise TrainingError(f"schedule {text!r}: value {raw!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise TrainingError(f"schedule {text!r}: value {raw!r} must be finite and non-negative")
+    return value
+
+
+class Schedule:
+    """A cursor over a schedule's segments, advanced once per optimizer step.
+
+    Resuming by re-parsing at the resumed step (skipping ended segments) gives
+    the same values as running through, provided segment ends strictly
+    increase, which every sensible schedule does.
+    """
+
+    def __init__(self, text: str, max_steps: int, current_step: int = 0) -> None:
+        full = parse_schedule(text, max_steps, 0)
+        if not full:
+            raise TrainingError(f"schedule {text!r} has no segment ending after step 0")
+        self.text = text
+        self.segments = parse_schedule(text, max_steps, current_step)
+        self._index = 0
+        # When everything is behind us the last value stays in force (it matters
+        # for the clip value, which never stops training).
+        self.value = self.segments[0][0] if self.segments else full[-1][0]
+
+    @property
+    def finished(self) -> bool:
+        return self._index >= len(self.segments)
+
+    def advance(self, step: int) -> bool:
+        """Move to the next segment once ``step`` reaches the current one's end; True if the value changed."""
+        if self.finished or step < self.segments[self._index][1]:
+            return False
+        self._index += 1
+        if self.finished:
+            return False
+        self.value = self.segments[self._index][0]
+        return True
+
+
+@dataclass(frozen=True)
+class LossRecord:
+    """Loss of one optimizer update: ``step`` counts updates done (1-based), ``lr`` is the rate used."""
+
+    step: int
+    loss: float
+    lr: float
+
+
+@dataclass
+class TrainingResult:
+    """What a training call produced; ``checkpoints`` maps the file number N of ``<name>-N.pt`` to its path."""
+
+    name: str
+    checkpoints: dict[int, Path]
+    final_path: Path | None
+    final_step: int
+    loss_history: list[LossRecord]
+    final_loss: float | None
+    steps_per_second: float | None
+    device: str
+    base_model_sha256: str
+    base_model_short_hash: str
+    loss_csv: Path
+    resumed_from: Path | None = None
+    interrupted: bool = False
+
+
+@dataclass
+class TrainingDataset:
+    """Images reduced to what training needs: latents and text conditioning, computed once (§7.2)."""
+
+    files: list[Path]
+    captions: list[str]
+    prompts: list[str]
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor | None
+    conditioning: torch.Tensor
+    latent_sampling: str
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def latents(self, indices: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+        """``random`` draws a new sample on every fetch; the other methods return the fixed latents."""
+        mean = self.latent_mean[list(indices)]
+        if self.latent_std is None:
+            return mean
+        std = self.latent_std[list(indices)]
+        return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+
+
+def list_images(images_dir: str | Path) -> list[Path]:
+    """Image files directly in ``images_dir``, sorted so that index i is the same image on every run."""
+    folder = Path(images_dir)
+    if not folder.is_dir():
+        raise TrainingError(f"training images folder {folder} does not exist or is not a directory")
+    files = sorted(
+        path for path in folder.iterdir()
+        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not files:
+        raise TrainingError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return files
+
+
+def caption_for(image: Path) -> str:
+    """§7.2: the ``<stem>.txt`` sidecar if there is one, else the file stem without leading digits and dashes."""
+    sidecar = image.with_suffix(".txt")
+    if sidecar.is_file():
+        return sidecar.read_text(encoding="utf-8").strip()
+    return CAPTION_PREFIX.sub("", image.stem)
+
+
+def render_prompt(template: str, caption: str, name: str) -> str:
+    return template.replace("[filewords]", caption).replace("[name]", name)
+
+
+def _load_pixels(path: Path, resolution: int) -> torch.Tensor:
+    with Image.open(path) as image:
+        rgb = image.convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC)
+    array = np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+@torch.no_grad()
+def build_dataset(
+    base: BaseModel,
+    images_dir: str | Path,
+    *,
+    name: str,
+    templates: Sequence[str],
+    resolution: int,
+    latent_sampling: str,
+    seed: int,
+    log: Log | None = None,
+) -> TrainingDataset:
+    """Encode every image and prompt once, so the VAE and text encoder never run in the training loop.
+
+    ``once`` fixes one seeded latent sample per image, ``deterministic`` uses
+    the posterior mean, ``random`` keeps mean and std to resample per fetch;
+    all are scaled by the VAE's ``scaling_factor``. Each image gets one
+    template line, chosen with a seeded RNG, for the whole run (§7.2).
+    """
+    say = log or (lambda _message: None)
+    if latent_sampling not in LATENT_SAMPLING:
+        raise TrainingError(f"latent_sampling must be one of {LATENT_SAMPLING}, got {latent_sampling!r}")
+    lines = [line.strip() for line in templates if line and line.strip()]
+    if not lines:
+        raise TrainingError("templates must hold at least one non-empty prompt template line")
+    files = list_images(images_dir)
+    captions = [caption_for(path) for path in files]
+    choices = np.random.default_rng(derive_seed(seed, "template")).integers(0, len(lines), size=len(files))
+    prompts = [render_prompt(lines[choice], caption, name) for choice, caption in zip(choices, captions)]
+
+    vae, device = base.vae, base.device
+    scaling = float(vae.config.scaling_factor)
+    means, stds = [], []
+    for start in tqdm(range(0, len(files), _ENCODE_BATCH), desc="encode images", unit="batch", disable=None):
+        batch = [_load_pixels(path, resolution) for path in files[start : start + _ENCODE_BATCH]]
+        posterior = vae.encode(torch.stack(batch).to(device, vae.dtype)).latent_dist
+        means.append(posterior.mean.float().cpu() * scaling)
+        stds.append(posterior.std.float().cpu() * scaling)
+    mean, std = torch.cat(means), torch.cat(stds)
+    if latent_sampling == "once":
+        generator = torch.Generator().manual_seed(derive_seed(seed, "latent-once"))
+        mean = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+    kept_std = std if latent_sampling == "random" else None
+
+    tokenizer = base.tokenizer
+    conditioning = []
+    for start in range(0, len(prompts), _ENCODE_BATCH):
+        chunk = prompts[start : start + _ENCODE_BATCH]
+        lengths = [len(ids) for ids in tokenizer(chunk).input_ids]
+        if max(lengths) > tokenizer.model_max_length:
+            say(f"some prompts exceed {tokenizer.model_max_length} tokens and are truncated, e.g. {chunk[0]!r}")
+        ids = tokenizer(chunk, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        conditioning.append(base.text_encoder(ids.to(device))[0].float().cpu())
+    say(f"dataset: {len(files)} images at {resolution}px from {images_dir}, latent sampling {latent_sampling}")
+    return TrainingDataset(files=files, captions=captions, prompts=prompts, latent_mean=mean, latent_std=kept_std,
+                           conditioning=torch.cat(conditioning), latent_sampling=latent_sampling)
+
+
+def checkpoint_path(out_dir: str | Path, name: str, steps: int) -> Path:
+    return Path(out_dir) / f"{name}-{steps}.pt"
+
+
+def final_path(out_dir: str | Path, name: str) -> Path:
+    return Path(out_dir) / f"{name}.pt"
+
+
+def loss_csv_path(out_dir: str | Path, name: str) -> Path:
+    return Path(out_dir) / f"{name}-loss.csv"
+
+
+def settings_path(out_dir: str | Path, name: str) -> Path:
+    return Path(out_dir) / f"{name}-settings.json"
+
+
+def existing_checkpoints(out_dir: str | Path, name: str) -> dict[int, Path]:
+    """``<name>-N.pt`` files in ``out_dir`` by N."""
+    pattern = re.compile(rf"^{re.escape(name)}-(\d+)\.pt$")
+    found = {}
+    folder = Path(out_dir)
+    if folder.is_dir():
+        for path in folder.iterdir():
+            match = pattern.match(path.name)
+            if match and path.is_file():
+                found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def _write_loss_csv(path: Path, history: Sequence[LossRecord]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["step", "loss", "lr"])
+    writer.writerows([record.step, repr(record.loss), repr(record.lr)] for record in history)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _read_loss_csv(path: Path, up_to_step: int) -> list[LossRecord]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    records = [LossRecord(int(row["step"]), float(row["loss"]), float(row["lr"])) for row in rows]
+    return [record for record in records if record.step <= up_to_step]
+
+
+def _validate(name: str, batch_size: int, gradient_accumulation: int, max_steps: int, checkpoint_steps: Sequence[int],
+              clip_mode: str, clip_compat: str, resolution: int, loss_log_every: int, stop_after: int | None) -> None:
+    if not NAME_PATTERN.match(name):
+        raise TrainingError(f"hypernetwork name {name!r} must be letters, digits and ._- or spaces, not start with '.'")
+    for label, value in (("batch_size", batch_size), ("gradient_accumulation", gradient_accumulation),
+                         ("max_steps", max_steps), ("loss_log_every", loss_log_every)):
+        if int(value) != value or value < 1:
+            raise TrainingError(f"{label} must be a positive integer, got {value!r}")
+    if clip_mode not in CLIP_MODES:
+        raise TrainingError(f"clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
+    if clip_compat not in CLIP_COMPAT:
+        raise TrainingError(f"clip_compat must be one of {CLIP_COMPAT}, got {clip_compat!r}")
+    if resolution < 8 or resolution % 8:
+        raise TrainingError(f"resolution must be a positive multiple of 8 (the VAE's factor), got {resolution}")
+    # §7.7: file N is written when step + 1 == N after an update, so N runs from 2 to max_steps.
+    bad = [steps for steps in checkpoint_steps if int(steps) != steps or not 2 <= steps <= max_steps]
+    if bad:
+        raise TrainingError(f"checkpoint_steps {bad} are outside 2..max_steps ({max_steps}); "
+                            "file <name>-N.pt is written after N-1 updates")
+    if stop_after is not None and stop_after < 1:
+        raise TrainingError(f"stop_after must be a positive number of steps, got {stop_after}")
+
+
+def _dataset_fingerprint(files: Sequence[Path]) -> str:
+    """Names and contents of images and caption sidecars: resuming on changed data is refused."""
+    entries = []
+    for path in files:
+        sidecar = path.with_suffix(".txt")
+        entries.append([path.name, sha256_file(path), sha256_file(sidecar) if sidecar.is_file() else None])
+    return stable_hash(entries)
+
+
+def _check_settings(path: Path, settings: dict, resuming: bool) -> None:
+    if not resuming:
+        atomic_write_json(path, settings)
+        return
+    if not path.is_file():
+        raise TrainingError(f"{path.parent} holds checkpoints of {settings['name']!r} but no {path.name}, so they "
+                            "cannot be resumed safely; use an empty output folder")
+    recorded = json.loads(path.read_text())
+    changed = sorted(key for key in set(recorded) | set(settings)
+                     if key not in _RESUMABLE_CHANGES and recorded.get(key) != settings.get(key))
+    if changed:
+        raise TrainingError(f"{path.parent} holds checkpoints trained with other settings ({', '.join(changed)} "
+                            "differ); use another output folder to train with these settings")
+    atomic_write_json(path, settings)
+
+
+def _resume_point(out_dir: Path, name: str, log: Log) -> tuple[Path, int, dict | None] | None:
+    """The latest checkpoint, preferring one whose optimizer sidecar is valid (exact resume needs it)."""
+    candidates = [(steps - 1, path) for steps, path in existing_checkpoints(out_dir, name).items()]
+    final = final_path(out_dir, name)
+    if final.is_file():
+        candidates.append((load_hypernetwork(final).step, final))
+    if not candidates:
+        return None
+    candidates.sort(key=lambda item: item[0], reverse=True)
+    for step, path in candidates:
+        state = load_optimizer_state(path)
+        if state is not None:
+            return path, step, state
+    step, path = candidates[0]
+    log(f"no valid optimizer state next to any checkpoint; resuming from {path.name} with a fresh optimizer")
+    return path, step, None
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Dropout draws from torch's global RNG; seed it per step and restore the caller's state afterwards."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _require_finite_weights(hn: Hypernetwork, step: int) -> None:
+    if not all(torch.isfinite(parameter).all() for parameter in hn.parameters()):
+        raise NonFiniteLossError(step, f"hypernetwork weights became non-finite at step {step}; nothing was saved "
+                                       "for this step, earlier checkpoints are intact")
+
+
+def train_hypernetwork(
+    base: BaseModel,
+    images_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    name: str,
+    options: HypernetworkOptions,
+    templates: Sequence[str],
+    resolution: int,
+    seed: int,
+    max_steps: int,
+    learning_rate: str = "0.00001",
+    batch_size: int = 1,
+    gradient_accumulation: int = 1,
+    checkpoint_steps: Sequence[int] = (),
+    clip_mode: str = "disabled",
+    clip_value: str = "0.1",
+    clip_compat: str = "correct",
+    latent_sampling: str = "once",
+    loss_log_every: int = 100,
+    log: Log | None = None,
+    stop_after: int | None = None,
+) -> TrainingResult:
+    """Train (or resume training) a hypernetwork on the images in ``images_dir`` (§7).
+
+    **Steps** are optimizer updates, each using ``batch_size × gradient_accumulation``
+    images; both are clamped to the dataset size and an epoch is truncated so
+    that accumulation windows never straddle epochs (§7.2, §7.7).
+
+    **Checkpoints follow A1111's numbering** (§7.7): after each update A1111
+    computes ``steps_done = step + 1`` and saves ``<name>-<steps_done>.pt``, so
+    ``<name>-5000.pt`` is written after 4,999 updates and stores ``step = 4999``.
+    A file is written for every N in ``checkpoint_steps``, with its ``.optim``
+    sidecar so that training can resume from it. When the learning-rate
+    schedule finishes (normally at ``max_steps``) the final ``<name>.pt`` is
+    written, storing the number of updates done.
+
+    **Resume:** if ``out_dir`` already holds checkpoints of ``name`` trained with
+    the same settings (``<name>-settings.json``; only ``max_steps``,
+    ``checkpoint_steps`` and ``loss_log_every`` may change), training continues
+    from the latest one with its optimizer state. ``stop_after`` stops after
+    that many updates without writing the final file, as an interruption would.
+
+    The loss CSV ``<name>-loss.csv`` (one row per update) is rewritten
+    atomically every ``loss_log_every`` updates, at every checkpoint and at the
+    end. A NaN or infinite loss raises :class:`NonFiniteLossError`.
+    """
+    say = log or (lambda _message: None)
+    checkpoint_set = sorted({int(steps) for steps in checkpoint_steps})
+    _validate(name, batch_size, gradient_accumulation, max_steps, checkpoint_set, clip_mode, clip_compat, resolution,
+              loss_log_every, stop_after)
+    check_hypernetwork_sizes(options.sizes, base.unet)
+    Schedule(learning_rate, max_steps)
+    if clip_mode != "disabled":
+        Schedule(clip_value, max_steps)
+    noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
+    if noise_scheduler.config.prediction_type != "epsilon":
+        raise TrainingError(f"only ε-prediction models are supported (SD 1.x); this one predicts "
+                            f"{noise_scheduler.config.prediction_type!r}")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = list_images(images_dir)
+    settings = {
+        "name": name, "options": asdict(options), "templates": list(templates), "resolution": resolution,
+        "seed": seed, "learning_rate": learning_rate, "batch_size": batch_size,
+        "gradient_accumulation": gradient_accumulation, "clip_mode": clip_mode, "clip_value": clip_value,
+        "clip_compat": clip_compat, "latent_sampling": latent_sampling, "max_steps": max_steps,
+        "checkpoint_steps": checkpoint_set, "loss_log_every": loss_log_every,
+        "base_model_sha256": base.sha256, "base_model_name": base.name, "dataset": _dataset_fingerprint(files),
+    }
+    resume = _resume_point(out, name, say)
+    _check_settings(settings_path(out, name), settings, resuming=resume is not None)
+
+    device = base.device
+    if resume is None:
+        hn = Hypernetwork(name, options, seed=derive_seed(seed, "hypernetwork-init"))
+        hn.sd_checkpoint, hn.sd_checkpoint_name = base.short_hash, base.name
+        optimizer_state, resumed_from = None, None
+    else:
+        resumed_from, expected_step, optimizer_state = resume
+        hn = load_hypernetwork(resumed_from)
+        if hn.step != expected_step or hn.options != options:
+            raise TrainingError(f"{resumed_from} stores step {hn.step} (expected {expected_step}) or other "
+                                "hypernetwork options than these; use another output folder")
+        if hn.sd_checkpoint != base.short_hash:
+            raise TrainingError(f"{resumed_from} was trained on base model {hn.sd_checkpoint}, not {base.short_hash}")
+        say(f"resuming {name} from {resumed_from.name} at step {hn.step}")
+    hn.to(device).train()
+    step = hn.step
+    csv_path = loss_csv_path(out, name)
+    history = _read_loss_csv(csv_path, step)
+    lr_schedule = Schedule(learning_rate, max_steps, step)
+    optimizer = torch.optim.AdamW(hn.parameters(), lr=lr_schedule.value, weight_decay=WEIGHT_DECAY)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_schedule.value
+    if lr_schedule.finished or step >= max_steps:
+        say(f"{name}: nothing to train at step {step} (max_steps {max_steps})")
+        if resumed_from != final_path(out, name):
+            save_hypernetwork(hn, final_path(out, name), optimizer=optimizer)
+        return _finish(name, out, hn, 0.0, 0, history, base, resumed_from, interrupted=False)
+
+    dataset = build_dataset(base, images_dir, name=name, templates=templates, resolution=resolution,
+                            latent_sampling=latent_sampling, seed=seed, log=say)
+    n_images = len(dataset)
+    batch = min(batch_size, n_images)
+    accumulation = min(gradient_accumulation, n_images // batch)
+    if (batch, accumulation) != (batch_size, gradient_accumulation):
+        say(f"{n_images} images: batch size {batch_size} -> {batch}, gradient accumulation "
+            f"{gradient_accumulation} -> {accumulation}")
+    batches_per_epoch = n_images // batch - (n_images // batch) % accumulation
+
+    clip_schedule = Schedule(clip_value, max_steps, step) if clip_mode != "disabled" else None
+    half = device.type == "cuda" and base.dtype in (torch.float16, torch.bfloat16)
+    scaler = torch.amp.GradScaler(device.type, enabled=half and base.dtype == torch.float16)
+    timesteps = noise_scheduler.config.num_train_timesteps
+
+    orders: dict[int, np.ndarray] = {}
+    start_step, started, interrupted = step, time.perf_counter(), False
+    say(f"training {name} on {device} from step {step} to {max_steps}: {n_images} images, batch {batch} x "
+        f"{accumulation}, lr {learning_rate!r}, clip {clip_mode}")
+
+    def batch_indices(micro_batch: int) -> list[int]:
+        epoch, position = divmod(micro_batch, batches_per_epoch)
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = np.random.default_rng(derive_seed(seed, "epoch", epoch)).permutation(n_images)
+        return orders[epoch][position * batch : (position + 1) * batch].tolist()
+
+    progress = tqdm(total=max_steps, initial=step, desc=f"train {name}", unit="step", disable=None)
+    try:
+        with apply_hypernetwork(base.unet, hn):
+            while True:
+                if lr_schedule.advance(step):
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_schedule.value
+                if lr_schedule.finished or step >= max_steps:
+                    break
+                window_loss = 0.0
+                for micro in range(accumulation):
+                    generator = torch.Generator().manual_seed(derive_seed(seed, "step", step, micro))
+                    indices = batch_indices(step * accumulation + micro)
+                    latents = dataset.latents(indices, generator)
+                    t = torch.randint(0, timesteps, (len(indices),), generator=generator)
+                    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
+                    latents, noise, t = latents.to(device), noise.to(device), t.to(device)
+                    noisy = noise_scheduler.add_noise(latents, noise, t)
+                    conditioning = dataset.conditioning[indices].to(device)
+                    rng = (_seeded_global_rng(derive_seed(seed, "dropout", step, micro), device)
+                           if options.use_dropout else contextlib.nullcontext())
+                    autocast = (torch.autocast(device.type, dtype=base.dtype) if half else contextlib.nullcontext())
+                    with rng, autocast:
+                        prediction = base.unet(noisy.to(base.dtype), t, encoder_hidden_states=conditioning.to(
+                            base.dtype)).sample
+                    loss = F.mse_loss(prediction.float(), noise.float())
+                    if not torch.isfinite(loss):
+                        _write_loss_csv(csv_path, history)
+                        raise NonFiniteLossError(step + 1, f"non-finite loss ({loss.item()}) at step {step + 1} of "
+                                                           f"{name}; earlier checkpoints are intact")
+                    scaler.scale(loss / accumulation).backward()
+                    window_loss += loss.item() / accumulation
+                if clip_schedule is not None:
+                    clip_schedule.advance(step)
+                    if clip_compat == "correct":
+                        scaler.unscale_(optimizer)
+                    if clip_mode == "value":
+                        torch.nn.utils.clip_grad_value_(hn.parameters(), clip_schedule.value)
+                    else:
+                        torch.nn.utils.clip_grad_norm_(hn.parameters(), clip_schedule.value)
+                lr = optimizer.param_groups[0]["lr"]
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                hn.step = step
+                history.append(LossRecord(step, window_loss, lr))
+                progress.update(1)
+                progress.set_postfix(loss=f"{window_loss:.4f}", lr=f"{lr:.3g}")
+
+                steps_done = step + 1
+                if steps_done in checkpoint_set:
+                    _require_finite_weights(hn, step)
+                    path = save_hypernetwork(hn, checkpoint_path(out, name, steps_done), optimizer=optimizer)
+                    _write_loss_csv(csv_path, history)
+                    say(f"step {step}: saved {path.name}")
+                if step % loss_log_every == 0:
+                    window = history[-loss_log_every:]
+                    rate = (step - start_step) / max(time.perf_counter() - started, 1e-9)
+                    say(f"step {step}/{max_steps}: mean loss {sum(r.loss for r in window) / len(window):.5f}, "
+                        f"lr {lr:.3g}, {rate:.2f} steps/s")
+                    _write_loss_csv(csv_path, history)
+                if stop_after is not None and step >= stop_after:
+                    interrupted = True
+                    say(f"stopped after step {step} (stop_after)")
+                    break
+    finally:
+        progress.close()
+    elapsed = time.perf_counter() - started
+    if not interrupted:
+        _require_finite_weights(hn, step)
+        save_hypernetwork(hn, final_path(out, name), optimizer=optimizer)
+        say(f"step {step}: saved final {final_path(out, name).name}")
+    return _finish(name, out, hn, elapsed, step - start_step, history, base, resumed_from, interrupted)
+
+
+def _finish(name: str, out: Path, hn: Hypernetwork, elapsed: float, steps_run: int,
+            history: list[LossRecord], base: BaseModel, resumed_from: Path | None, interrupted: bool) -> TrainingResult:
+    _write_loss_csv(loss_csv_path(out, name), history)
+    final = final_path(out, name)
+    return TrainingResult(
+        name=name,
+        checkpoints=existing_checkpoints(out, name),
+        final_path=final if final.is_file() and not interrupted else None,
+        final_step=hn.step,
+        loss_history=history,
+        final_loss=history[-1].loss if history else None,
+        steps_per_second=steps_run / elapsed if steps_run else None,
+        device=str(base.device),
+        base_model_sha256=base.sha256,
+        base_model_short_hash=base.short_hash,
+        loss_csv=loss_csv_path(out, name),
+        resumed_from=resumed_from,
+        interrupted=interrupted,
+    )

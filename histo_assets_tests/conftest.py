@@ -1,0 +1,67 @@
+"""Shared fixtures: small real datasets on disk and params files that point at them."""
+
+import os
+
+os.environ.pop("HISTO_ASSETS_PARAMS", None)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from histo_assets.params import DEFAULT_PARAMS_FILE, load_params
+
+THESIS_CLASSES = load_params(DEFAULT_PARAMS_FILE).classes
+
+
+def tissue_image(size: tuple[int, int], seed: int, tissue: float = 0.7) -> Image.Image:
+    """An H&E-like image: saturated pink/purple texture over a white glass background.
+
+    The left ``tissue`` share of the width is tissue, so tissue fractions of
+    tiles are known in advance.
+    """
+    rng = np.random.default_rng(seed)
+    width, height = size
+    pixels = np.full((height, width, 3), 245, dtype=np.uint8)
+    edge = int(width * tissue)
+    base = np.array([200, 110, 170], dtype=np.float64)
+    noise = rng.normal(0, 25, size=(height, edge, 3))
+    pixels[:, :edge] = np.clip(base + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def write_params(directory: Path, data_dir: Path, **sections) -> Path:
+    """A params file extending the project's, with the given top-level overrides."""
+    values = {"extends": str(DEFAULT_PARAMS_FILE), "data_dir": str(data_dir)}
+    values.update(sections)
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+SMALL = {
+    "resolution": 32,
+    "crops": {"mode": "tiles", "tiles": {"tile_size": 64, "min_tissue_fraction": 0.5}},
+    "augmentation": {"total": 12, "workers": 1, "distortion": {"magnitude": 1}},
+    "checks": {"min_square_crops": 2, "min_augmented_crops": 8},
+}
+
+
+@pytest.fixture
+def small_dataset(tmp_path: Path) -> Path:
+    """Raw folders for every thesis class, two 256x192 tissue images each."""
+    data = tmp_path / "data"
+    for index, name in enumerate(THESIS_CLASSES):
+        folder = data / "raw" / name
+        folder.mkdir(parents=True)
+        for image_index in range(2):
+            tissue_image((256, 192), seed=10 * index + image_index).save(folder / f"slide{image_index}.png")
+    return data
+
+
+@pytest.fixture
+def small_params(tmp_path: Path, small_dataset: Path) -> Path:
+    return write_params(tmp_path, small_dataset, **SMALL)

@@ -1,0 +1,390 @@
+"""Metric maths against closed forms and independent formulas; extractors without any published weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from histo_assets.core.features import (
+    FALLBACK_NAME,
+    INCEPTION_NAME,
+    WEIGHTS_ENV,
+    InceptionV3FID,
+    RandomConvFeatures,
+    build_extractor,
+    extract_features,
+)
+from histo_assets.core.io import atomic_path, sha256_file
+from histo_assets.core.metrics import (
+    draw_kid_subsets,
+    frechet_distance,
+    frechet_distance_from_stats,
+    inception_score,
+    kernel_distance,
+    memorisation,
+    precision_recall,
+)
+
+
+def _correlated_features(seed: int, n: int, dim: int, shift: float = 0.0, sample: int = 0) -> np.ndarray:
+    """Gaussian features whose correlation depends on ``seed``; ``sample`` draws another set from it."""
+    mixing = np.random.default_rng(seed).normal(size=(dim, dim)) / np.sqrt(dim)
+    return np.random.default_rng([seed, sample]).normal(size=(n, dim)) @ mixing + shift
+
+
+def _scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
+    """pytorch-fid's formula, written independently: Tr sqrtm(S1 S2) via scipy."""
+    mu1, mu2 = a.mean(axis=0), b.mean(axis=0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(s1 @ s2)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(root).real)
+
+
+def _unbiased_poly_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD² with k(u, v) = (u.v / d + 1)^3, written from Gretton et al. 2012 eq. 3."""
+    m, dim = x.shape
+
+    def kernel(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return (u @ v.T / dim + 1.0) ** 3
+
+    off_diagonal = ~np.eye(m, dtype=bool)
+    within = (kernel(x, x)[off_diagonal].sum() + kernel(y, y)[off_diagonal].sum()) / (m * (m - 1))
+    return float(within - 2.0 * kernel(x, y).mean())
+
+
+def _textures(seed: int, n: int, cell: int, tint: tuple[int, int, int], size: int = 64) -> np.ndarray:
+    """Blocky colour noise: ``cell`` sets the texture scale, ``tint`` the mean colour."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.normal(scale=40.0, size=(n, size // cell, size // cell, 3))
+    fine = coarse.repeat(cell, axis=1).repeat(cell, axis=2)
+    return np.clip(fine + np.array(tint), 0, 255).astype(np.uint8)
+
+
+def _seeded_inception(seed: int) -> InceptionV3FID:
+    """Random weights with non-trivial batch-norm statistics, so features are far from zero."""
+    model = InceptionV3FID()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            noise = torch.randn(tensor.shape, generator=generator)
+            if name.endswith("conv.weight"):
+                tensor.copy_(noise * (2.0 / tensor[0].numel()) ** 0.5)
+            elif name.endswith(("running_var", "bn.weight")):
+                tensor.copy_(0.75 + 0.25 * noise.abs())
+            else:
+                tensor.copy_(0.05 * noise)
+    return model
+
+
+# ---- FID ----------------------------------------------------------------------------------
+
+
+def test_fid_of_a_set_against_itself_is_zero():
+    features = _correlated_features(0, n=200, dim=64)
+    assert abs(frechet_distance(features, features)) < 1e-8 * np.trace(np.cov(features, rowvar=False))
+
+
+def test_fid_unit_mean_shift_in_2048_dims_with_identity_covariance_is_2048():
+    dim = 2048
+    eye = np.eye(dim)
+    assert frechet_distance_from_stats(np.zeros(dim), eye, np.ones(dim), eye) == pytest.approx(2048.0, abs=1e-6)
+
+
+def test_fid_equal_covariances_reduce_to_squared_mean_distance():
+    sigma = np.cov(_correlated_features(1, n=100, dim=16), rowvar=False)
+    mu1, mu2 = np.zeros(16), np.linspace(-1.0, 2.0, 16)
+    expected = float(((mu1 - mu2) ** 2).sum())
+    assert frechet_distance_from_stats(mu1, sigma, mu2, sigma) == pytest.approx(expected, rel=1e-9)
+
+
+def test_fid_agrees_with_scipy_sqrtm_formula():
+    a = _correlated_features(2, n=400, dim=48)
+    b = _correlated_features(3, n=300, dim=48, shift=0.3)
+    ours = frechet_distance(a, b)
+    assert ours > 1.0
+    assert ours == pytest.approx(_scipy_fid(a, b), rel=1e-6)
+
+
+def test_fid_accepts_torch_tensors_and_rejects_mismatched_dimensions():
+    a = _correlated_features(4, n=50, dim=8)
+    b = _correlated_features(5, n=50, dim=8)
+    assert frechet_distance(torch.from_numpy(a).float(), torch.from_numpy(b)) == pytest.approx(
+        frechet_distance(a.astype(np.float32), b), rel=1e-12
+    )
+    with pytest.raises(ValueError, match="different feature dimensions"):
+        frechet_distance(a, b[:, :4])
+
+
+# ---- KID ----------------------------------------------------------------------------------
+
+
+def test_kid_is_near_zero_for_one_distribution_and_clearly_positive_for_two():
+    same_a = _correlated_features(10, n=300, dim=32, sample=0)
+    same_b = _correlated_features(10, n=300, dim=32, sample=1)
+    shifted = same_b + 0.5
+    kid_same, _ = kernel_distance(same_a, same_b, subset_size=100, subsets=50, seed=0)
+    kid_diff, std_diff = kernel_distance(same_a, shifted, subset_size=100, subsets=50, seed=0)
+    assert abs(kid_same) < 0.05 * kid_diff
+    assert kid_diff > 5 * std_diff > 0
+
+
+def test_kid_agrees_with_independent_unbiased_mmd_on_the_same_subsets():
+    a = _correlated_features(20, n=120, dim=24)
+    b = _correlated_features(21, n=90, dim=24, shift=0.2)
+    rows_a, rows_b = draw_kid_subsets(len(a), len(b), subset_size=40, subsets=7, seed=3)
+    assert rows_a.shape == rows_b.shape == (7, 40)
+    assert all(len(set(row)) == 40 for row in rows_a)
+    reference = np.array([_unbiased_poly_mmd2(a[ia], b[ib]) for ia, ib in zip(rows_a, rows_b)])
+    mean, std = kernel_distance(a, b, subset_size=40, subsets=7, seed=3)
+    assert mean == pytest.approx(reference.mean(), rel=1e-9)
+    assert std == pytest.approx(reference.std(), rel=1e-9)
+
+
+def test_kid_is_seeded_and_refuses_oversized_subsets():
+    a = _correlated_features(30, n=60, dim=8)
+    b = _correlated_features(31, n=50, dim=8, shift=0.1)
+    assert kernel_distance(a, b, 20, 10, seed=5) == kernel_distance(a, b, 20, 10, seed=5)
+    assert kernel_distance(a, b, 20, 10, seed=5) != kernel_distance(a, b, 20, 10, seed=6)
+    with pytest.raises(ValueError, match="exceeds the smaller set"):
+        kernel_distance(a, b, subset_size=51, subsets=10, seed=5)
+
+
+# ---- IS -----------------------------------------------------------------------------------
+
+
+def test_inception_score_of_uniform_logits_is_one():
+    mean, std = inception_score(np.zeros((40, 1008)), splits=4, seed=0)
+    assert mean == pytest.approx(1.0, abs=1e-12)
+    assert std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_inception_score_of_n_distinct_confident_classes_is_n():
+    n = 10
+    logits = np.zeros((n, 1008))
+    logits[np.arange(n), np.arange(0, 5 * n, 5)] = 1e4
+    mean, std = inception_score(logits, splits=1, seed=0)
+    assert mean == pytest.approx(float(n), rel=1e-9)
+    assert std == 0.0
+
+
+def test_inception_score_splits_are_seeded():
+    logits = np.random.default_rng(0).normal(scale=3.0, size=(60, 20))
+    assert inception_score(logits, splits=3, seed=1) == inception_score(logits, splits=3, seed=1)
+    assert inception_score(logits, splits=3, seed=1) != inception_score(logits, splits=3, seed=2)
+    with pytest.raises(ValueError, match="splits"):
+        inception_score(logits, splits=61, seed=1)
+
+
+# ---- precision / recall -------------------------------------------------------------------
+
+
+def test_precision_recall_of_identical_sets_is_one():
+    features = _correlated_features(40, n=80, dim=16)
+    assert precision_recall(features, features.copy(), k=3) == (1.0, 1.0)
+
+
+def test_precision_recall_of_disjoint_far_apart_sets_is_zero():
+    real = _correlated_features(41, n=80, dim=16)
+    fake = _correlated_features(42, n=60, dim=16, shift=1000.0)
+    assert precision_recall(real, fake, k=3) == (0.0, 0.0)
+
+
+def test_precision_counts_only_generated_samples_on_the_real_manifold():
+    real = _correlated_features(43, n=100, dim=8)
+    fake = np.concatenate([real[:50], real[50:] + 1000.0])
+    precision, recall = precision_recall(real, fake, k=3)
+    assert precision == 0.5
+    assert 0.5 <= recall < 1.0
+    with pytest.raises(ValueError, match="k must be"):
+        precision_recall(real, fake[:3], k=3)
+
+
+# ---- memorisation -------------------------------------------------------------------------
+
+
+def test_memorisation_flags_an_exact_copy_and_not_a_different_sample():
+    train = np.random.default_rng(50).normal(size=(40, 16))
+    different = np.random.default_rng(51).normal(size=16)
+    result = memorisation(np.stack([train[7], different]), train, threshold=0.95)
+    assert result.nearest_index[0] == 7
+    assert result.similarity[0] == pytest.approx(1.0, abs=1e-12)
+    assert result.similarity[1] < 0.95
+    assert result.flagged.tolist() == [True, False]
+    assert result.rate == 0.5
+
+
+def test_memorisation_finds_a_copied_image_through_the_extractor():
+    train_images = _textures(52, n=12, cell=8, tint=(200, 120, 170))
+    generated = np.stack([train_images[5], _textures(53, n=1, cell=2, tint=(90, 60, 200))[0]])
+    module = RandomConvFeatures(seed=0)
+    train_features, _ = extract_features(module, list(train_images), batch_size=6)
+    generated_features, _ = extract_features(module, list(generated), batch_size=6)
+    result = memorisation(generated_features, train_features, threshold=0.999)
+    assert result.nearest_index[0] == 5
+    assert result.similarity[0] == pytest.approx(1.0, abs=1e-6)
+    assert result.flagged.tolist() == [True, False]
+
+
+# ---- random-conv fallback -----------------------------------------------------------------
+
+
+def test_random_conv_features_are_deterministic_per_seed():
+    images = torch.from_numpy(_textures(60, n=4, cell=4, tint=(180, 110, 160))).permute(0, 3, 1, 2)
+    first, second, other = RandomConvFeatures(seed=7), RandomConvFeatures(seed=7), RandomConvFeatures(seed=8)
+    features = first(images)
+    assert features.shape == (4, 256) and features.dtype == torch.float32
+    assert torch.equal(features, second(images))
+    assert not torch.allclose(features, other(images))
+    assert first.features_and_logits(images)[1] is None
+
+
+def test_random_conv_fid_separates_near_identical_from_different_sets():
+    module = RandomConvFeatures(seed=0)
+    base = _textures(61, n=64, cell=8, tint=(200, 120, 170))
+    jitter = np.random.default_rng(62).integers(-2, 3, size=base.shape)
+    near_copy = np.clip(base.astype(int) + jitter, 0, 255).astype(np.uint8)
+    different = _textures(63, n=64, cell=2, tint=(150, 90, 200))
+    base_features, logits = extract_features(module, list(base), batch_size=16)
+    near_fid = frechet_distance(base_features, extract_features(module, list(near_copy), batch_size=16)[0])
+    far_fid = frechet_distance(base_features, extract_features(module, list(different), batch_size=16)[0])
+    assert logits is None
+    assert 0 <= near_fid < far_fid / 100
+
+
+def test_torchmetrics_fid_and_kid_accept_the_fallback_and_agree_with_ours():
+    module = RandomConvFeatures(seed=1)
+    real = _textures(70, n=24, cell=8, tint=(200, 120, 170))
+    fake = _textures(71, n=24, cell=4, tint=(190, 110, 180))
+    real_features, _ = extract_features(module, list(real), batch_size=8)
+    fake_features, _ = extract_features(module, list(fake), batch_size=8)
+    as_tensor = lambda images: torch.from_numpy(images).permute(0, 3, 1, 2)  # noqa: E731
+    fid = FrechetInceptionDistance(feature=module)
+    fid.update(as_tensor(real), real=True)
+    fid.update(as_tensor(fake), real=False)
+    assert float(fid.compute()) == pytest.approx(frechet_distance(real_features, fake_features), rel=1e-4)
+    # One subset of the whole set: torchmetrics' unseeded permutation cannot change the MMD.
+    kid = KernelInceptionDistance(feature=module, subsets=1, subset_size=24)
+    kid.update(as_tensor(real), real=True)
+    kid.update(as_tensor(fake), real=False)
+    ours, _ = kernel_distance(real_features, fake_features, subset_size=24, subsets=1, seed=0)
+    assert float(kid.compute()[0]) == pytest.approx(ours, rel=1e-4)
+
+
+def test_build_extractor_without_weights_is_the_labelled_fallback(monkeypatch):
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    module, info = build_extractor(None, seed=3)
+    assert isinstance(module, RandomConvFeatures) and module.seed == 3
+    assert info.name == FALLBACK_NAME
+    assert info.feature_dim == 256
+    assert info.weights_sha256 is None
+    assert info.comparable_with_published is False
+    assert info.inception_score_available is False
+    assert "not comparable with published FID" in info.note and "Inception Score is not available" in info.note
+
+
+def test_extract_features_is_independent_of_batching_and_input_type():
+    module = RandomConvFeatures(seed=2)
+    large = _textures(80, n=5, cell=4, tint=(200, 120, 170))
+    small = _textures(81, n=2, cell=4, tint=(60, 40, 90), size=32)
+    images = list(large) + list(small)
+    lines: list[str] = []
+    one_by_one, _ = extract_features(module, images, batch_size=1)
+    batched, _ = extract_features(module, (Image.fromarray(image) for image in images), batch_size=4, log=lines.append)
+    assert batched.shape == (7, 256)
+    np.testing.assert_allclose(batched, one_by_one, rtol=1e-5, atol=1e-6)
+    assert lines and "7 images" in lines[-1]
+    with pytest.raises(ValueError, match="uint8"):
+        extract_features(module, [images[0].astype(np.float32)], batch_size=1)
+
+
+# ---- FID Inception architecture -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inception_run():
+    """One seeded model and its outputs on two images, shared because a CPU forward pass takes seconds."""
+    model = _seeded_inception(0)
+    images = list(_textures(90, n=2, cell=8, tint=(200, 120, 170)))
+    with torch.inference_mode():
+        features, logits = model.features_and_logits(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))
+    return model, images, features, logits
+
+
+def test_inception_outputs_2048_features_and_1008_logits_for_small_uint8_images(inception_run):
+    model, images, features, logits = inception_run
+    assert images[0].shape == (64, 64, 3)
+    assert features.shape == (2, 2048) and logits.shape == (2, 1008)
+    assert torch.isfinite(features).all() and features.abs().max() > 0
+    assert not torch.allclose(features[0], features[1])
+    assert torch.allclose(logits, features @ model.fc.weight.T)
+    with pytest.raises(ValueError, match="uint8"):
+        model(torch.zeros(1, 3, 64, 64))
+
+
+def test_inception_state_dict_matches_the_pt_inception_layout():
+    state = InceptionV3FID().state_dict()
+    # 94 conv+bn units x (conv.weight, bn weight/bias/running_mean/running_var/num_batches_tracked) + fc weight/bias
+    assert len(state) == 566
+    assert sum(key.endswith("conv.weight") for key in state) == 94
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    assert sum(value.numel() for key, value in state.items() if not key.endswith(buffers)) == 23_850_960
+    assert not any(key.startswith("AuxLogits") for key in state)
+    expected_shapes = {
+        "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
+        "Conv2d_1a_3x3.bn.running_var": (32,),
+        "Conv2d_4a_3x3.conv.weight": (192, 80, 3, 3),
+        "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
+        "Mixed_5d.branch5x5_2.conv.weight": (64, 48, 5, 5),
+        "Mixed_6a.branch3x3.conv.weight": (384, 288, 3, 3),
+        "Mixed_6b.branch7x7_2.conv.weight": (128, 128, 1, 7),
+        "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7),
+        "Mixed_7a.branch7x7x3_4.conv.weight": (192, 192, 3, 3),
+        "Mixed_7b.branch3x3dbl_1.conv.weight": (448, 1280, 1, 1),
+        "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1),
+        "Mixed_7c.branch_pool.bn.bias": (192,),
+        "fc.weight": (1008, 2048),
+        "fc.bias": (1008,),
+    }
+    assert {key: tuple(state[key].shape) for key in expected_shapes} == expected_shapes
+
+
+def test_inception_weights_round_trip_through_a_file_reproduce_features(inception_run, tmp_path, monkeypatch):
+    source, images, source_features, source_logits = inception_run
+    path = tmp_path / "inception.pth"
+    with atomic_path(path) as tmp:
+        torch.save(source.state_dict(), tmp)
+    monkeypatch.setenv(WEIGHTS_ENV, str(path))
+    module, info = build_extractor(None, seed=0)
+    loaded_features, loaded_logits = extract_features(module, images, batch_size=2)
+    assert np.array_equal(loaded_features, source_features.numpy())
+    assert np.array_equal(loaded_logits, source_logits.numpy())
+    assert info.name == INCEPTION_NAME and info.feature_dim == 2048
+    assert (info.input_size, info.resize_mode, info.antialias) == (299, "bilinear", False)
+    assert info.weights_sha256 == sha256_file(path)
+    assert info.inception_score_available is True
+    assert info.comparable_with_published is False and "not comparable" in info.note
+
+
+def test_missing_inception_weights_raise_and_never_download(tmp_path, monkeypatch):
+    missing = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    with pytest.raises(FileNotFoundError, match="Nothing is downloaded"):
+        build_extractor(str(missing), seed=0)
+    monkeypatch.setenv(WEIGHTS_ENV, str(missing))
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        build_extractor(None, seed=0)
+    assert not missing.exists()
+
+
+def test_a_foreign_state_dict_is_rejected(tmp_path):
+    path = tmp_path / "other.pth"
+    with atomic_path(path) as tmp:
+        torch.save(RandomConvFeatures(seed=0).state_dict(), tmp)
+    with pytest.raises(ValueError, match="not an FID Inception state dict"):
+        InceptionV3FID.from_weights(path)
