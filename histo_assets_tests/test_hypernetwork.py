@@ -242,7 +242,7 @@ def test_hand_built_a1111_file_loads_with_spec_defaults_and_forward(tmp_path, ca
     assert passed_k is unknown and passed_v is unknown
 
 
-def test_training_mode_ignores_multiplier(tmp_path):
+def test_training_mode_ignores_multiplier():
     hn = _tiny_hn()
     x = torch.randn(1, 4, 32)
     hn.train()
@@ -486,7 +486,7 @@ def test_multiplier_zero_is_bit_identical_to_stock(unet, unet_inputs):
     assert (active - stock).abs().max() > 0
 
 
-def test_processors_restored_after_exit_and_exception(unet, unet_inputs):
+def test_processors_restored_after_exit_and_exception(unet):
     original = unet.attn_processors
     hn = _tiny_hn()
     with apply_hypernetwork(unet, hn):

@@ -94,7 +94,8 @@ def test_fid_of_a_set_against_itself_is_zero():
 def test_fid_unit_mean_shift_in_2048_dims_with_identity_covariance_is_2048():
     dim = 2048
     eye = np.eye(dim)
-    assert frechet_distance_from_stats(np.zeros(dim), eye, np.ones(dim), eye) == pytest.approx(2048.0, abs=1e-6)
+    fid = frechet_distance_from_stats(np.zeros(dim), eye, np.ones(dim), eye)
+    assert fid == pytest.approx(2048.0, abs=1e-6)
 
 
 def test_fid_equal_covariances_reduce_to_squared_mean_distance():
@@ -286,7 +287,8 @@ def test_build_extractor_without_weights_is_the_labelled_fallback(monkeypatch):
     assert info.weights_sha256 is None
     assert info.comparable_with_published is False
     assert info.inception_score_available is False
-    assert "not comparable with published FID" in info.note and "Inception Score is not available" in info.note
+    assert "not comparable with published FID" in info.note
+    assert "Inception Score is not available" in info.note
 
 
 def test_extract_features_is_independent_of_batching_and_input_type():
@@ -296,7 +298,8 @@ def test_extract_features_is_independent_of_batching_and_input_type():
     images = list(large) + list(small)
     lines: list[str] = []
     one_by_one, _ = extract_features(module, images, batch_size=1)
-    batched, _ = extract_features(module, (Image.fromarray(image) for image in images), batch_size=4, log=lines.append)
+    as_pil = (Image.fromarray(image) for image in images)
+    batched, _ = extract_features(module, as_pil, batch_size=4, log=lines.append)
     assert batched.shape == (7, 256)
     np.testing.assert_allclose(batched, one_by_one, rtol=1e-5, atol=1e-6)
     assert lines and "7 images" in lines[-1]
@@ -330,7 +333,7 @@ def test_inception_outputs_2048_features_and_1008_logits_for_small_uint8_images(
 
 def test_inception_state_dict_matches_the_pt_inception_layout():
     state = InceptionV3FID().state_dict()
-    # 94 conv+bn units x (conv.weight, bn weight/bias/running_mean/running_var/num_batches_tracked) + fc weight/bias
+    # 94 conv+bn units x (conv.weight + 5 batch-norm entries) + fc weight and bias
     assert len(state) == 566
     assert sum(key.endswith("conv.weight") for key in state) == 94
     buffers = ("running_mean", "running_var", "num_batches_tracked")

@@ -56,10 +56,8 @@ _IMAGE_LAYOUT = "uint8 tensor of shape [N, 3, H, W]"
 
 def _unit_range(images: Tensor) -> Tensor:
     """uint8 to float in [0, 1]; refusing floats avoids the silent x255 truncation torchmetrics applies."""
-    if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        dtype = images.dtype if isinstance(images, Tensor) else None
-        raise ValueError(f"expected a {_IMAGE_LAYOUT}, got {shape} {dtype}")
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected a {_IMAGE_LAYOUT}, got {images.dtype} of shape {tuple(images.shape)}")
     return images.to(torch.float32) / 255.0
 
 
@@ -87,7 +85,14 @@ class ImageFeatureExtractor(nn.Module):
 class _ConvBN(nn.Module):
     """Conv (no bias), batch norm with TensorFlow's eps, ReLU: the unit every Inception layer is made of."""
 
-    def __init__(self, cin: int, cout: int, kernel_size, stride: int = 1, padding=0) -> None:
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel_size: int | tuple[int, int],
+        stride: int = 1,
+        padding: int | tuple[int, int] = 0,
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=padding, bias=False)
         self.bn = nn.BatchNorm2d(cout, eps=0.001)
@@ -306,11 +311,9 @@ class InceptionV3FID(ImageFeatureExtractor):
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
-        for block in (
-            self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-            self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c,
-        ):
-            x = block(x)
+        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))
+        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))))
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))
         pooled = x.mean(dim=(2, 3))
         return pooled, pooled @ self.fc.weight.T
 
@@ -368,7 +371,7 @@ class FeatureExtractorInfo:
 
 
 def build_extractor(weights_path: str | None, seed: int) -> tuple[ImageFeatureExtractor, FeatureExtractorInfo]:
-    """The FID Inception when weights are given (argument, else ``HISTO_ASSETS_INCEPTION_WEIGHTS``), else the fallback.
+    """The FID Inception if weights are given (argument, else ``HISTO_ASSETS_INCEPTION_WEIGHTS``), else the fallback.
 
     A path that is given but missing raises rather than falling back, so a
     typo cannot quietly turn a real FID run into a random-feature one.
@@ -466,5 +469,6 @@ def extract_features(
         raise ValueError("no images to extract features from")
     stacked = np.concatenate(features)
     if log is not None:
-        log(f"extracted {stacked.shape[1]}-d features of {len(stacked)} images in {time.perf_counter() - started:.1f} s")
+        elapsed = time.perf_counter() - started
+        log(f"extracted {stacked.shape[1]}-d features of {len(stacked)} images in {elapsed:.1f} s")
     return stacked, (np.concatenate(logits) if module.has_logits else None)

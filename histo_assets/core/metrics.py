@@ -66,16 +66,14 @@ def frechet_distance_from_stats(
     mu/sigma) can be scored without their images, and so the analytic
     identities can be tested exactly.
     """
-    means = [torch.as_tensor(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2)]
-    covs = [torch.as_tensor(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2)]
-    dim = means[0].shape[0]
-    for mean in means:
-        if mean.shape != (dim,):
-            raise ValueError(f"means must be vectors of equal length, got {tuple(means[0].shape)} and {tuple(mean.shape)}")
-    for cov in covs:
-        if cov.shape != (dim, dim):
-            raise ValueError(f"covariances must be {dim}x{dim}, got {tuple(cov.shape)}")
-    return float(_compute_fid(means[0], covs[0], means[1], covs[1]))
+    mean1, mean2 = (torch.as_tensor(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
+    cov1, cov2 = (torch.as_tensor(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
+    if mean1.ndim != 1 or mean1.shape != mean2.shape:
+        raise ValueError(f"means must be vectors of equal length, got {tuple(mean1.shape)}, {tuple(mean2.shape)}")
+    dim = mean1.shape[0]
+    if cov1.shape != (dim, dim) or cov2.shape != (dim, dim):
+        raise ValueError(f"covariances must be {dim}x{dim}, got {tuple(cov1.shape)}, {tuple(cov2.shape)}")
+    return float(_compute_fid(mean1, cov1, mean2, cov2))
 
 
 def frechet_distance(features_a: ArrayLike, features_b: ArrayLike) -> float:
