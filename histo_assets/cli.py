@@ -50,7 +50,10 @@ def _materialize(args: argparse.Namespace) -> int:
         print(f"error: not a class in {params.source}: {', '.join(unknown)}", file=sys.stderr)
         return 2
     job = defs.resolve_job_def(per_class_job.name)
-    run_config = {"ops": {node: {"config": {"overrides": list(args.set)}} for node in job.graph.node_dict}}
+    run_config = {
+        "ops": {node: {"config": {"overrides": list(args.set)}} for node in job.graph.node_dict},
+        "loggers": {"console": {"config": {"log_level": args.log_level}}},
+    }
     instance = DagsterInstance.get()
     failed = []
     for position, tissue_class in enumerate(classes, start=1):
@@ -88,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     materialize = sub.add_parser("materialize", help="Materialise every asset for every class, in the persistent Dagster instance.")
     materialize.add_argument("--partition", action="append", help="Only this class (repeatable).")
     materialize.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override a params key, like `dvc exp run -S`.")
+    materialize.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     materialize.set_defaults(handler=_materialize)
 
     ui = sub.add_parser("ui", help="Start the Dagster UI (dagster dev) on localhost with the project's Dagster home.")

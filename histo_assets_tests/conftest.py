@@ -65,3 +65,24 @@ def small_dataset(tmp_path: Path) -> Path:
 @pytest.fixture
 def small_params(tmp_path: Path, small_dataset: Path) -> Path:
     return write_params(tmp_path, small_dataset, **SMALL)
+
+
+TINY_MODEL_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def tiny_model_cache(tmp_path_factory) -> Path:
+    """A cache folder holding the tiny Stable Diffusion for TINY_MODEL_SEED, built once per session."""
+    from histo_assets.core.base_model import build_tiny_model, tiny_model_dir
+
+    cache = tmp_path_factory.mktemp("tiny-sd")
+    build_tiny_model(tiny_model_dir(cache, TINY_MODEL_SEED), seed=TINY_MODEL_SEED)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_model_cache: Path):
+    """The tiny model loaded on CPU, shared by the session: tests must not change its weights."""
+    from histo_assets.core.base_model import load_base_model
+
+    return load_base_model("tiny", tiny_cache_dir=tiny_model_cache, seed=TINY_MODEL_SEED, device="cpu")

@@ -16,10 +16,10 @@ project_stamp=$(stamp_of pyproject.toml constraints.txt scripts/setup.sh)
 if [[ -x .venv/bin/python && -f .venv/.install-stamp && "$(cat .venv/.install-stamp)" == "$project_stamp" ]]; then
   echo "setup: .venv is up to date"
 else
-  echo "setup: installing the project into .venv (torch pinned by constraints.txt) ..."
+  echo "setup: installing the project into .venv (torch pinned by constraints.txt; about 3 minutes) ..."
   "$PYTHON" -m venv .venv
-  .venv/bin/pip install --progress-bar off torch==2.13.0 2>&1 | quiet_pip
-  .venv/bin/pip install --progress-bar off -e ".[test]" 2>&1 | quiet_pip
+  .venv/bin/pip install --quiet torch==2.13.0 2>&1 | quiet_pip
+  .venv/bin/pip install --quiet -e ".[test]" 2>&1 | quiet_pip
   .venv/bin/python -c "import torch, dagster, diffusers, torchmetrics, Augmentor; assert torch.__version__.startswith('2.13.0'), torch.__version__"
   echo "$project_stamp" > .venv/.install-stamp
 fi
@@ -30,7 +30,7 @@ if [[ -x .venv-dvc/bin/dvc && -f .venv-dvc/.install-stamp && "$(cat .venv-dvc/.i
 else
   echo "setup: installing dvc into .venv-dvc ..."
   "$PYTHON" -m venv .venv-dvc
-  PIP_CONSTRAINT= .venv-dvc/bin/pip install --progress-bar off -r requirements-dvc.txt 2>&1 | quiet_pip
+  PIP_CONSTRAINT= .venv-dvc/bin/pip install --quiet -r requirements-dvc.txt 2>&1 | quiet_pip
   .venv-dvc/bin/dvc --version
   echo "$dvc_stamp" > .venv-dvc/.install-stamp
 fi

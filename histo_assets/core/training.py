@@ -307,6 +307,25 @@ def build_dataset(
                            conditioning=torch.cat(conditioning), latent_sampling=latent_sampling)
 
 
+def diffusion_loss(base: BaseModel, noise_scheduler: DDPMScheduler, latents: torch.Tensor,
+                   conditioning: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """ε-prediction MSE over all elements with t ~ U{0, …, T−1} per sample (§7.4).
+
+    Timesteps and noise come from ``generator`` on the CPU, so they are the
+    same whatever device the model runs on. On CUDA with a half-precision
+    model the U-Net runs under autocast; the loss is computed in fp32.
+    """
+    device, dtype = base.device, base.dtype
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
+    latents, noise, t = latents.to(device), noise.to(device), t.to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    half = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    with torch.autocast(device.type, dtype=dtype) if half else contextlib.nullcontext():
+        prediction = base.unet(noisy.to(dtype), t, encoder_hidden_states=conditioning.to(device, dtype)).sample
+    return F.mse_loss(prediction.float(), noise.float())
+
+
 def checkpoint_path(out_dir: str | Path, name: str, steps: int) -> Path:
     return Path(out_dir) / f"{name}-{steps}.pt"
 
@@ -386,6 +405,7 @@ def _dataset_fingerprint(files: Sequence[Path]) -> str:
 
 
 def _check_settings(path: Path, settings: dict, resuming: bool) -> None:
+    settings = json.loads(json.dumps(settings))  # compare in the JSON form the file holds (tuples -> lists)
     if not resuming:
         atomic_write_json(path, settings)
         return
@@ -549,9 +569,7 @@ def train_hypernetwork(
     batches_per_epoch = n_images // batch - (n_images // batch) % accumulation
 
     clip_schedule = Schedule(clip_value, max_steps, step) if clip_mode != "disabled" else None
-    half = device.type == "cuda" and base.dtype in (torch.float16, torch.bfloat16)
-    scaler = torch.amp.GradScaler(device.type, enabled=half and base.dtype == torch.float16)
-    timesteps = noise_scheduler.config.num_train_timesteps
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and base.dtype == torch.float16)
 
     orders: dict[int, np.ndarray] = {}
     start_step, started, interrupted = step, time.perf_counter(), False
@@ -578,19 +596,11 @@ def train_hypernetwork(
                 for micro in range(accumulation):
                     generator = torch.Generator().manual_seed(derive_seed(seed, "step", step, micro))
                     indices = batch_indices(step * accumulation + micro)
-                    latents = dataset.latents(indices, generator)
-                    t = torch.randint(0, timesteps, (len(indices),), generator=generator)
-                    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
-                    latents, noise, t = latents.to(device), noise.to(device), t.to(device)
-                    noisy = noise_scheduler.add_noise(latents, noise, t)
-                    conditioning = dataset.conditioning[indices].to(device)
                     rng = (_seeded_global_rng(derive_seed(seed, "dropout", step, micro), device)
                            if options.use_dropout else contextlib.nullcontext())
-                    autocast = (torch.autocast(device.type, dtype=base.dtype) if half else contextlib.nullcontext())
-                    with rng, autocast:
-                        prediction = base.unet(noisy.to(base.dtype), t, encoder_hidden_states=conditioning.to(
-                            base.dtype)).sample
-                    loss = F.mse_loss(prediction.float(), noise.float())
+                    with rng:
+                        loss = diffusion_loss(base, noise_scheduler, dataset.latents(indices, generator),
+                                              dataset.conditioning[indices], generator)
                     if not torch.isfinite(loss):
                         _write_loss_csv(csv_path, history)
                         raise NonFiniteLossError(step + 1, f"non-finite loss ({loss.item()}) at step {step + 1} of "

@@ -1,0 +1,479 @@
+"""Versioned releases of the synthetic dataset: one folder, one DVC output, one git tag.
+
+A release folder is a pure function of its inputs (no timestamps, sorted
+rows, fixed file names), so rebuilding from unchanged inputs gives the same
+bytes, the same DVC md5 and the same tag. That is what makes publishing
+idempotent and lets downstream teams pull an exact dataset by tag.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from histo_assets.core.dvc import (
+    DvcCli,
+    TagConflictError,
+    git_check_tag_name,
+    git_commit_paths,
+    git_file_at,
+    git_is_repo,
+    git_tag,
+    git_tag_target,
+    md5_from_dvc_text,
+)
+from histo_assets.core.io import (
+    atomic_directory,
+    atomic_write_parquet,
+    atomic_write_text,
+    sha256_file,
+    stable_hash,
+)
+
+MANIFEST = "manifest.parquet"
+METRICS = "metrics.parquet"
+CARD = "README.md"
+IMAGES = "images"
+PLOTS = "plots"
+TAG_PREFIX = "release"
+TAG_HASH_LENGTH = 12
+MANIFEST_COLUMNS = ("path", "tissue_class", "checkpoint_step", "sha256")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Folder, file and release names: safe in paths, Markdown links, URLs and git refs.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# The nullable pandas dtype of a provenance column, by the kind of its values.
+_DTYPES = {"bool": "boolean", "int": "Int64", "float": "Float64", "str": "string"}
+
+Scalar = str | int | float | bool | None
+
+
+@dataclass(frozen=True)
+class ReleaseImage:
+    """One generated image and where it came from.
+
+    ``provenance`` is free-form; every key becomes a manifest column, so use
+    the same keys for every image. Suggested keys: checkpoint_sha256,
+    hypernetwork, base_model_sha256, seed, prompt, negative_prompt, sampler,
+    steps, cfg_scale, width, height, training_set_hash, code_version,
+    git_commit, dagster_run_id. Values must be scalars (str, int, float,
+    bool or None) so the manifest has one plain type per column.
+    """
+
+    source: Path
+    tissue_class: str
+    checkpoint_step: int
+    provenance: Mapping[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReleaseInfo:
+    path: Path
+    name: str
+    tag: str
+    content_hash: str
+    counts: dict[str, int]
+    manifest: Path
+    card: Path
+
+
+@dataclass(frozen=True)
+class PublishedRelease:
+    """What a publish left behind; ``commit`` is the commit the tag names."""
+
+    tag: str
+    commit: str
+    md5: str
+    dvc_file: Path
+    new_commit: bool
+    new_tag: bool
+
+
+def _check_name(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value):
+        raise ValueError(f"{what} {value!r} must start with a letter or digit and use only letters, digits, '.', '_', '-'")
+    return value
+
+
+def release_tag(name: str, version_hash: str) -> str:
+    """The git tag of a release: ``release/<name>/<first 12 hex digits of its content hash>``.
+
+    The hash part makes the tag a function of the content, so the same
+    content always maps to the same tag and different content never reuses
+    one; 12 hex digits (48 bits) keep tags short with negligible collision risk
+    between releases of one name.
+    """
+    _check_name(name, "release name")
+    if ".." in name or name.endswith((".", ".lock")):
+        raise ValueError(f"release name {name!r} cannot be part of a git tag")
+    if not re.fullmatch(r"[0-9a-f]+", version_hash or "") or len(version_hash) < TAG_HASH_LENGTH:
+        raise ValueError(f"version hash {version_hash!r} must be at least {TAG_HASH_LENGTH} lowercase hex digits")
+    return f"{TAG_PREFIX}/{name}/{version_hash[:TAG_HASH_LENGTH]}"
+
+
+def content_hash(release_dir: str | os.PathLike) -> str:
+    """SHA-256 over the sorted (relative path, file SHA-256) pairs of a release folder.
+
+    The dataset card is left out because it quotes the tag derived from this
+    hash; everything it says is rendered from the hashed files and the
+    release name.
+    """
+    root = Path(release_dir)
+    if not root.is_dir():
+        raise NotADirectoryError(f"release folder {root} does not exist")
+    entries = sorted(
+        (path.relative_to(root).as_posix(), sha256_file(path))
+        for path in root.rglob("*")
+        if path.is_file() and path.relative_to(root).as_posix() != CARD
+    )
+    if not entries:
+        raise ValueError(f"release folder {root} holds no files")
+    return stable_hash(entries)
+
+
+def _kind(value: object, where: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return "bool"
+    if isinstance(value, numbers.Integral):
+        return "int"
+    if isinstance(value, numbers.Real):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    raise TypeError(f"{where} is a {type(value).__name__}; provenance values must be str, int, float, bool or None")
+
+
+def _column_dtype(name: str, values: list[object]) -> str:
+    kinds = {kind for index, value in enumerate(values) if (kind := _kind(value, f"provenance[{name!r}] of image {index}"))}
+    if kinds == {"int", "float"}:
+        return _DTYPES["float"]
+    if len(kinds) > 1:
+        raise TypeError(f"provenance[{name!r}] mixes {sorted(kinds)} across images; use one type per key")
+    return _DTYPES[kinds.pop()] if kinds else _DTYPES["str"]
+
+
+def _is_png(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+
+
+def _plan_images(images: Sequence[ReleaseImage]) -> list[tuple[str, ReleaseImage]]:
+    """Validate the images and give each its path inside the release, sorted by that path."""
+    if not images:
+        raise ValueError("a release needs at least one image")
+    planned: dict[str, ReleaseImage] = {}
+    for image in images:
+        source = Path(image.source)
+        _check_name(image.tissue_class, "tissue class")
+        _check_name(source.name, "image file name")
+        step = image.checkpoint_step
+        if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"checkpoint step of {source} must be a non-negative integer, got {step!r}")
+        if not source.is_file():
+            raise FileNotFoundError(f"release image {source} does not exist")
+        if not _is_png(source):
+            raise ValueError(f"release image {source} is not a PNG file")
+        for key in image.provenance:
+            if not isinstance(key, str) or not key or key in MANIFEST_COLUMNS:
+                raise ValueError(f"provenance key {key!r} of {source} is empty or clashes with the columns {MANIFEST_COLUMNS}")
+        relative = f"{IMAGES}/{image.tissue_class}/{source.name}"
+        if relative in planned:
+            raise ValueError(f"{source} and {planned[relative].source} would both be {relative}; give images of one class distinct file names")
+        planned[relative] = image
+    return sorted(planned.items())
+
+
+def _manifest(rows: list[tuple[str, ReleaseImage, str]]) -> pd.DataFrame:
+    keys = sorted({key for _, image, _ in rows for key in image.provenance})
+    columns: dict[str, pd.api.extensions.ExtensionArray | np.ndarray] = {
+        "path": pd.array([relative for relative, _, _ in rows], dtype="string"),
+        "tissue_class": pd.array([image.tissue_class for _, image, _ in rows], dtype="string"),
+        "checkpoint_step": np.array([int(image.checkpoint_step) for _, image, _ in rows], dtype=np.int64),
+        "sha256": pd.array([digest for _, _, digest in rows], dtype="string"),
+    }
+    for key in keys:
+        values = [image.provenance.get(key) for _, image, _ in rows]
+        columns[key] = pd.array(values, dtype=_column_dtype(key, values))
+    return pd.DataFrame(columns)
+
+
+def _cell(value: object) -> str:
+    if pd.api.types.is_scalar(value) and pd.isna(value):
+        return ""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_, numbers.Integral)):
+        text = format(float(value), ".6g")
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown_table(headers: Sequence[object], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-flavoured Markdown table; floats to 6 significant digits, pipes escaped.
+
+    Hand-written because tabulate (pandas' to_markdown backend) is not installed.
+    """
+    lines = ["| " + " | ".join(_cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _metrics_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with a meaningful index kept as columns and string column names, as parquet needs."""
+    frame = table if isinstance(table.index, pd.RangeIndex) else table.reset_index()
+    frame = frame.reset_index(drop=True)
+    frame.columns = [str(column) for column in frame.columns]
+    return frame
+
+
+def _card(
+    *,
+    name: str,
+    tag: str,
+    digest: str,
+    manifest: pd.DataFrame,
+    metrics: pd.DataFrame | None,
+    plot_names: list[str],
+    card_extra: str,
+    repo_url: str,
+    repo_path: str,
+) -> str:
+    per_class = manifest.groupby("tissue_class", sort=True)["checkpoint_step"]
+    count_rows = [
+        [tissue_class, len(steps), ", ".join(str(s) for s in sorted(set(steps)))] for tissue_class, steps in per_class
+    ]
+    count_rows.append(["**total**", len(manifest), ""])
+    provenance = [c for c in manifest.columns if c not in MANIFEST_COLUMNS]
+    provenance_text = ", ".join(f"`{c}`" for c in provenance) if provenance else "none"
+    folder = repo_path.rstrip("/").rsplit("/", 1)[-1]
+    lines = [
+        f"# Synthetic H&E tissue images: {name}",
+        "",
+        f"- Release tag: `{tag}`",
+        f"- Content hash: `{digest}` (SHA-256 over the sorted (path, SHA-256) pairs of every file but this card)",
+        "",
+        "## What this is",
+        "",
+        "Synthetic H&E histology tiles made by Stable Diffusion with one hypernetwork per tissue class, "
+        "reproducing a 2024 thesis. Each image was generated from a hypernetwork checkpoint trained on "
+        "augmented crops of one class; `manifest.parquet` records for every image its class, checkpoint "
+        "step, SHA-256 and generation provenance.",
+        "",
+        "**Class names name the sample tissue sources the training crops came from; they are not diagnoses.** "
+        "The images are synthetic and not for diagnostic use.",
+        "",
+        "## Contents",
+        "",
+        _markdown_table(["class", "images", "checkpoint steps"], count_rows),
+        "",
+        f"- `{IMAGES}/<class>/<file>.png`: the images.",
+        f"- `{MANIFEST}`: one row per image, sorted by `path`: `path` (relative to this folder), `tissue_class`, "
+        f"`checkpoint_step`, `sha256` (of the file), and the provenance columns {provenance_text}.",
+    ]
+    if metrics is not None:
+        lines.append(f"- `{METRICS}`: the metrics table below.")
+    if plot_names:
+        lines.append(f"- `{PLOTS}/`: the plots below.")
+    lines += ["", "## Metrics", ""]
+    if metrics is not None:
+        lines.append(_markdown_table(list(metrics.columns), list(metrics.itertuples(index=False, name=None))))
+    else:
+        lines.append("No metrics table was supplied with this release.")
+    if plot_names:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{Path(plot).stem}]({PLOTS}/{plot})" for plot in plot_names]
+    lines += [
+        "",
+        "## Getting this release",
+        "",
+        "A plain copy of this folder, with DVC installed:",
+        "",
+        "```sh",
+        f"dvc get {repo_url} {repo_path} --rev {tag} -o {folder}",
+        "```",
+        "",
+        "In a clone of the repository (name the `.dvc` file: a repo-wide `dvc pull` skips folders "
+        "that a `.gitignore` excludes and re-includes):",
+        "",
+        "```sh",
+        f"git checkout {tag}",
+        f"dvc pull {repo_path}.dvc",
+        "```",
+        "",
+        "From Python, with the `dvc` package:",
+        "",
+        "```python",
+        "import dvc.api",
+        "",
+        f'fs = dvc.api.DVCFileSystem("{repo_url}", rev="{tag}")',
+        f'fs.get("{repo_path}", "{folder}", recursive=True)',
+        "```",
+        "",
+        "or just the manifest, with pandas too:",
+        "",
+        "```python",
+        "import io",
+        "",
+        "import dvc.api",
+        "import pandas",
+        "",
+        f'raw = dvc.api.read("{repo_path}/{MANIFEST}", repo="{repo_url}", rev="{tag}", mode="rb")',
+        "manifest = pandas.read_parquet(io.BytesIO(raw))",
+        "```",
+        "",
+        "Check a copy against the `sha256` column of the manifest before use.",
+    ]
+    if card_extra.strip():
+        lines += ["", card_extra.strip()]
+    return "\n".join(lines) + "\n"
+
+
+def build_release(
+    images: Sequence[ReleaseImage],
+    out_dir: str | os.PathLike,
+    *,
+    name: str,
+    metrics_table: pd.DataFrame | None = None,
+    plots: Sequence[str | os.PathLike] = (),
+    card_extra: str = "",
+    repo_url: str | None = None,
+    repo_path: str | None = None,
+) -> ReleaseInfo:
+    """Assemble a release folder at ``out_dir``, replacing any previous one atomically.
+
+    Layout: ``images/<class>/<file>``, ``manifest.parquet``, optional
+    ``metrics.parquet`` and ``plots/``, and the dataset card ``README.md``.
+    ``repo_url`` and ``repo_path`` (the folder's path inside the git repo)
+    fill the card's pull instructions; placeholders stand in when they are
+    not known yet. The same inputs give a byte-identical folder.
+    """
+    _check_name(name, "release name")
+    planned = _plan_images(images)
+    plot_paths = [Path(plot) for plot in plots]
+    plot_names = sorted(plot.name for plot in plot_paths)
+    for plot in plot_paths:
+        _check_name(plot.name, "plot file name")
+        if not plot.is_file():
+            raise FileNotFoundError(f"plot {plot} does not exist")
+    if len(set(plot_names)) != len(plot_names):
+        raise ValueError(f"plot file names must be distinct, got {plot_names}")
+    if metrics_table is not None and not isinstance(metrics_table, pd.DataFrame):
+        raise TypeError(f"metrics_table must be a pandas DataFrame or None, got {type(metrics_table).__name__}")
+    target = Path(out_dir).resolve()
+    for source in [image.source for _, image in planned] + plot_paths:
+        if Path(source).resolve().is_relative_to(target):
+            raise ValueError(f"{source} lies inside the release folder {target}, which is replaced on build")
+
+    with atomic_directory(target) as staging:
+        rows = []
+        for relative, image in planned:
+            destination = staging / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(image.source, destination)
+            rows.append((relative, image, sha256_file(destination)))
+        manifest = _manifest(rows)
+        atomic_write_parquet(staging / MANIFEST, manifest)
+        metrics = None if metrics_table is None else _metrics_frame(metrics_table)
+        if metrics is not None:
+            atomic_write_parquet(staging / METRICS, metrics)
+        for plot in plot_paths:
+            (staging / PLOTS).mkdir(exist_ok=True)
+            shutil.copyfile(plot, staging / PLOTS / plot.name)
+        digest = content_hash(staging)
+        tag = release_tag(name, digest)
+        card = _card(
+            name=name,
+            tag=tag,
+            digest=digest,
+            manifest=manifest,
+            metrics=metrics,
+            plot_names=plot_names,
+            card_extra=card_extra,
+            repo_url=repo_url or "<repo-url>",
+            repo_path=repo_path or "<path-in-repo>",
+        )
+        atomic_write_text(staging / CARD, card)
+    counts = {str(k): int(v) for k, v in manifest["tissue_class"].value_counts().sort_index().items()}
+    return ReleaseInfo(
+        path=target,
+        name=name,
+        tag=tag,
+        content_hash=digest,
+        counts=counts,
+        manifest=target / MANIFEST,
+        card=target / CARD,
+    )
+
+
+def read_manifest(path_or_release_dir: str | os.PathLike) -> pd.DataFrame:
+    """The manifest of a release, given the folder or the parquet file itself."""
+    path = Path(path_or_release_dir)
+    if path.is_dir():
+        path = path / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no release manifest at {path}")
+    frame = pd.read_parquet(path)
+    missing = [column for column in MANIFEST_COLUMNS if column not in frame.columns]
+    if missing:
+        raise ValueError(f"{path} is not a release manifest: columns {missing} are missing")
+    return frame
+
+
+def publish_release(dvc: DvcCli, repo: str | os.PathLike, release_dir: str | os.PathLike, tag: str, message: str) -> PublishedRelease:
+    """Version a release folder: dvc add, commit, dvc push, then tag.
+
+    The commit holds only the ``.dvc`` file, the ``.gitignore`` dvc writes
+    next to the folder and DVC's own config files (so a clone of the tag
+    knows the remote). The tag comes last, after the push, so a tag always
+    means "data on the remote". Publishing identical content again makes no
+    commit and reuses the tag; a tag that already names other content raises
+    :class:`TagConflictError` before anything is committed. Git pushes of the
+    commit and tag are left to the caller.
+    """
+    root = Path(repo).resolve()
+    if not git_is_repo(root):
+        raise ValueError(f"{root} is not the top level of a git repository")
+    if dvc.repo != root:
+        raise ValueError(f"the DvcCli runs in {dvc.repo}, not in the release repository {root}")
+    if not (root / ".dvc").is_dir():
+        raise ValueError(f"{root} is not a DVC repository; run DvcCli.init() first")
+    folder = Path(release_dir).resolve()
+    if not folder.is_relative_to(root) or folder == root:
+        raise ValueError(f"release folder {folder} must lie inside the repository {root}")
+    if not (folder / MANIFEST).is_file():
+        raise ValueError(f"{folder} is not a release folder (no {MANIFEST}); build it with build_release")
+    git_check_tag_name(tag)
+    relative_dvc = folder.relative_to(root).with_name(folder.name + ".dvc")
+    tagged = git_tag_target(root, tag)
+
+    (dvc_file,) = dvc.add([folder])
+    md5 = dvc.md5_of(dvc_file)
+    if tagged is not None:
+        previous = git_file_at(root, tagged, relative_dvc)
+        previous_md5 = None if previous is None else md5_from_dvc_text(previous.decode(), f"{relative_dvc} at {tag}")
+        if previous_md5 != md5:
+            raise TagConflictError(
+                f"git tag {tag!r} already marks commit {tagged}, where {relative_dvc} "
+                f"{'is absent' if previous_md5 is None else f'has md5 {previous_md5}'}; this content has md5 {md5}. "
+                "Tags are never moved: publish under another tag (release_tag() derives one from the content)."
+            )
+    tracked = [dvc_file, folder.parent / ".gitignore", root / ".dvc" / "config", root / ".dvc" / ".gitignore", root / ".dvcignore"]
+    commit = git_commit_paths(root, [path for path in tracked if path.exists()], message)
+    dvc.push([dvc_file])
+    tag_commit = tagged if tagged is not None else git_tag(root, tag, message)
+    return PublishedRelease(
+        tag=tag,
+        commit=tag_commit,
+        md5=md5,
+        dvc_file=dvc_file,
+        new_commit=commit is not None,
+        new_tag=tagged is None,
+    )
