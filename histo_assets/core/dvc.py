@@ -105,8 +105,8 @@ def _is_local_url(url: str) -> bool:
 class DvcCli:
     """The dvc commands a release needs, run in one repository.
 
-    ``env`` adds variables on top of the current environment (tests use it to
-    isolate DVC's global and site directories); ``log`` receives one line per
+    ``env`` adds variables on top of the current environment (e.g. to point
+    DVC_SITE_CACHE_DIR into the project); ``log`` receives one line per
     command with its wall time.
     """
 
@@ -138,7 +138,7 @@ class DvcCli:
         """
         if (self.repo / ".dvc").is_dir():
             return False
-        self.run("init", "--quiet", *(["--no-scm"] if no_scm else []))
+        self.run("init", *(["--no-scm"] if no_scm else []))
         return True
 
     def add(self, paths: Sequence[str | os.PathLike]) -> list[Path]:
@@ -149,7 +149,7 @@ class DvcCli:
         for rel in relative:
             if not (self.repo / rel).exists():
                 raise FileNotFoundError(f"cannot dvc add {self.repo / rel}: it does not exist")
-        self.run("add", "--quiet", *map(str, relative))
+        self.run("add", *map(str, relative))
         return [self.repo / rel.with_name(rel.name + ".dvc") for rel in relative]
 
     def _targets(self, targets: Sequence[str | os.PathLike] | None) -> list[str]:
@@ -162,11 +162,11 @@ class DvcCli:
         .gitignore excludes even where a later ``!`` pattern re-includes them,
         so ``dvc push`` without targets can silently skip a release.
         """
-        self.run("push", "--quiet", *(["--remote", remote] if remote else []), *self._targets(targets))
+        self.run("push", *(["--remote", remote] if remote else []), *self._targets(targets))
 
     def pull(self, targets: Sequence[str | os.PathLike] | None = None, remote: str | None = None) -> None:
         """Download and check out data; see :meth:`push` for why targets are worth naming."""
-        self.run("pull", "--quiet", *(["--remote", remote] if remote else []), *self._targets(targets))
+        self.run("pull", *(["--remote", remote] if remote else []), *self._targets(targets))
 
     def status(self, targets: Sequence[str | os.PathLike] | None = None, cloud: bool = False) -> dict:
         """``dvc status --json``: empty when workspace (or, with ``cloud``, the remote) is up to date."""
@@ -211,7 +211,7 @@ class DvcCli:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{target.name}.", suffix=".get", dir=target.parent) as tmp:
             fetched = Path(tmp) / target.name
-            self.run("get", "--quiet", repo_url, path, "--rev", rev, "--out", str(fetched))
+            self.run("get", repo_url, path, "--rev", rev, "--out", str(fetched))
             os.replace(fetched, target)
         return target
 

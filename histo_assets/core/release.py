@@ -75,6 +75,8 @@ class ReleaseImage:
 
 @dataclass(frozen=True)
 class ReleaseInfo:
+    """A built release folder; ``tag`` is the tag :func:`publish_release` should get."""
+
     path: Path
     name: str
     tag: str
@@ -98,7 +100,9 @@ class PublishedRelease:
 
 def _check_name(value: str, what: str) -> str:
     if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value):
-        raise ValueError(f"{what} {value!r} must start with a letter or digit and use only letters, digits, '.', '_', '-'")
+        raise ValueError(
+            f"{what} {value!r} must start with a letter or digit and use only letters, digits, '.', '_', '-'"
+        )
     return value
 
 
@@ -122,8 +126,10 @@ def content_hash(release_dir: str | os.PathLike) -> str:
     """SHA-256 over the sorted (relative path, file SHA-256) pairs of a release folder.
 
     The dataset card is left out because it quotes the tag derived from this
-    hash; everything it says is rendered from the hashed files and the
-    release name.
+    hash; nearly all it says is rendered from the hashed files and the
+    release name. Changing only the card (``card_extra``, ``repo_url``) keeps
+    the tag but changes the DVC md5, so publishing that under the old tag is
+    refused as a tag conflict.
     """
     root = Path(release_dir)
     if not root.is_dir():
@@ -153,7 +159,7 @@ def _kind(value: object, where: str) -> str | None:
 
 
 def _column_dtype(name: str, values: list[object]) -> str:
-    kinds = {kind for index, value in enumerate(values) if (kind := _kind(value, f"provenance[{name!r}] of image {index}"))}
+    kinds = {_kind(value, f"provenance[{name!r}] of image {index}") for index, value in enumerate(values)} - {None}
     if kinds == {"int", "float"}:
         return _DTYPES["float"]
     if len(kinds) > 1:
@@ -184,10 +190,15 @@ def _plan_images(images: Sequence[ReleaseImage]) -> list[tuple[str, ReleaseImage
             raise ValueError(f"release image {source} is not a PNG file")
         for key in image.provenance:
             if not isinstance(key, str) or not key or key in MANIFEST_COLUMNS:
-                raise ValueError(f"provenance key {key!r} of {source} is empty or clashes with the columns {MANIFEST_COLUMNS}")
+                raise ValueError(
+                    f"provenance key {key!r} of {source} is empty or clashes with the columns {MANIFEST_COLUMNS}"
+                )
         relative = f"{IMAGES}/{image.tissue_class}/{source.name}"
         if relative in planned:
-            raise ValueError(f"{source} and {planned[relative].source} would both be {relative}; give images of one class distinct file names")
+            raise ValueError(
+                f"{source} and {planned[relative].source} would both be {relative}; "
+                "give images of one class distinct file names"
+            )
         planned[relative] = image
     return sorted(planned.items())
 
@@ -267,7 +278,7 @@ def _card(
         "augmented crops of one class; `manifest.parquet` records for every image its class, checkpoint "
         "step, SHA-256 and generation provenance.",
         "",
-        "**Class names name the sample tissue sources the training crops came from; they are not diagnoses.** "
+        "**Class names are the sample tissue sources the training crops came from, not diagnoses.** "
         "The images are synthetic and not for diagnostic use.",
         "",
         "## Contents",
@@ -300,8 +311,7 @@ def _card(
         f"dvc get {repo_url} {repo_path} --rev {tag} -o {folder}",
         "```",
         "",
-        "In a clone of the repository (name the `.dvc` file: a repo-wide `dvc pull` skips folders "
-        "that a `.gitignore` excludes and re-includes):",
+        "In a clone of the repository (naming the `.dvc` file pulls just this release):",
         "",
         "```sh",
         f"git checkout {tag}",
@@ -427,7 +437,9 @@ def read_manifest(path_or_release_dir: str | os.PathLike) -> pd.DataFrame:
     return frame
 
 
-def publish_release(dvc: DvcCli, repo: str | os.PathLike, release_dir: str | os.PathLike, tag: str, message: str) -> PublishedRelease:
+def publish_release(
+    dvc: DvcCli, repo: str | os.PathLike, release_dir: str | os.PathLike, tag: str, message: str
+) -> PublishedRelease:
     """Version a release folder: dvc add, commit, dvc push, then tag.
 
     The commit holds only the ``.dvc`` file, the ``.gitignore`` dvc writes
@@ -465,7 +477,8 @@ def publish_release(dvc: DvcCli, repo: str | os.PathLike, release_dir: str | os.
                 f"{'is absent' if previous_md5 is None else f'has md5 {previous_md5}'}; this content has md5 {md5}. "
                 "Tags are never moved: publish under another tag (release_tag() derives one from the content)."
             )
-    tracked = [dvc_file, folder.parent / ".gitignore", root / ".dvc" / "config", root / ".dvc" / ".gitignore", root / ".dvcignore"]
+    dvc_setup = [root / ".dvc" / "config", root / ".dvc" / ".gitignore", root / ".dvcignore"]
+    tracked = [dvc_file, folder.parent / ".gitignore", *dvc_setup]
     commit = git_commit_paths(root, [path for path in tracked if path.exists()], message)
     dvc.push([dvc_file])
     tag_commit = tagged if tagged is not None else git_tag(root, tag, message)
