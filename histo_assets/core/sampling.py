@@ -61,9 +61,11 @@ class Sampler:
     (Euler, Euler a, LMS, DPM++) spread sigmas evenly from t=999 to 0
     ("linspace"), while its DDIM steps by ``1000 // steps`` from 1 ("leading").
     Without them the spacing would be inherited from whatever scheduler the base
-    model folder ships (PNDM/"leading" for SD 1.5). The images still differ from
-    the WebUI's: k-diffusion interpolates log-sigmas, and the WebUI draws its
-    noise differently from the same seed.
+    model folder ships (PNDM/"leading" for SD 1.5). A1111's (LDM's) DDIM neither
+    clips the predicted image nor uses alpha=1 for the last step, hence the two
+    DDIM flags. The images still differ from the WebUI's: k-diffusion
+    interpolates log-sigmas, and the WebUI draws its noise differently from the
+    same seed.
     """
 
     display_name: str
@@ -74,7 +76,8 @@ class Sampler:
 SAMPLERS: dict[str, Sampler] = {
     "euler": Sampler("Euler", EulerDiscreteScheduler, {"timestep_spacing": "linspace"}),
     "euler_a": Sampler("Euler a", EulerAncestralDiscreteScheduler, {"timestep_spacing": "linspace"}),
-    "ddim": Sampler("DDIM", DDIMScheduler, {"timestep_spacing": "leading", "steps_offset": 1}),
+    "ddim": Sampler("DDIM", DDIMScheduler, {"timestep_spacing": "leading", "steps_offset": 1,
+                                            "clip_sample": False, "set_alpha_to_one": False}),
     "dpm++_2m": Sampler("DPM++ 2M", DPMSolverMultistepScheduler, {"timestep_spacing": "linspace"}),
     "lms": Sampler("LMS", LMSDiscreteScheduler, {"timestep_spacing": "linspace"}),
 }
@@ -180,11 +183,11 @@ def image_file_name(tissue_class: str, step: int, index: int, seed: int) -> str:
 def render_generation_prompt(template: str, hypernetwork_name: str | None, tissue_class: str) -> str:
     """Fill ``[name]`` and ``[filewords]`` as the training captions were filled.
 
-    Without a hypernetwork ``[name]`` becomes the class words, so a base-model
+    Without a hypernetwork ``[name]`` becomes the class name, so a base-model
     baseline sees the same prompt as a hypernetwork named after its class.
     """
-    words = tissue_class.replace("_", " ")
-    return template.replace("[filewords]", words).replace("[name]", hypernetwork_name or words)
+    name = tissue_class if hypernetwork_name is None else hypernetwork_name
+    return template.replace("[filewords]", tissue_class.replace("_", " ")).replace("[name]", name)
 
 
 def _format_number(value: float) -> str:
