@@ -12,9 +12,13 @@ from histo_assets.params import PROJECT_ROOT, load_params
 DAGSTER_HOME_ENV = "DAGSTER_HOME"
 DEFAULT_DAGSTER_HOME = PROJECT_ROOT / ".dagster_home"
 DAGSTER_YAML = """# Written by histo-assets: a persistent local instance (SQLite), telemetry off.
-# For Postgres, see README.md ("Dagster instance").
+# For Postgres, see README.md ("The Dagster instance and UI").
 telemetry:
   enabled: false
+# One step at a time in each pool: the `gpu` pool (training, generation) never shares a GPU.
+concurrency:
+  pools:
+    default_limit: 1
 """
 
 
@@ -37,11 +41,15 @@ def _fetch_sample_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _partition_class(key) -> str:
+    return key.keys_by_dimension["tissue_class"] if hasattr(key, "keys_by_dimension") else key
+
+
 def _materialize(args: argparse.Namespace) -> int:
     ensure_dagster_home()
     from dagster import DagsterInstance
 
-    from histo_assets.definitions import defs, per_class_job
+    from histo_assets.definitions import defs, pipeline_jobs
 
     params = load_params(overrides=args.set)
     classes = args.partition or params.classes
@@ -49,24 +57,34 @@ def _materialize(args: argparse.Namespace) -> int:
     if unknown:
         print(f"error: not a class in {params.source}: {', '.join(unknown)}", file=sys.stderr)
         return 2
-    job = defs.resolve_job_def(per_class_job.name)
-    run_config = {
-        "ops": {node: {"config": {"overrides": list(args.set)}} for node in job.graph.node_dict},
-        "loggers": {"console": {"config": {"log_level": args.log_level}}},
-    }
     instance = DagsterInstance.get()
-    failed = []
-    for position, tissue_class in enumerate(classes, start=1):
-        print(f"[{position}/{len(classes)}] materialising {job.name} for class {tissue_class!r}", flush=True)
-        result = job.execute_in_process(
-            partition_key=tissue_class, instance=instance, run_config=run_config, raise_on_error=False
-        )
-        status = "ok" if result.success else "FAILED"
-        print(f"[{position}/{len(classes)}] {tissue_class}: {status} (run {result.run_id})", flush=True)
-        if not result.success:
-            failed.append(tissue_class)
-    if failed:
-        print(f"error: failed classes: {', '.join(failed)}", file=sys.stderr)
+    failed_classes: set[str] = set()
+    failures = []
+    for job_def in pipeline_jobs:
+        job = defs.resolve_job_def(job_def.name)
+        run_config = {
+            "ops": {node: {"config": {"overrides": list(args.set)}} for node in job.graph.node_dict},
+            "loggers": {"console": {"config": {"log_level": args.log_level}}},
+        }
+        if job.partitions_def is None:
+            keys = [None] if set(classes) == set(params.classes) else []
+        else:
+            keys = [k for k in job.partitions_def.get_partition_keys() if _partition_class(k) in classes]
+        for position, key in enumerate(keys, start=1):
+            label = f"{job.name} [{position}/{len(keys)}]" + (f" {key}" if key is not None else "")
+            blocked = failed_classes if key is None else failed_classes & {_partition_class(key)}
+            if blocked:
+                print(f"{label}: skipped, upstream failed for {', '.join(sorted(blocked))}", flush=True)
+                continue
+            print(f"{label}: materialising", flush=True)
+            result = job.execute_in_process(partition_key=key, instance=instance, run_config=run_config, raise_on_error=False)
+            print(f"{label}: {'ok' if result.success else 'FAILED'} (run {result.run_id})", flush=True)
+            if not result.success:
+                failures.append(label)
+                if key is not None:
+                    failed_classes.add(_partition_class(key))
+    if failures:
+        print("error: failed: " + "; ".join(failures), file=sys.stderr)
         return 1
     return 0
 

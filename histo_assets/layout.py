@@ -30,6 +30,30 @@ class Layout:
     def augmented_crops(self, tissue_class: str) -> Path:
         return self.data_dir / "augmented_crops" / tissue_class
 
+    def hypernetwork_checkpoints(self, tissue_class: str) -> Path:
+        return self.data_dir / "hypernetwork_checkpoints" / tissue_class
+
+    def imported_hypernetworks_inbox(self, tissue_class: str) -> Path:
+        """Where a lab drops AUTOMATIC1111 .pt hypernetworks it already has."""
+        return self.data_dir / "imported_hypernetworks" / tissue_class
+
+    def imported_hypernetworks(self, tissue_class: str) -> Path:
+        return self.data_dir / "imported_hypernetwork_index" / tissue_class
+
+    def synthetic_images(self, tissue_class: str, step: int) -> Path:
+        return self.data_dir / "synthetic_images" / tissue_class / str(step)
+
+    def checkpoint_metrics(self, tissue_class: str, step: int) -> Path:
+        return self.data_dir / "checkpoint_metrics" / tissue_class / str(step)
+
+    @property
+    def metrics_summary(self) -> Path:
+        return self.data_dir / "metrics_summary"
+
+    @property
+    def cache(self) -> Path:
+        return self.data_dir / ".cache"
+
 
 IMAGES = "images"
 INDEX = "index.parquet"
@@ -37,3 +61,5 @@ INVENTORY = "inventory.parquet"
 HOLDOUT = "holdout.parquet"
 PREVIEW = "preview.png"
 SUMMARY = "summary.json"
+LOSS_PLOT = "loss.png"
+METRICS_ROW = "metrics.json"

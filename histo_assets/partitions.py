@@ -1,9 +1,23 @@
-"""Partitions: one per tissue class, read from params at definition load time."""
+"""Partitions, read from params at definition load time.
 
-from __future__ import annotations
+Per-class assets are partitioned by tissue class; per-checkpoint assets by
+tissue class x checkpoint step, so every checkpoint of every class is its own
+partition in the UI, as in the thesis's per-checkpoint tables.
+"""
 
 import dagster as dg
 
 from histo_assets.params import load_params
 
-tissue_class_partitions = dg.StaticPartitionsDefinition(load_params().classes)
+_params = load_params()
+
+tissue_class_partitions = dg.StaticPartitionsDefinition(_params.classes)
+checkpoint_step_partitions = dg.StaticPartitionsDefinition([str(int(s)) for s in _params["training"]["checkpoint_steps"]])
+class_and_step_partitions = dg.MultiPartitionsDefinition({"tissue_class": tissue_class_partitions, "step": checkpoint_step_partitions})
+
+by_tissue_class = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="tissue_class")
+
+
+def class_and_step(context) -> tuple[str, int]:
+    keys = context.partition_key.keys_by_dimension
+    return keys["tissue_class"], int(keys["step"])

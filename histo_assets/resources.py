@@ -26,3 +26,33 @@ class StageConfig(dg.Config):
         default_factory=list,
         description='Overrides of params keys, e.g. ["augmentation.total=50", "crops.mode=tiles"].',
     )
+
+
+class BaseModelResource(dg.ConfigurableResource):
+    """Stable Diffusion loaded offline from the `base_model` section of params, on a chosen device.
+
+    The device is a deployment choice, not a pipeline parameter, so it lives
+    here; everything about *which* model lives in params, where its hash is
+    part of every fingerprint.
+    """
+
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu or cuda[:N].")
+
+    def load(self, p: Params):
+        from histo_assets.core.base_model import load_base_model
+
+        section = p["base_model"]
+
+        def local(value):
+            return None if value is None else str((p.source.parent / value).resolve())
+
+        return load_base_model(
+            section["source"],
+            local(section["path"]),
+            local(section["config"]),
+            expected_sha256=section["sha256"],
+            name=section["name"],
+            tiny_cache_dir=str(Layout(p.data_dir).cache / "tiny_sd"),
+            seed=int(section["tiny_seed"]),
+            device=self.device,
+        )

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from histo_assets.core.base_model import (
     TINY_HYPERNETWORK_SIZES,
     BaseModelError,
+    _build_tiny_once,
     attention_context_widths,
     build_tiny_model,
     check_hypernetwork_sizes,
@@ -24,6 +25,16 @@ from histo_assets.core.base_model import (
 )
 from histo_assets.core.io import sha256_file
 from histo_assets_tests.conftest import TINY_MODEL_SEED
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The tiny model's kernels are too small to gain from threads, and on a busy 2-core machine
+    the intra-op pool's waiting makes each step many times slower; restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _weight_files(folder: Path) -> dict[str, str]:
@@ -79,6 +90,20 @@ def test_tiny_model_is_reused_from_cache(tiny_model_cache):
     assert base.name == "my-tiny"
 
 
+def test_tiny_cache_build_never_replaces_a_model_in_use(tmp_path):
+    target = build_tiny_model(tmp_path / "tiny-sd-seed3", seed=3)
+    weights = target / "unet" / "diffusion_pytorch_model.safetensors"
+    before = weights.stat().st_mtime_ns
+    # What a second process does when the first finished building while it was building too.
+    _build_tiny_once(target, seed=3)
+    assert weights.stat().st_mtime_ns == before
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-sd-seed3"]
+    fresh = tmp_path / "cache" / "tiny-sd-seed3"
+    _build_tiny_once(fresh, seed=3)
+    assert _weight_files(fresh) == _weight_files(target)
+    assert [p.name for p in fresh.parent.iterdir()] == ["tiny-sd-seed3"]
+
+
 def test_attention_context_widths_of_tiny_unet(tiny_base):
     widths = attention_context_widths(tiny_base.unet)
     assert widths == [32, 48, 64]
@@ -95,6 +120,19 @@ def test_diffusers_folder_loads_and_verifies_sha256(tiny_model_cache):
     assert base.sha256 == expected and base.name == folder.name and base.path == folder
     with pytest.raises(BaseModelError, match="SHA-256 mismatch"):
         load_base_model("diffusers", folder, expected_sha256="0" * 64, device="cpu")
+
+
+def test_folder_hash_covers_exactly_the_weights_that_load(tmp_path, tiny_model_cache):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir(tiny_model_cache, TINY_MODEL_SEED), folder)
+    before = folder_weights_sha256(folder)
+    (folder / "v1-5-pruned-emaonly.ckpt").write_bytes(b"a single-file checkpoint beside the folder")
+    (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"a variant that is not loaded")
+    (folder / "unet" / "config.json").write_text((folder / "unet" / "config.json").read_text() + "\n")
+    assert folder_weights_sha256(folder) == before
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b" ")
+    assert folder_weights_sha256(folder) != before
 
 
 def test_sha256_is_checked_before_weights_are_read(tmp_path, tiny_model_cache):
@@ -136,8 +174,9 @@ def test_tiny_source_needs_a_cache_dir():
 def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(BaseModelError, match="unsupported device"):
-        resolve_device("meta")
+    for bad in ("meta", "gpu0"):
+        with pytest.raises(BaseModelError, match="unsupported device"):
+            resolve_device(bad)
     if not torch.cuda.is_available():
         with pytest.raises(BaseModelError, match="CUDA is not available"):
             resolve_device("cuda")

@@ -36,6 +36,16 @@ OPTIONS = HypernetworkOptions(sizes=TINY_HYPERNETWORK_SIZES)
 TEMPLATES = ["an H&E tile of [filewords], [name]", "a histology image of [filewords]"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The tiny model's kernels are too small to gain from threads, and on a busy 2-core machine
+    the intra-op pool's waiting makes each step many times slower; restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     """Four 64x64 images with distinct stripes and tints; names carry the numeric prefixes A1111 strips."""
@@ -54,7 +64,8 @@ def images(tmp_path_factory) -> Path:
 
 def _train(base, images, out, **overrides):
     settings = dict(name="tissue", options=OPTIONS, templates=TEMPLATES, resolution=64, seed=7, max_steps=8,
-                    learning_rate="0.001", loss_log_every=4)
+                    learning_rate="0.001", batch_size=1, gradient_accumulation=1, checkpoint_steps=[],
+                    clip_mode="disabled", clip_value="0.1", latent_sampling="once", loss_log_every=4)
     settings.update(overrides)
     return train_hypernetwork(base, images, out, **settings)
 
@@ -305,8 +316,10 @@ def test_batch_clamping_and_clip_modes(tiny_base, images, tmp_path):
 def test_invalid_settings_fail_before_training(tiny_base, images, tmp_path):
     with pytest.raises(TrainingError, match="name"):
         _train(tiny_base, images, tmp_path, name="../escape")
-    with pytest.raises(TrainingError, match=r"checkpoint_steps \[1, 9\]"):
-        _train(tiny_base, images, tmp_path, checkpoint_steps=[1, 4, 9])
+    with pytest.raises(TrainingError, match=r"checkpoint_steps \[1, 9, 4.5\]"):
+        _train(tiny_base, images, tmp_path, checkpoint_steps=[1, 4, 9, 4.5])
+    with pytest.raises(TrainingError, match="batch_size must be a positive integer, got '2'"):
+        _train(tiny_base, images, tmp_path, batch_size="2")
     with pytest.raises(BaseModelError, match="match no attention context width"):
         _train(tiny_base, images, tmp_path, options=HypernetworkOptions())
     with pytest.raises(TrainingError, match="does not exist"):
@@ -316,7 +329,9 @@ def test_invalid_settings_fail_before_training(tiny_base, images, tmp_path):
         _train(tiny_base, tmp_path / "empty", tmp_path / "out")
     with pytest.raises(TrainingError, match="latent_sampling"):
         _train(tiny_base, images, tmp_path / "out", latent_sampling="sometimes")
-    assert not list((tmp_path / "out").glob("*.pt"))
+    with pytest.raises(TrainingError, match="templates"):
+        _train(tiny_base, images, tmp_path / "out", templates=["", "  "])
+    assert not (tmp_path / "out").exists()
 
 
 def test_resuming_with_other_settings_is_refused(tiny_base, images, tmp_path):

@@ -11,12 +11,15 @@ inside diffusers.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 # Set before diffusers/transformers are imported by this module, so that
 # huggingface_hub never tries the network; local_files_only=True below is the
 # guard that holds even if they were imported earlier.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
+    SchedulerMixin,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -34,7 +38,8 @@ from histo_assets.core.io import atomic_directory, sha256_file, stable_hash
 
 SOURCES = ("tiny", "diffusers", "single_file")
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+# Weight formats diffusers loads from a component folder, in its order of preference.
+COMPONENT_WEIGHT_SUFFIXES = (".safetensors", ".bin")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 # Components a StableDiffusionPipeline folder needs, and the file in each that
@@ -46,7 +51,7 @@ _COMPONENT_CONFIGS = {
     "text_encoder": "config.json",
     "scheduler": "scheduler_config.json",
 }
-_WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
+WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
 
 TINY_MAX_LENGTH = 77
 # Cross-attention width chosen unlike every block width (32, 64), so that a
@@ -95,7 +100,7 @@ class BaseModel:
         return self.pipeline.tokenizer
 
     @property
-    def scheduler(self):
+    def scheduler(self) -> SchedulerMixin:
         return self.pipeline.scheduler
 
 
@@ -103,7 +108,10 @@ def resolve_device(preference: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present; an explicit CUDA request without one is an error, not a silent CPU run."""
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(preference)
+    try:
+        device = torch.device(preference)
+    except RuntimeError:
+        raise BaseModelError(f"unsupported device {preference!r}; use auto, cpu or cuda[:N]") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BaseModelError(f"device {preference!r} requested but CUDA is not available")
     if device.type not in ("cpu", "cuda"):
@@ -129,22 +137,41 @@ def short_hash(sha256: str) -> str:
     return sha256[:10]
 
 
-def folder_weights_sha256(folder: str | os.PathLike) -> str:
-    """Combined hash of every weight file under a diffusers folder.
+def component_weight_files(folder: str | os.PathLike, component: str) -> list[Path]:
+    """The weight files ``from_pretrained`` reads for one component (no variant requested).
 
-    It is the SHA-256 of the sorted JSON mapping ``{relative posix path: file
-    sha256}`` over files ending in one of :data:`WEIGHT_SUFFIXES`. Configs and
-    tokenizer files are left out so that the hash names the weights, like the
-    single-file hash does; renaming or moving a weight file changes it.
+    Safetensors win over ``.bin``; variant files such as
+    ``diffusion_pytorch_model.fp16.safetensors`` (a dot in the stem) are not
+    read, whereas shards (``...-00001-of-00002.safetensors``) all are.
+    """
+    sub = Path(folder) / component
+    if not sub.is_dir():
+        return []
+    for suffix in COMPONENT_WEIGHT_SUFFIXES:
+        files = sorted(p for p in sub.iterdir() if p.is_file() and p.suffix == suffix and "." not in p.stem)
+        if files:
+            return files
+    return []
+
+
+def folder_weights_sha256(folder: str | os.PathLike) -> str:
+    """Combined hash of the weights of a diffusers Stable Diffusion folder.
+
+    It is the SHA-256 of the sorted JSON mapping ``{"<component>/<file>": file
+    sha256}`` over :func:`component_weight_files` of the U-Net, VAE and text
+    encoder, i.e. exactly the weights that load. Configs, tokenizer files and
+    anything else in the folder (a repo clone may also hold single-file
+    checkpoints) are left out, so the hash names the weights as the
+    single-file hash does.
     """
     root = Path(folder)
     digests = {
-        path.relative_to(root).as_posix(): sha256_file(path)
-        for path in sorted(root.rglob("*"))
-        if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES)
+        f"{component}/{path.name}": sha256_file(path)
+        for component in WEIGHTED_COMPONENTS
+        for path in component_weight_files(root, component)
     }
     if not digests:
-        raise BaseModelError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) under {root}")
+        raise BaseModelError(f"no unet, vae or text_encoder weights under {root}")
     return stable_hash(digests)
 
 
@@ -160,7 +187,7 @@ def attention_context_widths(unet: torch.nn.Module) -> list[int]:
     return sorted(widths)
 
 
-def check_hypernetwork_sizes(sizes, unet: torch.nn.Module) -> None:
+def check_hypernetwork_sizes(sizes: Sequence[int], unet: torch.nn.Module) -> None:
     """Refuse sizes the model has no attention context for: their modules would never train."""
     widths = attention_context_widths(unet)
     unmatched = [size for size in sizes if size not in widths]
@@ -262,7 +289,9 @@ def build_tiny_model(path: str | os.PathLike, seed: int) -> Path:
     It has the architecture of SD 1.5 at toy scale (64 px images, 8x8 latents),
     so the whole pipeline can run on a CPU in seconds. The folder is built in a
     temporary sibling and swapped in whole, so readers never see a partial
-    model; the same seed gives byte-identical weight files.
+    model; the same seed gives byte-identical weight files. Weights are drawn
+    from torch's global RNG (forked and seeded), so build from one thread at a
+    time per process.
     """
     target = Path(path)
     pipeline = _tiny_pipeline(seed)
@@ -275,6 +304,25 @@ def tiny_model_dir(cache_dir: str | os.PathLike, seed: int) -> Path:
     return Path(cache_dir) / f"tiny-sd-seed{seed}"
 
 
+def _build_tiny_once(folder: Path, seed: int) -> None:
+    """Build into the cache without ever replacing a model another process may be reading.
+
+    Parallel runs (e.g. one per tissue class) may all find the cache empty;
+    the first rename wins and the others, having built identical bytes, drop theirs.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".building", dir=folder.parent))
+    try:
+        build_tiny_model(staging / folder.name, seed)
+        try:
+            os.rename(staging / folder.name, folder)
+        except OSError:
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _missing_diffusers_parts(folder: Path, *, need_weights: bool) -> list[str]:
     missing = [] if (folder / "model_index.json").is_file() else ["model_index.json"]
     for component, config in _COMPONENT_CONFIGS.items():
@@ -285,10 +333,8 @@ def _missing_diffusers_parts(folder: Path, *, need_weights: bool) -> list[str]:
             or ((tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file())):
         missing.append("tokenizer/tokenizer.json (or tokenizer/vocab.json + tokenizer/merges.txt)")
     if need_weights:
-        for component in _WEIGHTED_COMPONENTS:
-            sub = folder / component
-            if sub.is_dir() and not any(p.name.endswith(WEIGHT_SUFFIXES) for p in sub.iterdir()):
-                missing.append(f"{component}/<weights>")
+        missing += [f"{component}/<weights>" for component in WEIGHTED_COMPONENTS
+                    if (folder / component).is_dir() and not component_weight_files(folder, component)]
     return missing
 
 
@@ -314,7 +360,7 @@ def load_base_model(
     expected_sha256: str | None = None,
     name: str | None = None,
     tiny_cache_dir: str | os.PathLike | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype | None = "auto",
 ) -> BaseModel:
@@ -339,10 +385,12 @@ def load_base_model(
     torch_dtype = resolve_dtype(dtype, torch_device)
 
     if source == "tiny":
-        if tiny_cache_dir is None:
-            raise BaseModelError("source 'tiny' needs tiny_cache_dir, the folder where the built model is cached")
+        if tiny_cache_dir is None or seed is None:
+            raise BaseModelError("source 'tiny' needs tiny_cache_dir (where the built model is cached) and seed")
         folder = tiny_model_dir(tiny_cache_dir, seed)
-        if not folder.is_dir() or _missing_diffusers_parts(folder, need_weights=True):
+        if not folder.is_dir():
+            _build_tiny_once(folder, seed)
+        elif _missing_diffusers_parts(folder, need_weights=True):
             build_tiny_model(folder, seed)
         return _load_folder(folder, "tiny", expected_sha256, name or folder.name, torch_device, torch_dtype)
 

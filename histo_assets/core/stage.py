@@ -9,12 +9,14 @@ which is what makes a no-change refresh cheap.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
-from histo_assets.core.io import stable_hash
+from histo_assets.core.io import atomic_write_json, stable_hash
 
 SUMMARY_FILE = "summary.json"
+RUN_MARKER = "run.json"
 
 
 def fingerprint(**inputs: Any) -> str:
@@ -37,3 +39,21 @@ def current_summary(folder: Path, expected_fingerprint: str) -> dict[str, Any] |
     if summary and summary.get("fingerprint") == expected_fingerprint:
         return summary
     return None
+
+
+def prepare_resumable(folder: Path, expected_fingerprint: str) -> bool:
+    """Keep an interrupted run of the same inputs so it can resume; clear anything older.
+
+    Long stages (training) write into their folder as they go, so the folder
+    cannot be swapped in atomically at the end; a marker records which inputs
+    the partial contents belong to.
+    """
+    marker = folder / RUN_MARKER
+    try:
+        resumable = json.loads(marker.read_text()) == {"fingerprint": expected_fingerprint}
+    except (OSError, json.JSONDecodeError):
+        resumable = False
+    if folder.exists() and not resumable:
+        shutil.rmtree(folder)
+    atomic_write_json(marker, {"fingerprint": expected_fingerprint})
+    return resumable

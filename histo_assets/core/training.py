@@ -141,7 +141,6 @@ class Schedule:
         full = parse_schedule(text, max_steps, 0)
         if not full:
             raise TrainingError(f"schedule {text!r} has no segment ending after step 0")
-        self.text = text
         self.segments = parse_schedule(text, max_steps, current_step)
         self._index = 0
         # When everything is behind us the last value stays in force (it matters
@@ -201,7 +200,6 @@ class TrainingDataset:
     latent_mean: torch.Tensor
     latent_std: torch.Tensor | None
     conditioning: torch.Tensor
-    latent_sampling: str
 
     def __len__(self) -> int:
         return len(self.files)
@@ -293,18 +291,18 @@ def build_dataset(
     kept_std = std if latent_sampling == "random" else None
 
     tokenizer = base.tokenizer
+    limit = tokenizer.model_max_length
+    too_long = [prompt for prompt in prompts if len(tokenizer(prompt).input_ids) > limit]
+    if too_long:
+        say(f"{len(too_long)} of {len(prompts)} prompts exceed {limit} tokens and are truncated, e.g. {too_long[0]!r}")
     conditioning = []
     for start in range(0, len(prompts), _ENCODE_BATCH):
-        chunk = prompts[start : start + _ENCODE_BATCH]
-        lengths = [len(ids) for ids in tokenizer(chunk).input_ids]
-        if max(lengths) > tokenizer.model_max_length:
-            say(f"some prompts exceed {tokenizer.model_max_length} tokens and are truncated, e.g. {chunk[0]!r}")
-        ids = tokenizer(chunk, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
+        ids = tokenizer(prompts[start : start + _ENCODE_BATCH], padding="max_length", max_length=limit,
+                        truncation=True, return_tensors="pt").input_ids
         conditioning.append(base.text_encoder(ids.to(device))[0].float().cpu())
     say(f"dataset: {len(files)} images at {resolution}px from {images_dir}, latent sampling {latent_sampling}")
     return TrainingDataset(files=files, captions=captions, prompts=prompts, latent_mean=mean, latent_std=kept_std,
-                           conditioning=torch.cat(conditioning), latent_sampling=latent_sampling)
+                           conditioning=torch.cat(conditioning))
 
 
 def diffusion_loss(base: BaseModel, noise_scheduler: DDPMScheduler, latents: torch.Tensor,
@@ -372,13 +370,17 @@ def _read_loss_csv(path: Path, up_to_step: int) -> list[LossRecord]:
     return [record for record in records if record.step <= up_to_step]
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _validate(name: str, batch_size: int, gradient_accumulation: int, max_steps: int, checkpoint_steps: Sequence[int],
               clip_mode: str, clip_compat: str, resolution: int, loss_log_every: int, stop_after: int | None) -> None:
     if not NAME_PATTERN.match(name):
         raise TrainingError(f"hypernetwork name {name!r} must be letters, digits and ._- or spaces, not start with '.'")
     for label, value in (("batch_size", batch_size), ("gradient_accumulation", gradient_accumulation),
                          ("max_steps", max_steps), ("loss_log_every", loss_log_every)):
-        if int(value) != value or value < 1:
+        if not _is_int(value) or value < 1:
             raise TrainingError(f"{label} must be a positive integer, got {value!r}")
     if clip_mode not in CLIP_MODES:
         raise TrainingError(f"clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
@@ -387,11 +389,11 @@ def _validate(name: str, batch_size: int, gradient_accumulation: int, max_steps:
     if resolution < 8 or resolution % 8:
         raise TrainingError(f"resolution must be a positive multiple of 8 (the VAE's factor), got {resolution}")
     # §7.7: file N is written when step + 1 == N after an update, so N runs from 2 to max_steps.
-    bad = [steps for steps in checkpoint_steps if int(steps) != steps or not 2 <= steps <= max_steps]
+    bad = [steps for steps in checkpoint_steps if not _is_int(steps) or not 2 <= steps <= max_steps]
     if bad:
         raise TrainingError(f"checkpoint_steps {bad} are outside 2..max_steps ({max_steps}); "
                             "file <name>-N.pt is written after N-1 updates")
-    if stop_after is not None and stop_after < 1:
+    if stop_after is not None and (not _is_int(stop_after) or stop_after < 1):
         raise TrainingError(f"stop_after must be a positive number of steps, got {stop_after}")
 
 
@@ -439,6 +441,24 @@ def _resume_point(out_dir: Path, name: str, log: Log) -> tuple[Path, int, dict |
     return path, step, None
 
 
+def _starting_point(resume: tuple[Path, int, dict | None] | None, name: str, options: HypernetworkOptions,
+                    seed: int, base: BaseModel, log: Log) -> tuple[Hypernetwork, dict | None, Path | None]:
+    """A new seeded hypernetwork, or the one to resume with its optimizer state, checked against this run."""
+    if resume is None:
+        hn = Hypernetwork(name, options, seed=derive_seed(seed, "hypernetwork-init"))
+        hn.sd_checkpoint, hn.sd_checkpoint_name = base.short_hash, base.name
+        return hn, None, None
+    path, expected_step, optimizer_state = resume
+    hn = load_hypernetwork(path)
+    if hn.step != expected_step or hn.options != options:
+        raise TrainingError(f"{path} stores step {hn.step} (expected {expected_step}) or other hypernetwork options "
+                            "than these; use another output folder")
+    if hn.sd_checkpoint != base.short_hash:
+        raise TrainingError(f"{path} was trained on base model {hn.sd_checkpoint}, not {base.short_hash}")
+    log(f"resuming {name} from {path.name} at step {hn.step}")
+    return hn, optimizer_state, path
+
+
 @contextlib.contextmanager
 def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
     """Dropout draws from torch's global RNG; seed it per step and restore the caller's state afterwards."""
@@ -465,15 +485,15 @@ def train_hypernetwork(
     resolution: int,
     seed: int,
     max_steps: int,
-    learning_rate: str = "0.00001",
-    batch_size: int = 1,
-    gradient_accumulation: int = 1,
-    checkpoint_steps: Sequence[int] = (),
-    clip_mode: str = "disabled",
-    clip_value: str = "0.1",
+    learning_rate: str,
+    batch_size: int,
+    gradient_accumulation: int,
+    checkpoint_steps: Sequence[int],
+    clip_mode: str,
+    clip_value: str,
+    latent_sampling: str,
+    loss_log_every: int,
     clip_compat: str = "correct",
-    latent_sampling: str = "once",
-    loss_log_every: int = 100,
     log: Log | None = None,
     stop_after: int | None = None,
 ) -> TrainingResult:
@@ -494,17 +514,22 @@ def train_hypernetwork(
     **Resume:** if ``out_dir`` already holds checkpoints of ``name`` trained with
     the same settings (``<name>-settings.json``; only ``max_steps``,
     ``checkpoint_steps`` and ``loss_log_every`` may change), training continues
-    from the latest one with its optimizer state. ``stop_after`` stops after
-    that many updates without writing the final file, as an interruption would.
+    from the latest one with its optimizer state. ``stop_after`` stops once
+    the step count reaches it, without writing the final file, as a crash or
+    cancelled run would; resuming then restarts from the latest checkpoint.
 
     The loss CSV ``<name>-loss.csv`` (one row per update) is rewritten
     atomically every ``loss_log_every`` updates, at every checkpoint and at the
     end. A NaN or infinite loss raises :class:`NonFiniteLossError`.
     """
     say = log or (lambda _message: None)
-    checkpoint_set = sorted({int(steps) for steps in checkpoint_steps})
-    _validate(name, batch_size, gradient_accumulation, max_steps, checkpoint_set, clip_mode, clip_compat, resolution,
-              loss_log_every, stop_after)
+    _validate(name, batch_size, gradient_accumulation, max_steps, list(checkpoint_steps), clip_mode, clip_compat,
+              resolution, loss_log_every, stop_after)
+    checkpoint_set = sorted(set(checkpoint_steps))
+    if latent_sampling not in LATENT_SAMPLING:
+        raise TrainingError(f"latent_sampling must be one of {LATENT_SAMPLING}, got {latent_sampling!r}")
+    if not any(line.strip() for line in templates):
+        raise TrainingError("templates must hold at least one non-empty prompt template line")
     check_hypernetwork_sizes(options.sizes, base.unet)
     Schedule(learning_rate, max_steps)
     if clip_mode != "disabled":
@@ -514,9 +539,9 @@ def train_hypernetwork(
         raise TrainingError(f"only ε-prediction models are supported (SD 1.x); this one predicts "
                             f"{noise_scheduler.config.prediction_type!r}")
 
+    files = list_images(images_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = list_images(images_dir)
     settings = {
         "name": name, "options": asdict(options), "templates": list(templates), "resolution": resolution,
         "seed": seed, "learning_rate": learning_rate, "batch_size": batch_size,
@@ -529,19 +554,7 @@ def train_hypernetwork(
     _check_settings(settings_path(out, name), settings, resuming=resume is not None)
 
     device = base.device
-    if resume is None:
-        hn = Hypernetwork(name, options, seed=derive_seed(seed, "hypernetwork-init"))
-        hn.sd_checkpoint, hn.sd_checkpoint_name = base.short_hash, base.name
-        optimizer_state, resumed_from = None, None
-    else:
-        resumed_from, expected_step, optimizer_state = resume
-        hn = load_hypernetwork(resumed_from)
-        if hn.step != expected_step or hn.options != options:
-            raise TrainingError(f"{resumed_from} stores step {hn.step} (expected {expected_step}) or other "
-                                "hypernetwork options than these; use another output folder")
-        if hn.sd_checkpoint != base.short_hash:
-            raise TrainingError(f"{resumed_from} was trained on base model {hn.sd_checkpoint}, not {base.short_hash}")
-        say(f"resuming {name} from {resumed_from.name} at step {hn.step}")
+    hn, optimizer_state, resumed_from = _starting_point(resume, name, options, seed, base, say)
     hn.to(device).train()
     step = hn.step
     csv_path = loss_csv_path(out, name)

@@ -1,0 +1,97 @@
+"""Synthetic images from every hypernetwork checkpoint, one partition per tissue class x step."""
+
+import dagster as dg
+import pandas as pd
+from PIL import Image
+
+from histo_assets.assets.checks import image_check_results, image_check_specs
+from histo_assets.assets.training import GPU_TAGS, hypernetwork_checkpoints
+from histo_assets.core.io import atomic_directory, atomic_save_png, atomic_write_json, stable_hash
+from histo_assets.core.previews import contact_sheet, markdown_image
+from histo_assets.core.sampling import GenerationSettings, generate_images, write_generation_index
+from histo_assets.core.stage import current_summary, fingerprint, read_summary
+from histo_assets.layout import IMAGES, INDEX, PREVIEW, SUMMARY, Layout
+from histo_assets.params import Params
+from histo_assets.partitions import by_tissue_class, class_and_step, class_and_step_partitions
+from histo_assets.resources import BaseModelResource, ParamsResource, StageConfig
+
+GROUP = "generation"
+SYNTHETIC_IMAGES_VERSION = "1"
+
+
+def checkpoint_entry(p: Params, tissue_class: str, step: int) -> dict:
+    summary = read_summary(Layout(p.data_dir).hypernetwork_checkpoints(tissue_class))
+    if summary is None:
+        raise dg.Failure(f"class {tissue_class!r}: hypernetwork_checkpoints has not been materialised")
+    for entry in summary["checkpoints"]:
+        if int(entry["step"]) == step:
+            return entry | {"name": summary["name"], "training_set": summary["training_set"]}
+    raise dg.Failure(f"class {tissue_class!r}: no checkpoint for step {step}; materialise hypernetwork_checkpoints with these params")
+
+
+@dg.asset(
+    partitions_def=class_and_step_partitions,
+    group_name=GROUP,
+    code_version=SYNTHETIC_IMAGES_VERSION,
+    deps=[dg.AssetDep(hypernetwork_checkpoints, partition_mapping=by_tissue_class)],
+    pool="gpu",
+    op_tags=GPU_TAGS,
+    kinds={"diffusers", "png"},
+    check_specs=image_check_specs("synthetic_images"),
+    description="generation.images_per_checkpoint images from one checkpoint (thesis defaults: Euler, 20 steps, "
+    "CFG 7, the training resolution, a negative prompt). Each image's seed derives from class, step and index; "
+    "each PNG carries AUTOMATIC1111's `parameters` text chunk, so the WebUI's PNG Info reads it.",
+)
+def synthetic_images(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource, base_model: BaseModelResource):
+    p = params.load(config.overrides)
+    tissue_class, step = class_and_step(context)
+    layout = Layout(p.data_dir)
+    checkpoint = checkpoint_entry(p, tissue_class, step)
+    settings = GenerationSettings.from_params(p["generation"], p.resolution)
+    count = int(p["generation"]["images_per_checkpoint"])
+    stage_fingerprint = fingerprint(
+        checkpoint=checkpoint["sha256"], generation=p["generation"], resolution=p.resolution,
+        base_model=p["base_model"], seed=p.seed, code=SYNTHETIC_IMAGES_VERSION,
+    )
+    out = layout.synthetic_images(tissue_class, step)
+    summary = current_summary(out, stage_fingerprint)
+    reused = summary is not None
+    if reused:
+        context.log.info(f"{tissue_class} step {step}: checkpoint and params unchanged, reusing {out}")
+    else:
+        base = base_model.load(p)
+        with atomic_directory(out) as staging:
+            records = generate_images(
+                base, layout.hypernetwork_checkpoints(tissue_class) / checkpoint["file"], staging / IMAGES,
+                tissue_class=tissue_class, step=step, count=count, settings=settings, master_seed=p.seed,
+                log=context.log.info,
+            )
+            write_generation_index(records, staging / INDEX)
+            atomic_save_png(staging / PREVIEW, contact_sheet([staging / IMAGES / r.file for r in records][:32], columns=8))
+            summary = {
+                "fingerprint": stage_fingerprint,
+                "count": len(records),
+                "checkpoint_file": checkpoint["file"],
+                "checkpoint_sha256": checkpoint["sha256"],
+                "training_set": checkpoint["training_set"],
+                "data_version": stable_hash(sorted((r.file, r.sha256) for r in records)),
+            }
+            atomic_write_json(staging / SUMMARY, summary)
+    index = pd.read_parquet(out / INDEX)
+    with Image.open(out / PREVIEW) as preview:
+        preview_md = markdown_image(preview.copy(), f"{tissue_class} step {step}")
+    yield dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(out)),
+            "images": summary["count"],
+            "checkpoint": summary["checkpoint_file"],
+            "checkpoint_sha256": summary["checkpoint_sha256"],
+            "prompt": index["prompt"].iloc[0] if len(index) else "",
+            "negative_prompt": settings.negative_prompt,
+            "sampler": f"{settings.sampler}, {settings.steps} steps, CFG {settings.cfg_scale}",
+            "preview": dg.MetadataValue.md(preview_md),
+            "reused_unchanged_output": reused,
+        },
+        data_version=dg.DataVersion(summary["data_version"]),
+    )
+    yield from image_check_results("synthetic_images", out / IMAGES, p.resolution, count)
