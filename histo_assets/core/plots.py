@@ -66,5 +66,5 @@ def metric_curves(series: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]
         axis.set_xlabel("training step")
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    figure.suptitle(title)
+    figure.suptitle(title, y=1.04)
     return _save(figure, path)
