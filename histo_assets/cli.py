@@ -57,10 +57,15 @@ def _materialize(args: argparse.Namespace) -> int:
     if unknown:
         print(f"error: not a class in {params.source}: {', '.join(unknown)}", file=sys.stderr)
         return 2
+    unknown_jobs = sorted(set(args.job or []) - {job.name for job in pipeline_jobs})
+    if unknown_jobs:
+        print(f"error: unknown job(s) {', '.join(unknown_jobs)}; choose from {', '.join(j.name for j in pipeline_jobs)}", file=sys.stderr)
+        return 2
     instance = DagsterInstance.get()
     failed_classes: set[str] = set()
     failures = []
-    for job_def in pipeline_jobs:
+    selected = [job for job in pipeline_jobs if not args.job or job.name in args.job]
+    for job_def in selected:
         job = defs.resolve_job_def(job_def.name)
         run_config = {
             "ops": {node: {"config": {"overrides": list(args.set)}} for node in job.graph.node_dict},
@@ -109,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     materialize = sub.add_parser("materialize", help="Materialise every asset for every class, in the persistent Dagster instance.")
     materialize.add_argument("--partition", action="append", help="Only this class (repeatable).")
     materialize.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override a params key, like `dvc exp run -S`.")
+    materialize.add_argument("--job", action="append", help="Only this job (repeatable); default: all, in pipeline order.")
     materialize.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     materialize.set_defaults(handler=_materialize)
 

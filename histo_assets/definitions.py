@@ -6,47 +6,38 @@ Per tissue class:
 Per tissue class x checkpoint step:
     synthetic_images -> checkpoint_metrics
 Across everything:
-    metrics_summary
+    metrics_summary -> dataset_release (dvc add + push + git tag)
 
 Pool `gpu` (training, generation) runs one step at a time, so concurrent runs never share a GPU.
 """
 
 import dagster as dg
 
-from histo_assets.assets import evaluation, generation, ingest, training
-from histo_assets.resources import BaseModelResource, ParamsResource
+from histo_assets.assets import evaluation, generation, ingest, release, training
+from histo_assets.resources import BaseModelResource, DvcResource, ParamsResource
 
-per_class_assets = [
-    ingest.raw_slides,
-    ingest.square_crops,
-    ingest.augmented_crops,
-    training.hypernetwork_checkpoints,
-    training.imported_hypernetworks,
-]
+ingest_assets = [ingest.raw_slides, ingest.square_crops, ingest.augmented_crops]
+training_assets = [training.hypernetwork_checkpoints, training.imported_hypernetworks]
 per_checkpoint_assets = [generation.synthetic_images, evaluation.checkpoint_metrics]
 summary_assets = [evaluation.metrics_summary]
+release_assets = [release.dataset_release]
 
-per_class_job = dg.define_asset_job(
-    "per_class_pipeline",
-    selection=dg.AssetSelection.assets(*per_class_assets),
-    description="Ingest, augmentation and hypernetwork training for one tissue class.",
-)
-per_checkpoint_job = dg.define_asset_job(
-    "per_checkpoint_pipeline",
-    selection=dg.AssetSelection.assets(*per_checkpoint_assets),
-    description="Synthetic images and their metrics for one tissue class x checkpoint step.",
-)
-summary_job = dg.define_asset_job(
-    "summary_pipeline",
-    selection=dg.AssetSelection.assets(*summary_assets),
-    description="Metric summary across classes and checkpoints.",
-)
 
-# The order in which `histo-assets materialize` runs the jobs over their partitions.
-pipeline_jobs = [per_class_job, per_checkpoint_job, summary_job]
+def _job(name: str, assets: list, description: str) -> dg.UnresolvedAssetJobDefinition:
+    return dg.define_asset_job(name, selection=dg.AssetSelection.assets(*assets), description=description)
+
+
+ingest_job = _job("ingest_pipeline", ingest_assets, "Inventory, square crops and augmentation for one tissue class.")
+training_job = _job("training_pipeline", training_assets, "Hypernetwork training (and imported hypernetworks) for one tissue class.")
+per_checkpoint_job = _job("checkpoint_pipeline", per_checkpoint_assets, "Synthetic images and their metrics for one class x checkpoint step.")
+summary_job = _job("summary_pipeline", summary_assets, "Metric summary across classes and checkpoints.")
+release_job = _job("release_pipeline", release_assets, "Assemble, DVC-version, push and tag the synthetic dataset release.")
+
+# The order in which `histo-assets materialize` runs the jobs over their partitions (and dvc.yaml's stages).
+pipeline_jobs = [ingest_job, training_job, per_checkpoint_job, summary_job, release_job]
 
 defs = dg.Definitions(
-    assets=[*per_class_assets, *per_checkpoint_assets, *summary_assets],
+    assets=[*ingest_assets, *training_assets, *per_checkpoint_assets, *summary_assets, *release_assets],
     jobs=pipeline_jobs,
-    resources={"params": ParamsResource(), "base_model": BaseModelResource()},
+    resources={"params": ParamsResource(), "base_model": BaseModelResource(), "dvc": DvcResource()},
 )

@@ -50,6 +50,9 @@ class Layout:
     def metrics_summary(self) -> Path:
         return self.data_dir / "metrics_summary"
 
+    def release(self, name: str) -> Path:
+        return self.data_dir / "releases" / name
+
     @property
     def cache(self) -> Path:
         return self.data_dir / ".cache"

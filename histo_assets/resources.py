@@ -56,3 +56,14 @@ class BaseModelResource(dg.ConfigurableResource):
             seed=int(section["tiny_seed"]),
             device=self.device,
         )
+
+
+class DvcResource(dg.ConfigurableResource):
+    """The dvc CLI, run from its own venv (dvc and dagster need different antlr4 runtimes)."""
+
+    executable: str | None = Field(default=None, description="dvc executable; None uses $HISTO_ASSETS_DVC, then .venv-dvc/bin/dvc.")
+
+    def cli(self, repo):
+        from histo_assets.core.dvc import DvcCli
+
+        return DvcCli(self.executable, repo)

@@ -9,7 +9,7 @@ import pandas as pd
 from histo_assets.assets.checks import image_check_results, image_check_specs
 from histo_assets.core.augment import AugmentationRecipe, augment_class
 from histo_assets.core.crops import CropSettings, TileSettings, crop_class
-from histo_assets.core.io import atomic_directory, atomic_save_png, atomic_write_json, atomic_write_parquet, stable_hash
+from histo_assets.core.io import atomic_directory, atomic_save_png, atomic_write_json, atomic_write_parquet, atomic_write_text, stable_hash
 from histo_assets.core.previews import contact_sheet, markdown_image, markdown_table
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.slides import Problem, inventory_class
@@ -181,6 +181,23 @@ def split_holdout(crop_files: list[str], fraction: float, seed: int) -> tuple[li
     return sorted(names[count:]), sorted(names[:count])
 
 
+def write_captions(folder: Path, files: list[str], tissue_class: str, mode: str) -> None:
+    """Caption sidecars for training: the class name, instead of A1111's file-name captions.
+
+    A1111 takes [filewords] from the file name when no ``.txt`` sits beside
+    the image; our stable names encode coordinates, which would make the
+    captions noise (as they probably were in the thesis). ``filename`` keeps
+    that A1111 behaviour.
+    """
+    if mode == "filename":
+        return
+    if mode != "class":
+        raise dg.Failure(f"augmentation.captions must be 'class' or 'filename', not {mode!r}")
+    caption = tissue_class.replace("_", " ")
+    for name in files:
+        atomic_write_text(folder / f"{Path(name).stem}.txt", caption + "\n")
+
+
 @dg.asset(
     partitions_def=tissue_class_partitions,
     group_name=GROUP,
@@ -222,6 +239,7 @@ def augmented_crops(context: dg.AssetExecutionContext, config: StageConfig, para
                 workers=int(section["workers"]),
                 log=context.log.info,
             )
+            write_captions(staging / IMAGES, [r.file for r in records], tissue_class, section["captions"])
             atomic_write_parquet(staging / INDEX, pd.DataFrame([r.as_row() for r in records]))
             atomic_write_parquet(
                 staging / HOLDOUT, pd.DataFrame({"crop_file": held_out, "crop_sha256": [hashes[n] for n in held_out]})

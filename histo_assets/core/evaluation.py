@@ -102,7 +102,13 @@ def score_checkpoint(
     info: FeatureExtractorInfo,
     settings: MetricSettings,
 ) -> dict:
-    """One metric-table row: the generated set against held-out reals (and, for context, the training crops)."""
+    """One metric-table row: the generated set against held-out reals (and, for context, the training crops).
+
+    Memorisation uses cosine similarity of features centred on the training
+    mean: raw CNN features are all non-negative, so uncentred cosines of
+    unrelated images are already high. The same similarity for held-out real
+    crops, which are by construction not copies, is recorded as the baseline.
+    """
     row: dict = {
         "n_generated": len(generated),
         "n_reference": len(reference),
@@ -124,9 +130,15 @@ def score_checkpoint(
     else:
         row["precision"], row["recall"] = None, None
     row["pr_k"] = k
-    copies = memorisation(generated.features, train.features, settings.memorisation_threshold)
+    centre = train.features.mean(axis=0) if len(train) >= 2 else 0.0
+    copies = memorisation(generated.features - centre, train.features - centre, settings.memorisation_threshold)
     row["memorisation_rate"] = copies.rate
     row["max_train_similarity"] = float(copies.similarity.max())
+    if len(reference):
+        held_out = memorisation(reference.features - centre, train.features - centre, settings.memorisation_threshold)
+        row["reference_max_train_similarity"] = float(held_out.similarity.max())
+    else:
+        row["reference_max_train_similarity"] = None
     row.update(
         extractor=info.name,
         extractor_dim=info.feature_dim,

@@ -40,6 +40,7 @@ from histo_assets.core.io import (
 
 MANIFEST = "manifest.parquet"
 METRICS = "metrics.parquet"
+LINEAGE = "lineage.parquet"
 CARD = "README.md"
 IMAGES = "images"
 PLOTS = "plots"
@@ -352,6 +353,7 @@ def build_release(
     *,
     name: str,
     metrics_table: pd.DataFrame | None = None,
+    lineage: pd.DataFrame | None = None,
     plots: Sequence[str | os.PathLike] = (),
     card_extra: str = "",
     repo_url: str | None = None,
@@ -360,7 +362,9 @@ def build_release(
     """Assemble a release folder at ``out_dir``, replacing any previous one atomically.
 
     Layout: ``images/<class>/<file>``, ``manifest.parquet``, optional
-    ``metrics.parquet`` and ``plots/``, and the dataset card ``README.md``.
+    ``metrics.parquet``, ``lineage.parquet`` (training images back to raw
+    slides, so an audit works from the release alone) and ``plots/``, and the
+    dataset card ``README.md``.
     ``repo_url`` and ``repo_path`` (the folder's path inside the git repo)
     fill the card's pull instructions; placeholders stand in when they are
     not known yet. The same inputs give a byte-identical folder.
@@ -394,6 +398,8 @@ def build_release(
         metrics = None if metrics_table is None else _metrics_frame(metrics_table)
         if metrics is not None:
             atomic_write_parquet(staging / METRICS, metrics)
+        if lineage is not None:
+            atomic_write_parquet(staging / LINEAGE, lineage.sort_values(list(lineage.columns)).reset_index(drop=True))
         for plot in plot_paths:
             (staging / PLOTS).mkdir(exist_ok=True)
             shutil.copyfile(plot, staging / PLOTS / plot.name)

@@ -1,0 +1,177 @@
+"""The versioned synthetic dataset: images of the chosen checkpoints, their provenance, DVC and a git tag."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from histo_assets import __version__
+from histo_assets.assets.evaluation import checkpoint_metrics, metrics_summary
+from histo_assets.assets.generation import SYNTHETIC_IMAGES_VERSION
+from histo_assets.assets.ingest import AUGMENTED_CROPS_VERSION, SQUARE_CROPS_VERSION
+from histo_assets.assets.training import HYPERNETWORK_CHECKPOINTS_VERSION
+from histo_assets.core.dvc import git_head
+from histo_assets.core.release import ReleaseImage, build_release, publish_release
+from histo_assets.core.stage import read_summary
+from histo_assets.layout import INDEX, Layout
+from histo_assets.params import Params
+from histo_assets.resources import DvcResource, ParamsResource, StageConfig
+
+GROUP = "release"
+CODE_VERSION = (
+    f"histo-assets {__version__}; square_crops {SQUARE_CROPS_VERSION}, augmented_crops {AUGMENTED_CROPS_VERSION}, "
+    f"hypernetwork_checkpoints {HYPERNETWORK_CHECKPOINTS_VERSION}, synthetic_images {SYNTHETIC_IMAGES_VERSION}"
+)
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "histo-assets", "GIT_AUTHOR_EMAIL": "histo-assets@localhost",
+                "GIT_COMMITTER_NAME": "histo-assets", "GIT_COMMITTER_EMAIL": "histo-assets@localhost"}
+
+
+def selected_steps(p: Params, best: dict[str, int]) -> dict[str, list[int]]:
+    choice = p["release"]["checkpoints"]
+    all_steps = sorted(int(s) for s in p["training"]["checkpoint_steps"])
+    if choice == "best":
+        return {c: [best[c]] for c in p.classes}
+    if choice == "all":
+        return {c: all_steps for c in p.classes}
+    unknown = sorted(set(map(int, choice)) - set(all_steps))
+    if unknown:
+        raise dg.Failure(f"release.checkpoints names steps that were not trained: {unknown}")
+    return {c: sorted(map(int, choice)) for c in p.classes}
+
+
+def git_toplevel(path: Path) -> Path | None:
+    result = subprocess.run(["git", "-C", str(path), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    return Path(result.stdout.strip()) if result.returncode == 0 else None
+
+
+def ensure_git_identity(repo: Path) -> None:
+    """Release commits need an author; fall back to a pipeline identity where none is configured (CI)."""
+    configured = subprocess.run(["git", "-C", str(repo), "config", "user.email"], capture_output=True, text=True).stdout.strip()
+    if not configured:
+        for key, value in GIT_IDENTITY.items():
+            os.environ.setdefault(key, value)
+
+
+def lineage_table(layout: Layout, tissue_class: str) -> pd.DataFrame:
+    """Training images of a class back to square crops and raw slide files."""
+    augmented = pd.read_parquet(layout.augmented_crops(tissue_class) / INDEX)
+    crops = pd.read_parquet(layout.square_crops(tissue_class) / INDEX)
+    merged = augmented.merge(crops, left_on="source_crop", right_on="crop_file", how="left")
+    return pd.DataFrame({
+        "tissue_class": tissue_class,
+        "training_image": merged["file"],
+        "training_image_sha256": merged["sha256"],
+        "kind": merged["kind"],
+        "operations": merged["operations"],
+        "augmentation_seed": merged["seed"].astype("Int64"),
+        "square_crop": merged["source_crop"],
+        "square_crop_sha256": merged["source_crop_sha256"],
+        "raw_slide": merged["source_path"],
+        "raw_slide_sha256": merged["source_sha256"],
+        "level": merged["level"],
+        "x": merged["x"],
+        "y": merged["y"],
+        "size": merged["size"],
+    })
+
+
+def run_id_of(instance: dg.DagsterInstance, tissue_class: str, step: int) -> str:
+    event = instance.get_latest_materialization_event(
+        dg.AssetKey("synthetic_images"), partition=dg.MultiPartitionKey({"tissue_class": tissue_class, "step": str(step)})
+    )
+    return event.run_id if event is not None else ""
+
+
+@dg.asset(
+    group_name=GROUP,
+    deps=[metrics_summary, checkpoint_metrics],
+    kinds={"dvc", "parquet"},
+    description="The versioned synthetic dataset: images of the selected checkpoints (release.checkpoints: best per "
+    "class, all, or listed steps), manifest.parquet with full provenance per image, lineage.parquet back to the raw "
+    "slides, metrics and a dataset card. Recorded with `dvc add`, pushed to the DVC remote, tagged "
+    "release/<name>/<content hash>.",
+)
+def dataset_release(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource, dvc: DvcResource):
+    p = params.load(config.overrides)
+    layout = Layout(p.data_dir)
+    section = p["release"]
+    summary = read_summary(layout.metrics_summary)
+    if summary is None:
+        raise dg.Failure("metrics_summary has not been materialised")
+    steps = selected_steps(p, {c: int(s) for c, s in summary["best"].items()})
+    repo = git_toplevel(p.data_dir)
+    commit = git_head(repo) if repo is not None else ""
+    images, lineage = [], []
+    for tissue_class, class_steps in steps.items():
+        hn = read_summary(layout.hypernetwork_checkpoints(tissue_class))
+        for step in class_steps:
+            folder = layout.synthetic_images(tissue_class, step)
+            generated = read_summary(folder)
+            run_id = run_id_of(context.instance, tissue_class, step)
+            for row in pd.read_parquet(folder / INDEX).itertuples():
+                images.append(ReleaseImage(
+                    source=folder / "images" / row.file,
+                    tissue_class=tissue_class,
+                    checkpoint_step=step,
+                    provenance={
+                        "checkpoint_file": generated["checkpoint_file"],
+                        "checkpoint_sha256": generated["checkpoint_sha256"],
+                        "hypernetwork_name": row.hypernetwork_name,
+                        "base_model_sha256": row.base_model_sha256,
+                        "base_model_short_hash": row.base_model_short_hash,
+                        "seed": int(row.seed),
+                        "prompt": row.prompt,
+                        "negative_prompt": row.negative_prompt,
+                        "sampler": row.sampler,
+                        "steps": int(row.steps),
+                        "cfg_scale": float(row.cfg_scale),
+                        "width": int(row.width),
+                        "height": int(row.height),
+                        "hypernetwork_multiplier": float(row.multiplier),
+                        "training_set_hash": hn["training_set"],
+                        "code_version": CODE_VERSION,
+                        "git_commit": commit,
+                        "dagster_run_id": run_id,
+                    },
+                ))
+        lineage.append(lineage_table(layout, tissue_class))
+    metrics = pd.read_parquet(layout.metrics_summary / "metrics.parquet")
+    plots = sorted(layout.metrics_summary.glob("*.png"))
+    out = layout.release(section["name"])
+    relative = os.path.relpath(out, repo) if repo is not None else None
+    info = build_release(
+        images, out, name=section["name"], metrics_table=metrics, lineage=pd.concat(lineage, ignore_index=True),
+        plots=plots, card_extra=f"Checkpoints: {section['checkpoints']} (by {summary['best_by']}). {summary['extractor_note']}",
+        repo_url=section["repo_url"] or (str(repo) if repo is not None else None), repo_path=relative,
+    )
+    metadata = {
+        "path": dg.MetadataValue.path(str(out)),
+        "images": len(images),
+        "per_class": dg.MetadataValue.json(info.counts),
+        "checkpoints": dg.MetadataValue.json({c: s for c, s in steps.items()}),
+        "tag": info.tag,
+        "card": dg.MetadataValue.md(info.card.read_text()),
+    }
+    if repo is None:
+        context.log.warning(f"{p.data_dir} is not inside a git repository: the release was built but not versioned")
+        return dg.MaterializeResult(metadata=metadata | {"published": False}, data_version=dg.DataVersion(info.content_hash))
+    ensure_git_identity(repo)
+    cli = dvc.cli(repo)
+    cli.init()
+    remote = section["remote"]
+    cli.remote_add_default(remote["name"], (p.source.parent / remote["url"]).resolve())
+    published = publish_release(cli, repo, out, info.tag, f"Release {section['name']} ({info.tag})")
+    context.log.info(f"published {info.tag}: dvc md5 {published.md5}, commit {published.commit[:10]}")
+    return dg.MaterializeResult(
+        metadata=metadata | {
+            "published": True,
+            "dvc_md5": published.md5,
+            "git_commit": published.commit,
+            "new_commit": published.new_commit,
+            "dvc_file": dg.MetadataValue.path(str(published.dvc_file)),
+        },
+        data_version=dg.DataVersion(published.md5),
+    )
+
