@@ -23,7 +23,7 @@ summary_assets = [evaluation.metrics_summary]
 release_assets = [release.dataset_release]
 
 
-def _job(name: str, assets: list, description: str) -> dg.UnresolvedAssetJobDefinition:
+def _job(name: str, assets: list, description: str):
     return dg.define_asset_job(name, selection=dg.AssetSelection.assets(*assets), description=description)
 
 
