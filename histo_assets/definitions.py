@@ -14,6 +14,7 @@ Pool `gpu` (training, generation) runs one step at a time, so concurrent runs ne
 import dagster as dg
 
 from histo_assets.assets import evaluation, generation, ingest, release, training
+from histo_assets.automation import build_automation
 from histo_assets.resources import BaseModelResource, DvcResource, ParamsResource
 
 ingest_assets = [ingest.raw_slides, ingest.square_crops, ingest.augmented_crops]
@@ -36,8 +37,12 @@ release_job = _job("release_pipeline", release_assets, "Assemble, DVC-version, p
 # The order in which `histo-assets materialize` runs the jobs over their partitions (and dvc.yaml's stages).
 pipeline_jobs = [ingest_job, training_job, per_checkpoint_job, summary_job, release_job]
 
+raw_slides_sensor, weekly_refresh = build_automation(ingest_job)
+
 defs = dg.Definitions(
     assets=[*ingest_assets, *training_assets, *per_checkpoint_assets, *summary_assets, *release_assets],
     jobs=pipeline_jobs,
+    sensors=[raw_slides_sensor],
+    schedules=[weekly_refresh],
     resources={"params": ParamsResource(), "base_model": BaseModelResource(), "dvc": DvcResource()},
 )

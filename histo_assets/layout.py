@@ -48,7 +48,12 @@ class Layout:
 
     @property
     def metrics_summary(self) -> Path:
+        """DVC metrics (metrics.json) and plots (metrics.csv) at the top; tables and figures in details/."""
         return self.data_dir / "metrics_summary"
+
+    @property
+    def metrics_details(self) -> Path:
+        return self.metrics_summary / "details"
 
     def release(self, name: str) -> Path:
         return self.data_dir / "releases" / name

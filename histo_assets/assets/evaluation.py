@@ -1,16 +1,15 @@
 """FID, KID, IS, precision/recall and memorisation for every checkpoint, and the summary across classes."""
 
-import json
-
 import dagster as dg
 import pandas as pd
 from PIL import Image
 
+from histo_assets.assets import FOLLOW_UPSTREAM
 from histo_assets.assets.generation import synthetic_images
 from histo_assets.assets.ingest import augmented_crops, square_crops
 from histo_assets.core.evaluation import FeatureCache, FeatureSet, MetricSettings, score_checkpoint
 from histo_assets.core.features import build_extractor
-from histo_assets.core.io import atomic_save_png, atomic_write_bytes, atomic_write_json, atomic_write_parquet, atomic_write_text, stable_hash
+from histo_assets.core.io import atomic_save_png, atomic_write_json, atomic_write_parquet, atomic_write_text, stable_hash
 from histo_assets.core.plots import metric_curves
 from histo_assets.core.previews import contact_sheet, markdown_image, markdown_table
 from histo_assets.core.seeding import derive_seed
@@ -67,6 +66,7 @@ def generated_files(layout: Layout, tissue_class: str, step: int) -> list:
     partitions_def=class_and_step_partitions,
     group_name=GROUP,
     code_version=CHECKPOINT_METRICS_VERSION,
+    automation_condition=FOLLOW_UPSTREAM,
     deps=[
         synthetic_images,
         dg.AssetDep(augmented_crops, partition_mapping=by_tissue_class),
@@ -144,6 +144,15 @@ def best_checkpoints(table: pd.DataFrame, metric: str) -> dict[str, int]:
     return best
 
 
+def dvc_metrics(table: pd.DataFrame, best: dict[str, int], metric: str) -> dict:
+    """metrics.json for `dvc metrics show`: each class's best checkpoint and its scores."""
+    classes = {}
+    for tissue_class, step in best.items():
+        row = table[(table["tissue_class"] == tissue_class) & (table["step"] == step)].iloc[0]
+        classes[tissue_class] = {"best_step": step} | {k: float(row[k]) for k in TABLE_COLUMNS[2:] if pd.notna(row[k])}
+    return {"best_by": metric, "extractor": str(table["extractor"].iloc[0]), "classes": classes}
+
+
 def comparison_grid(layout: Layout, tissue_class: str, steps: list[int]) -> Image.Image:
     """Originals above generated images at every step, like the thesis's Figure 3.5."""
     originals = sorted((layout.augmented_crops(tissue_class) / IMAGES).glob("orig-*.png"))[:GRID_IMAGES]
@@ -160,6 +169,7 @@ def comparison_grid(layout: Layout, tissue_class: str, steps: list[int]) -> Imag
 @dg.asset(
     group_name=GROUP,
     code_version=METRICS_SUMMARY_VERSION,
+    automation_condition=FOLLOW_UPSTREAM,
     deps=[checkpoint_metrics],
     kinds={"parquet", "matplotlib"},
     description="All checkpoint metrics in one table, plus an 'all' row per step with every class pooled (the "
@@ -182,7 +192,7 @@ def metrics_summary(context: dg.AssetExecutionContext, config: StageConfig, para
     table = pd.DataFrame(rows)
     metric = p["metrics"]["best_checkpoint_metric"]
     best = best_checkpoints(table[table["tissue_class"] != ALL_CLASSES], metric)
-    out = layout.metrics_summary
+    out, details = layout.metrics_summary, layout.metrics_details
     series = {
         name: {c: [(int(r.step), float(getattr(r, name))) for r in table[table["tissue_class"] == c].itertuples() if pd.notna(getattr(r, name))]
                for c in [*p.classes, ALL_CLASSES]}
@@ -190,20 +200,18 @@ def metrics_summary(context: dg.AssetExecutionContext, config: StageConfig, para
         if table[name].notna().any()
     }
     extractor_note = table["extractor_note"].iloc[0]
-    curves = metric_curves(series, out / "curves.png", title=f"metrics vs training step ({table['extractor'].iloc[0]})")
+    curves = metric_curves(series, details / "curves.png", title=f"metrics vs training step ({table['extractor'].iloc[0]})")
     grids = {}
     for tissue_class in p.classes:
         grid = comparison_grid(layout, tissue_class, steps)
-        atomic_save_png(out / f"grid_{tissue_class}.png", grid)
+        atomic_save_png(details / f"grid_{tissue_class}.png", grid)
         grids[tissue_class] = grid
-    atomic_write_parquet(out / "metrics.parquet", table)
+    atomic_write_parquet(details / "metrics.parquet", table)
     atomic_write_text(out / "metrics.csv", table[TABLE_COLUMNS].to_csv(index=False))
-    dvc_metrics = {
-        c: {"best_step": best.get(c)} | {k: v for k, v in table[(table.tissue_class == c) & (table.step == best.get(c))][TABLE_COLUMNS[2:]].iloc[0].items() if pd.notna(v)}
-        for c in best
-    }
-    atomic_write_bytes(out / "metrics.json", (json.dumps({"best_by": metric, "extractor": table["extractor"].iloc[0], "classes": dvc_metrics}, indent=2, sort_keys=True, default=float) + "\n").encode())
-    atomic_write_json(out / SUMMARY, {"best": best, "best_by": metric, "steps": steps, "extractor_note": extractor_note})
+    for tissue_class, group in table.groupby("tissue_class"):
+        atomic_write_text(out / "plots" / f"{tissue_class}.csv", group[TABLE_COLUMNS[1:]].sort_values("step").to_csv(index=False))
+    atomic_write_json(out / "metrics.json", dvc_metrics(table, best, metric))
+    atomic_write_json(details / SUMMARY, {"best": best, "best_by": metric, "steps": steps, "extractor_note": extractor_note})
     shown = table[TABLE_COLUMNS].round(4)
     return dg.MaterializeResult(
         metadata={

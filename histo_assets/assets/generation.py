@@ -4,6 +4,7 @@ import dagster as dg
 import pandas as pd
 from PIL import Image
 
+from histo_assets.assets import FOLLOW_UPSTREAM
 from histo_assets.assets.checks import image_check_results, image_check_specs
 from histo_assets.assets.training import GPU_TAGS, hypernetwork_checkpoints
 from histo_assets.core.io import atomic_directory, atomic_save_png, atomic_write_json, stable_hash
@@ -33,6 +34,7 @@ def checkpoint_entry(p: Params, tissue_class: str, step: int) -> dict:
     partitions_def=class_and_step_partitions,
     group_name=GROUP,
     code_version=SYNTHETIC_IMAGES_VERSION,
+    automation_condition=FOLLOW_UPSTREAM,
     deps=[dg.AssetDep(hypernetwork_checkpoints, partition_mapping=by_tissue_class)],
     pool="gpu",
     op_tags=GPU_TAGS,

@@ -6,6 +6,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
+from histo_assets.assets import FOLLOW_UPSTREAM
 from histo_assets.assets.checks import image_check_results, image_check_specs
 from histo_assets.core.augment import AugmentationRecipe, augment_class
 from histo_assets.core.crops import CropSettings, TileSettings, crop_class
@@ -121,6 +122,7 @@ def raw_slides(context: dg.AssetExecutionContext, config: StageConfig, params: P
     partitions_def=tissue_class_partitions,
     group_name=GROUP,
     code_version=SQUARE_CROPS_VERSION,
+    automation_condition=FOLLOW_UPSTREAM,
     deps=[raw_slides],
     kinds={"python", "png", "parquet"},
     check_specs=image_check_specs("square_crops"),
@@ -202,6 +204,7 @@ def write_captions(folder: Path, files: list[str], tissue_class: str, mode: str)
     partitions_def=tissue_class_partitions,
     group_name=GROUP,
     code_version=AUGMENTED_CROPS_VERSION,
+    automation_condition=FOLLOW_UPSTREAM,
     deps=[square_crops],
     kinds={"python", "png", "parquet"},
     check_specs=image_check_specs("augmented_crops"),

@@ -8,7 +8,8 @@ import dagster as dg
 import pandas as pd
 
 from histo_assets import __version__
-from histo_assets.assets.evaluation import checkpoint_metrics, metrics_summary
+from histo_assets.assets import FOLLOW_UPSTREAM
+from histo_assets.assets.evaluation import TABLE_COLUMNS, checkpoint_metrics, metrics_summary
 from histo_assets.assets.generation import SYNTHETIC_IMAGES_VERSION
 from histo_assets.assets.ingest import AUGMENTED_CROPS_VERSION, SQUARE_CROPS_VERSION
 from histo_assets.assets.training import HYPERNETWORK_CHECKPOINTS_VERSION
@@ -78,14 +79,17 @@ def lineage_table(layout: Layout, tissue_class: str) -> pd.DataFrame:
 
 
 def run_id_of(instance: dg.DagsterInstance, tissue_class: str, step: int) -> str:
-    event = instance.get_latest_materialization_event(
-        dg.AssetKey("synthetic_images"), partition=dg.MultiPartitionKey({"tissue_class": tissue_class, "step": str(step)})
-    )
-    return event.run_id if event is not None else ""
+    """The Dagster run that last materialised these synthetic images (empty if made outside this instance)."""
+    partition = dg.MultiPartitionKey({"tissue_class": tissue_class, "step": str(step)})
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("synthetic_images"), asset_partitions=[partition]), limit=1
+    ).records
+    return records[0].run_id if records else ""
 
 
 @dg.asset(
     group_name=GROUP,
+    automation_condition=FOLLOW_UPSTREAM,
     deps=[metrics_summary, checkpoint_metrics],
     kinds={"dvc", "parquet"},
     description="The versioned synthetic dataset: images of the selected checkpoints (release.checkpoints: best per "
@@ -97,7 +101,7 @@ def dataset_release(context: dg.AssetExecutionContext, config: StageConfig, para
     p = params.load(config.overrides)
     layout = Layout(p.data_dir)
     section = p["release"]
-    summary = read_summary(layout.metrics_summary)
+    summary = read_summary(layout.metrics_details)
     if summary is None:
         raise dg.Failure("metrics_summary has not been materialised")
     steps = selected_steps(p, {c: int(s) for c, s in summary["best"].items()})
@@ -137,8 +141,8 @@ def dataset_release(context: dg.AssetExecutionContext, config: StageConfig, para
                     },
                 ))
         lineage.append(lineage_table(layout, tissue_class))
-    metrics = pd.read_parquet(layout.metrics_summary / "metrics.parquet")
-    plots = sorted(layout.metrics_summary.glob("*.png"))
+    metrics = pd.read_parquet(layout.metrics_details / "metrics.parquet")[[*TABLE_COLUMNS, "extractor"]]
+    plots = sorted(layout.metrics_details.glob("*.png"))
     out = layout.release(section["name"])
     relative = os.path.relpath(out, repo) if repo is not None else None
     info = build_release(

@@ -5,6 +5,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from histo_assets.assets import FOLLOW_UPSTREAM
 from histo_assets.assets.ingest import augmented_crops
 from histo_assets.core.base_model import attention_context_widths, check_hypernetwork_sizes
 from histo_assets.core.hypernetwork import HypernetworkOptions, load_hypernetwork, sanitize_name
@@ -53,6 +54,7 @@ def checkpoint_rows(summary: dict) -> pd.DataFrame:
     partitions_def=tissue_class_partitions,
     group_name=GROUP,
     code_version=HYPERNETWORK_CHECKPOINTS_VERSION,
+    automation_condition=FOLLOW_UPSTREAM,
     deps=[augmented_crops],
     pool="gpu",
     op_tags=GPU_TAGS,

@@ -106,8 +106,10 @@ def score_checkpoint(
 
     Memorisation uses cosine similarity of features centred on the training
     mean: raw CNN features are all non-negative, so uncentred cosines of
-    unrelated images are already high. The same similarity for held-out real
-    crops, which are by construction not copies, is recorded as the baseline.
+    unrelated images are already high. A generated image counts as a near-copy
+    when it is closer to a training image than the params threshold and than
+    every held-out real crop is (those are by construction not copies), which
+    calibrates the rule to the extractor in use.
     """
     row: dict = {
         "n_generated": len(generated),
@@ -131,14 +133,16 @@ def score_checkpoint(
         row["precision"], row["recall"] = None, None
     row["pr_k"] = k
     centre = train.features.mean(axis=0) if len(train) >= 2 else 0.0
-    copies = memorisation(generated.features - centre, train.features - centre, settings.memorisation_threshold)
+    threshold = settings.memorisation_threshold
+    row["reference_max_train_similarity"] = None
+    if len(reference):
+        held_out = memorisation(reference.features - centre, train.features - centre, threshold)
+        row["reference_max_train_similarity"] = float(held_out.similarity.max())
+        threshold = max(threshold, row["reference_max_train_similarity"])
+    copies = memorisation(generated.features - centre, train.features - centre, threshold)
+    row["memorisation_threshold"] = threshold
     row["memorisation_rate"] = copies.rate
     row["max_train_similarity"] = float(copies.similarity.max())
-    if len(reference):
-        held_out = memorisation(reference.features - centre, train.features - centre, settings.memorisation_threshold)
-        row["reference_max_train_similarity"] = float(held_out.similarity.max())
-    else:
-        row["reference_max_train_similarity"] = None
     row.update(
         extractor=info.name,
         extractor_dim=info.feature_dim,

@@ -1,0 +1,487 @@
+"""Training, generation and evaluation assets, end to end through `histo-assets materialize`.
+
+Partitions are built when ``histo_assets.partitions`` is imported, from the
+params file HISTO_ASSETS_PARAMS names (default: params.yaml). The thesis's
+checkpoint partitions (steps 5000..40000) cannot be trained on a CPU in a
+test, so the end-to-end runs happen in a subprocess whose HISTO_ASSETS_PARAMS
+names a tiny params file (two classes, checkpoints at steps 3 and 6): the
+demo path, `histo-assets materialize`, with DAGSTER_HOME in a temp folder.
+This process then reads the files and that Dagster instance.
+
+Per-class assets (training, imported hypernetworks, the checkpoint check) are
+also materialised in-process with ``dg.materialize``: their partition keys are
+class names, and the tiny params use two of the thesis's classes so that the
+partitions built here from params.yaml hold them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from histo_assets.assets.evaluation import TABLE_COLUMNS
+from histo_assets.assets.training import hypernetwork_checkpoints, imported_hypernetworks
+from histo_assets.core.base_model import folder_weights_sha256, tiny_model_dir
+from histo_assets.core.features import FALLBACK_NAME
+from histo_assets.core.hypernetwork import load_hypernetwork
+from histo_assets.core.io import sha256_file
+from histo_assets.core.sampling import image_seed, parse_a1111_parameters
+from histo_assets.params import PROJECT_ROOT
+from histo_assets.resources import BaseModelResource, ParamsResource
+from histo_assets_tests.conftest import TINY_MODEL_SEED, THESIS_CLASSES, tissue_image, write_params
+
+CLASSES = THESIS_CLASSES[:2]
+FIRST, SECOND = CLASSES
+STEPS = [3, 6]
+IMAGES_PER_CHECKPOINT = 4
+SEED = 42
+TINY_SIZES = (48, 32, 64)
+BASE_MODEL_NAME = "v1-5-pruned-emaonly.safetensors"
+TINY = {
+    "classes": CLASSES,
+    "resolution": 64,
+    "crops": {"mode": "tiles", "tiles": {"tile_size": 64, "min_tissue_fraction": 0.5}},
+    "augmentation": {"total": 8, "workers": 1, "distortion": {"magnitude": 1}},
+    "checks": {"min_square_crops": 2, "min_augmented_crops": 8},
+    "hypernetwork": {"sizes": list(TINY_SIZES)},
+    "training": {"max_steps": 6, "checkpoint_steps": STEPS, "learning_rate": "0.0005", "loss_log_every": 2},
+    "generation": {"images_per_checkpoint": IMAGES_PER_CHECKPOINT, "steps": 2, "batch_size": 2},
+    "metrics": {"kid_subset_size": 4, "kid_subsets": 5, "is_splits": 2, "batch_size": 8},
+}
+# Stages that skip work when their inputs are unchanged, and report it.
+REUSING_ASSETS = {"square_crops", "augmented_crops", "hypernetwork_checkpoints", "synthetic_images", "checkpoint_metrics"}
+# Output folders of assets without skip logic (cheap: they rewrite identical bytes every run).
+ALWAYS_REWRITTEN = ("raw_slides/", "imported_hypernetwork_index/", "metrics_summary/", "releases/")
+
+
+TMP_JOBS = ["--job", "ingest_pipeline", "--job", "training_pipeline", "--job", "checkpoint_pipeline", "--job", "summary_pipeline"]
+
+
+# --- the pipeline folder: params, data and Dagster home --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    root: Path
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def home(self) -> Path:
+        return self.root / "dagster_home"
+
+    def materialize(self, *args: str) -> subprocess.CompletedProcess:
+        """`histo-assets materialize` in a subprocess whose partitions come from this pipeline's params.
+
+        CPU only, so runs are bit-reproducible and comparable with in-process runs.
+        The working directory is the project so that `histo_assets` is found as a
+        regular package whatever state the editable install is in.
+        """
+        env = os.environ | {
+            "HISTO_ASSETS_PARAMS": str(self.params),
+            "DAGSTER_HOME": str(self.home),
+            "HF_HUB_OFFLINE": "1",
+            "CUDA_VISIBLE_DEVICES": "",
+        }
+        command = [sys.executable, "-m", "histo_assets.cli", "materialize", "--log-level", "INFO", *TMP_JOBS, *args]
+        return subprocess.run(command, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+
+    def instance(self) -> dg.DagsterInstance:
+        return dg.DagsterInstance.from_config(str(self.home))
+
+    def copy(self, destination: Path) -> Pipeline:
+        shutil.copytree(self.root, destination)
+        return Pipeline(destination)
+
+
+def build_pipeline(root: Path, tiny_model_cache: Path) -> Pipeline:
+    """Two tissue images per class, tiny params with a relative data_dir (so copies are independent)."""
+    pipeline = Pipeline(root)
+    for index, name in enumerate(CLASSES):
+        folder = pipeline.data / "raw" / name
+        folder.mkdir(parents=True)
+        for image_index in range(2):
+            tissue_image((256, 192), seed=10 * index + image_index).save(folder / f"slide{image_index}.png")
+    write_params(root, Path("data"), **TINY)
+    # The session's tiny model, where BaseModelResource looks for it, so no process rebuilds it.
+    shutil.copytree(tiny_model_cache, pipeline.data / ".cache" / "tiny_sd")
+    return pipeline
+
+
+def run_ok(completed: subprocess.CompletedProcess) -> str:
+    assert completed.returncode == 0, f"stdout:\n{completed.stdout[-3000:]}\nstderr:\n{completed.stderr[-6000:]}"
+    assert "FAILED" not in completed.stdout, completed.stdout
+    return completed.stdout + completed.stderr
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_model_cache) -> Pipeline:
+    """The whole graph materialised once on a tiny dataset; tests that change it work on copies."""
+    built = build_pipeline(tmp_path_factory.mktemp("pipeline") / "project", tiny_model_cache)
+    output = run_ok(built.materialize())
+    (built.root / "first_run.log").write_text(output)
+    return built
+
+
+def base_model_sha256(data: Path) -> str:
+    return folder_weights_sha256(tiny_model_dir(data / ".cache" / "tiny_sd", TINY_MODEL_SEED))
+
+
+# --- reading the Dagster instance ---------------------------------------------------------------------
+
+
+def expected_partitions(spec: dg.AssetSpec) -> list[str | None]:
+    if spec.partitions_def is None:
+        return [None]
+    if isinstance(spec.partitions_def, dg.MultiPartitionsDefinition):
+        return [dg.MultiPartitionKey({"tissue_class": c, "step": str(s)}) for c in CLASSES for s in STEPS]
+    return list(CLASSES)
+
+
+def all_asset_partitions() -> list[tuple[str, str | None]]:
+    """Every (asset, partition) the CLI materialises with the tiny params, from the project's definitions."""
+    from histo_assets.definitions import defs
+
+    return [(spec.key.to_user_string(), partition) for spec in defs.resolve_all_asset_specs()
+            for partition in expected_partitions(spec) if spec.key.to_user_string() != "dataset_release"]
+
+
+def latest(instance: dg.DagsterInstance, asset: str, partition: str | None = None) -> dg.EventLogRecord | None:
+    records_filter = dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None)
+    records = instance.fetch_materializations(records_filter, limit=1).records
+    return records[0] if records else None
+
+
+def metadata(record: dg.EventLogRecord) -> dict:
+    return {key: value.value for key, value in record.asset_materialization.metadata.items()}
+
+
+def data_version(record: dg.EventLogRecord) -> str:
+    return record.asset_materialization.tags["dagster/data_version"]
+
+
+def check_results(instance: dg.DagsterInstance, run_id: str) -> dict[tuple[str, str], bool]:
+    events = instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+    return {
+        (e.dagster_event.event_specific_data.asset_key.to_user_string(), e.dagster_event.event_specific_data.check_name):
+            e.dagster_event.event_specific_data.passed
+        for e in events
+    }
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    return {p.relative_to(folder).as_posix(): (sha256_file(p), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def materialize_in_process(pipeline: Pipeline, assets: list, partition: str, overrides: list[str] | None = None):
+    """Per-class assets in this process, on the thesis-class partitions built from params.yaml."""
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize(
+        assets,
+        partition_key=partition,
+        resources={"params": ParamsResource(params_file=str(pipeline.params)), "base_model": BaseModelResource(device="cpu")},
+        run_config={"ops": {a.key.path[-1]: {"config": {"overrides": overrides or []}} for a in assets}},
+        instance=instance,
+        raise_on_error=False,
+    )
+    logs = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    return result, logs
+
+
+def in_process_checks(result) -> dict[str, dg.AssetCheckEvaluation]:
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+# --- 1. end to end ---------------------------------------------------------------------------------
+
+
+def test_every_asset_materialises_for_every_partition(pipeline):
+    with pipeline.instance() as instance:
+        missing = [(asset, partition) for asset, partition in all_asset_partitions() if latest(instance, asset, partition) is None]
+        assert missing == []
+        for tissue_class in CLASSES:
+            run_id = latest(instance, "hypernetwork_checkpoints", tissue_class).run_id
+            assert check_results(instance, run_id) == {("hypernetwork_checkpoints", "all_checkpoints_load"): True}
+    assert not list(pipeline.data.rglob("*.staging")), "staging folders left behind"
+
+
+def test_checkpoints_are_a1111_files_for_every_step_with_the_base_model_hash(pipeline):
+    short = base_model_sha256(pipeline.data)[:10]
+    for tissue_class in CLASSES:
+        folder = pipeline.data / "hypernetwork_checkpoints" / tissue_class
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["base_model_short_hash"] == short
+        assert [row["step"] for row in summary["checkpoints"]] == STEPS
+        for row in summary["checkpoints"]:
+            path = folder / f"{tissue_class}-{row['step']}.pt"
+            assert row["file"] == path.name and row["sha256"] == sha256_file(path)
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+            assert {key for key in raw if isinstance(key, int)} == set(TINY_SIZES)
+            assert all(isinstance(raw[w], tuple) and len(raw[w]) == 2 and "linear.0.weight" in raw[w][0] for w in TINY_SIZES)
+            hn = load_hypernetwork(path)
+            # A1111 numbering: <name>-N.pt is written after N - 1 updates.
+            assert (hn.name, hn.step) == (tissue_class, row["step"] - 1)
+            assert (hn.sd_checkpoint, hn.sd_checkpoint_name) == (short, BASE_MODEL_NAME)
+            assert hn.options.sizes == TINY_SIZES
+            assert all(torch.isfinite(t).all() for t in hn.state_dict().values())
+        assert load_hypernetwork(folder / f"{tissue_class}.pt").step == 6
+        assert (folder / "loss.png").is_file()
+
+
+def test_synthetic_images_carry_a1111_parameters_naming_hypernetwork_and_seed(pipeline):
+    short = base_model_sha256(pipeline.data)[:10]
+    for tissue_class in CLASSES:
+        for step in STEPS:
+            checkpoint = pipeline.data / "hypernetwork_checkpoints" / tissue_class / f"{tissue_class}-{step}.pt"
+            folder = pipeline.data / "synthetic_images" / tissue_class / str(step)
+            index = pd.read_parquet(folder / "index.parquet")
+            assert list(index["index"]) == list(range(IMAGES_PER_CHECKPOINT))
+            files = sorted((folder / "images").glob("*.png"))
+            assert [p.name for p in files] == sorted(index["file"])
+            for row in index.itertuples():
+                with Image.open(folder / "images" / row.file) as image:
+                    assert (image.size, image.mode) == ((64, 64), "RGB")
+                    parameters = parse_a1111_parameters(image.text["parameters"])
+                seed = image_seed(SEED, tissue_class, step, row.index)
+                assert row.seed == seed and row.file.endswith(f"-{seed}.png")
+                assert row.sha256 == sha256_file(folder / "images" / row.file)
+                assert parameters["Seed"] == str(seed)
+                assert parameters["Hypernet"] == checkpoint.stem
+                assert parameters["Hypernet hash"] == sha256_file(checkpoint)[:10]
+                assert f"<hypernet:{checkpoint.stem}:1.0>" in parameters["Prompt"]
+                assert parameters["Model hash"] == short
+                assert (parameters["Steps"], parameters["Sampler"], parameters["Size"]) == ("2", "Euler", "64x64")
+                assert parameters["Negative prompt"] == "grainy, blurry, low quality"
+
+
+def test_checkpoint_metrics_are_finite_and_labelled_as_fallback_features(pipeline):
+    with pipeline.instance() as instance:
+        for tissue_class in CLASSES:
+            for step in STEPS:
+                row = json.loads((pipeline.data / "checkpoint_metrics" / tissue_class / str(step) / "summary.json").read_text())["row"]
+                assert (row["tissue_class"], row["step"]) == (tissue_class, step)
+                assert math.isfinite(row["fid"]) and math.isfinite(row["kid_mean"]) and math.isfinite(row["fid_vs_train"])
+                assert row["extractor"] == FALLBACK_NAME == "random-conv-fallback"
+                assert row["comparable_with_published"] is False
+                assert "not comparable" in row["extractor_note"]
+                assert row["is_mean"] is None and row["is_std"] is None and "logits" in row["is_note"]
+                assert row["n_generated"] == IMAGES_PER_CHECKPOINT and row["n_reference"] >= 2
+                shown = metadata(latest(instance, "checkpoint_metrics", dg.MultiPartitionKey({"tissue_class": tissue_class, "step": str(step)})))
+                assert shown["fid"] == row["fid"] and shown["extractor"] == FALLBACK_NAME
+
+
+def test_metrics_summary_has_every_class_and_step_plus_pooled_rows_and_its_files(pipeline):
+    out = pipeline.data / "metrics_summary"
+    table = pd.read_parquet(out / "metrics.parquet")
+    expected = {(c, s) for c in [*CLASSES, "all"] for s in STEPS}
+    assert set(zip(table["tissue_class"], table["step"])) == expected and len(table) == len(expected)
+    pooled = table[table["tissue_class"] == "all"]
+    assert (pooled["n_generated"] == IMAGES_PER_CHECKPOINT * len(CLASSES)).all()
+    assert pooled["fid"].map(math.isfinite).all()
+    csv = pd.read_csv(out / "metrics.csv")
+    assert list(csv.columns) == TABLE_COLUMNS and len(csv) == len(expected)
+    dvc_metrics = json.loads((out / "metrics.json").read_text())
+    assert dvc_metrics["best_by"] == "fid" and dvc_metrics["extractor"] == FALLBACK_NAME
+    assert set(dvc_metrics["classes"]) == set(CLASSES)
+    for tissue_class in CLASSES:
+        rows = table[table["tissue_class"] == tissue_class]
+        best = int(rows.sort_values(["fid", "step"]).iloc[0]["step"])
+        assert dvc_metrics["classes"][tissue_class]["best_step"] == best
+        assert dvc_metrics["classes"][tissue_class]["fid"] == pytest.approx(float(rows[rows["step"] == best]["fid"].iloc[0]))
+    for name in ["curves.png", *(f"grid_{c}.png" for c in CLASSES)]:
+        with Image.open(out / name) as image:
+            image.verify()
+
+
+# --- 2. a no-change refresh ----------------------------------------------------------------------
+
+
+def test_second_materialize_with_nothing_changed_recomputes_nothing(pipeline):
+    before_files = snapshot(pipeline.data)
+    with pipeline.instance() as instance:
+        before = {key: latest(instance, *key) for key in all_asset_partitions()}
+    output = run_ok(pipeline.materialize())
+    assert "resuming" not in output and "training " not in output and "generating " not in output
+    after_files = snapshot(pipeline.data)
+    assert after_files.keys() == before_files.keys()
+    assert {k: v[0] for k, v in after_files.items()} == {k: v[0] for k, v in before_files.items()}
+    rewritten = sorted(k for k in after_files if after_files[k][1] != before_files[k][1])
+    assert [k for k in rewritten if not k.startswith(ALWAYS_REWRITTEN)] == []
+    reporting = set()
+    with pipeline.instance() as instance:
+        for key, old in before.items():
+            new = latest(instance, *key)
+            assert new.storage_id > old.storage_id, f"{key} was not materialised again"
+            assert data_version(new) == data_version(old), key
+            if "reused_unchanged_output" in metadata(new):
+                reporting.add(key[0])
+                assert metadata(new)["reused_unchanged_output"] is True, key
+    assert reporting >= REUSING_ASSETS
+
+
+# --- 3. a changed training param -----------------------------------------------------------------
+
+
+def test_changed_learning_rate_retrains_and_regenerates_but_reuses_ingest(pipeline, tmp_path):
+    work = pipeline.copy(tmp_path / "project")
+    with work.instance() as instance:
+        before = {key: latest(instance, *key) for key in all_asset_partitions()}
+    old_checkpoints = json.loads((work.data / "hypernetwork_checkpoints" / FIRST / "summary.json").read_text())["checkpoints"]
+    run_ok(work.materialize("--partition", FIRST, "--set", "training.learning_rate=0.0002"))
+    settings = json.loads((work.data / "hypernetwork_checkpoints" / FIRST / f"{FIRST}-settings.json").read_text())
+    assert settings["learning_rate"] == "0.0002"
+    new_checkpoints = json.loads((work.data / "hypernetwork_checkpoints" / FIRST / "summary.json").read_text())["checkpoints"]
+    assert {r["step"] for r in new_checkpoints} == set(STEPS)
+    assert {r["sha256"] for r in new_checkpoints}.isdisjoint({r["sha256"] for r in old_checkpoints})
+    with work.instance() as instance:
+        for asset in ("square_crops", "augmented_crops"):
+            assert metadata(latest(instance, asset, FIRST))["reused_unchanged_output"] is True, asset
+        trained = latest(instance, "hypernetwork_checkpoints", FIRST)
+        assert metadata(trained)["reused_unchanged_output"] is False
+        assert data_version(trained) != data_version(before[("hypernetwork_checkpoints", FIRST)])
+        for step in STEPS:
+            partition = dg.MultiPartitionKey({"tissue_class": FIRST, "step": str(step)})
+            assert metadata(latest(instance, "synthetic_images", partition))["reused_unchanged_output"] is False
+            assert metadata(latest(instance, "checkpoint_metrics", partition))["reused_unchanged_output"] is False
+        # The other class and the unpartitioned assets were not touched.
+        for key, old in before.items():
+            if key[1] is None or FIRST not in key[1]:
+                assert latest(instance, *key).storage_id == old.storage_id, key
+    png = sorted((work.data / "synthetic_images" / FIRST / "3" / "images").glob("*.png"))[0]
+    with Image.open(png) as image:
+        hypernet_hash = parse_a1111_parameters(image.text["parameters"])["Hypernet hash"]
+    assert hypernet_hash == next(r["sha256"] for r in new_checkpoints if r["step"] == 3)[:10]
+
+
+# --- 4. resuming an interrupted training run ---------------------------------------------------------
+
+
+def test_interrupted_training_resumes_to_the_same_weights(pipeline, tmp_path):
+    work = pipeline.copy(tmp_path / "project")
+    folder = work.data / "hypernetwork_checkpoints" / FIRST
+    original_summary = json.loads((folder / "summary.json").read_text())
+    # What a run killed between the step-3 and step-6 checkpoints leaves: run.json, settings, the
+    # step-3 checkpoint and its optimizer sidecar, and a loss log; no later files and no summary.
+    lost = [f"{FIRST}-6.pt", f"{FIRST}-6.pt.optim", f"{FIRST}.pt", f"{FIRST}.pt.optim", "summary.json", "loss.png"]
+    originals = {name: (folder / name).read_bytes() for name in lost}
+    for name in lost:
+        (folder / name).unlink()
+    assert (folder / "run.json").is_file() and (folder / f"{FIRST}-3.pt").is_file()
+
+    result, logs = materialize_in_process(work, [hypernetwork_checkpoints], FIRST)
+
+    assert result.success
+    assert any("resuming an interrupted training run" in m for m in logs), logs
+    assert any(f"resuming {FIRST} from {FIRST}-3.pt at step 2" in m for m in logs), logs
+    assert result.asset_materializations_for_node("hypernetwork_checkpoints")[0].metadata["reused_unchanged_output"].value is False
+    assert in_process_checks(result)["all_checkpoints_load"].passed
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["resumed_from"] == f"{FIRST}-3.pt"
+    assert summary["checkpoints"] == original_summary["checkpoints"]
+    for name in lost[:4]:
+        assert (folder / name).read_bytes() == originals[name], f"{name} differs from the uninterrupted run's"
+
+
+# --- 5. imported hypernetworks ----------------------------------------------------------------------
+
+
+def a1111_file(path: Path, widths: tuple[int, ...], name: str, step: int) -> Path:
+    """An AUTOMATIC1111 .pt written by hand (§2 layout): int width keys holding (k, v) state dicts."""
+    g = torch.Generator().manual_seed(step)
+
+    def state(width: int) -> OrderedDict:
+        return OrderedDict([
+            ("linear.0.weight", torch.randn(2 * width, width, generator=g) * 0.01),
+            ("linear.0.bias", torch.zeros(2 * width)),
+            ("linear.1.weight", torch.randn(width, 2 * width, generator=g) * 0.01),
+            ("linear.1.bias", torch.zeros(width)),
+        ])
+
+    contents = {width: (state(width), state(width)) for width in widths}
+    contents.update(step=step, name=name, layer_structure=[1, 2, 1], activation_func="linear", is_layer_norm=False,
+                    weight_initialization="Normal", sd_checkpoint="0123456789", sd_checkpoint_name="lab-model",
+                    activate_output=False, use_dropout=False, dropout_structure=[0, 0, 0], last_layer_dropout=False,
+                    optional_info=None)
+    torch.save(contents, path)
+    return path
+
+
+class NotAHypernetwork:
+    """Pickled into a .pt to check that imports load in safe (weights-only) mode."""
+
+
+def test_imported_hypernetworks_are_indexed_and_bad_files_skipped_with_reasons(tmp_path, tiny_model_cache):
+    work = Pipeline(tmp_path)
+    write_params(tmp_path, Path("data"), **TINY)
+    shutil.copytree(tiny_model_cache, work.data / ".cache" / "tiny_sd")
+    inbox = work.data / "imported_hypernetworks" / FIRST
+    inbox.mkdir(parents=True)
+    a1111_file(inbox / "lab_net.pt", (48, 32), "lab_net", 1234)
+    a1111_file(inbox / "wider.pt", (48, 768), "wider", 500)
+    a1111_file(inbox / "sd2_only.pt", (1024, 320), "sd2_only", 10)
+    (inbox / "corrupt.pt").write_bytes(b"\x80\x02 definitely not a torch archive")
+    torch.save({"payload": NotAHypernetwork()}, inbox / "pickled.pt")
+    (inbox / "README.txt").write_text("not a hypernetwork")
+
+    result, logs = materialize_in_process(work, [imported_hypernetworks], FIRST)
+
+    assert result.success
+    out = work.data / "imported_hypernetwork_index" / FIRST
+    index = pd.read_parquet(out / "index.parquet").set_index("file")
+    assert sorted(index.index) == ["lab_net.pt", "wider.pt"]
+    assert (index.loc["lab_net.pt", "name"], index.loc["lab_net.pt", "step"]) == ("lab_net", 1234)
+    assert (index.loc["lab_net.pt", "sizes"], index.loc["lab_net.pt", "unused_sizes"]) == ("48,32", "")
+    assert index.loc["wider.pt", "unused_sizes"] == "768"
+    assert index.loc["lab_net.pt", "sha256"] == sha256_file(inbox / "lab_net.pt")
+    assert index.loc["lab_net.pt", "sd_checkpoint_name"] == "lab-model"
+    problems = {p["file"]: p["reason"] for p in json.loads((out / "summary.json").read_text())["problems"]}
+    assert sorted(problems) == ["corrupt.pt", "pickled.pt", "sd2_only.pt"]
+    assert "not a loadable hypernetwork file" in problems["corrupt.pt"]
+    assert "not a loadable hypernetwork file" in problems["pickled.pt"]
+    assert "none of its sizes" in problems["sd2_only.pt"] and "[32, 48, 64]" in problems["sd2_only.pt"]
+    shown = result.asset_materializations_for_node("imported_hypernetworks")[0].metadata
+    assert shown["imported"].value == 2 and "corrupt.pt" in shown["skipped"].value
+    assert sum("skipped imported hypernetwork" in m for m in logs) == 3
+
+    empty, _ = materialize_in_process(work, [imported_hypernetworks], SECOND)
+    assert empty.success
+    assert len(pd.read_parquet(work.data / "imported_hypernetwork_index" / SECOND / "index.parquet")) == 0
+
+
+# --- 6. the blocking checkpoint check -----------------------------------------------------------------
+
+
+def test_corrupted_checkpoint_fails_the_blocking_check_on_rerun(pipeline, tmp_path):
+    work = pipeline.copy(tmp_path / "project")
+    path = work.data / "hypernetwork_checkpoints" / FIRST / f"{FIRST}-3.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    result, _ = materialize_in_process(work, [hypernetwork_checkpoints], FIRST)
+
+    check = in_process_checks(result)["all_checkpoints_load"]
+    assert check.passed is False
+    assert f"{FIRST}-3.pt: missing or changed on disk" in check.metadata["problems"].value
+    # Blocking: the run fails, so nothing downstream would consume the damaged folder.
+    assert not result.success
+    materialization = result.asset_materializations_for_node("hypernetwork_checkpoints")[0]
+    assert materialization.metadata["reused_unchanged_output"].value is True
