@@ -1,0 +1,48 @@
+"""The raw-slide sensor and the weekly schedule request exactly the partitions they should."""
+
+import datetime
+
+import dagster as dg
+
+from histo_assets.definitions import defs, ingest_job, raw_slides_sensor, weekly_refresh
+from histo_assets.resources import ParamsResource
+from histo_assets_tests.conftest import THESIS_CLASSES, tissue_image
+
+
+def evaluate(params_file, cursor=None):
+    context = dg.build_sensor_context(cursor=cursor, resources={"params": ParamsResource(params_file=str(params_file))})
+    result = raw_slides_sensor(context)
+    requests = [] if isinstance(result, dg.SkipReason) else result
+    return requests, context.cursor
+
+
+def test_sensor_requests_only_the_classes_whose_slides_changed(small_params, small_dataset):
+    first, cursor = evaluate(small_params)
+    assert sorted(r.partition_key for r in first) == sorted(THESIS_CLASSES)
+    unchanged, cursor = evaluate(small_params, cursor)
+    assert unchanged == []
+    changed_class = THESIS_CLASSES[1]
+    tissue_image((128, 128), seed=99).save(small_dataset / "raw" / changed_class / "new-slide.png")
+    second, cursor = evaluate(small_params, cursor)
+    assert [r.partition_key for r in second] == [changed_class]
+    assert second[0].run_key.startswith(changed_class)
+    (small_dataset / "raw" / changed_class / "new-slide.png").unlink()
+    removed, _ = evaluate(small_params, cursor)
+    assert [r.partition_key for r in removed] == [changed_class]
+
+
+def test_weekly_schedule_refreshes_every_class_once_per_week(small_params):
+    when = datetime.datetime(2026, 11, 23, 3, 0, tzinfo=datetime.timezone.utc)
+    context = dg.build_schedule_context(scheduled_execution_time=when, resources={"params": ParamsResource(params_file=str(small_params))})
+    requests = weekly_refresh(context)
+    assert sorted(r.partition_key for r in requests) == sorted(THESIS_CLASSES)
+    assert all(r.run_key.startswith("weekly-2026-11-23-") for r in requests)
+    assert weekly_refresh.cron_schedule == "0 3 * * 1"
+
+
+def test_sensor_and_schedule_target_ingest_and_downstream_assets_follow():
+    assert raw_slides_sensor.job_name == ingest_job.name == weekly_refresh.job_name
+    graph = defs.resolve_asset_graph()
+    followers = [key.path[-1] for key in graph.get_all_asset_keys() if graph.get(key).automation_condition is not None]
+    assert set(followers) >= {"square_crops", "augmented_crops", "hypernetwork_checkpoints", "synthetic_images",
+                              "checkpoint_metrics", "metrics_summary", "dataset_release"}
