@@ -1,12 +1,13 @@
 """Seconds per training step with a hypernetwork against a bare U-Net forward+backward, on CPU.
 
-Four variants on the tiny model, for each resolution and batch size:
+Five variants on the tiny model, for each resolution and batch size:
 
-* **bare U-Net, cached**: `diffusion_loss` on cached latents/conditioning, no
-  hypernetwork, backward into the noisy input latents;
-* **hypernetwork, cached**: what `train_hypernetwork` does per step:
-  `diffusion_loss` with `apply_hypernetwork`, backward, AdamW step, zero_grad;
-* the same two **uncached**: each step first VAE-encodes the images (pixels
+* **bare U-Net fwd+bwd, cached**: `diffusion_loss` on cached latents and
+  conditioning, no hypernetwork, backward into the noisy input latents;
+* **hypernetwork step, cached**: what `train_hypernetwork` does per step:
+  `diffusion_loss` under `apply_hypernetwork`, backward, AdamW step, zero_grad
+  (also timed without the AdamW step, to show the optimizer's share);
+* the bare and full hypernetwork steps **uncached**: each step first VAE-encodes the images (pixels
   already in memory, a fresh latent sample) and tokenises and text-encodes the
   prompts, as would happen if `build_dataset` cached nothing.
 
@@ -21,9 +22,11 @@ no backward at all and make the ratio meaningless.
 Variants run in turn for `--repeats` rounds of `--steps` steps after one warm-up
 round, so that load from other processes falls on all alike; the median round is
 reported. Then `train_hypernetwork` runs end to end (`--train-steps` on
-`--images` generated H&E-like images, checkpoints at half way and at the end).
+`--images` generated H&E-like images, checkpoints at half way and at the end);
+its own steps/s covers the loop (with checkpoint writes), not the encoding.
 Run:
-    .venv/bin/python benchmarks/training_overhead.py [--resolution 64 128 --batch 1 4 --threads 1]
+    .venv/bin/python benchmarks/training_overhead.py [--resolution 64 128 --batch 1 --threads 1]
+    .venv/bin/python benchmarks/training_overhead.py --batch 4 --train-repeats 0   # batch 4, per-step part only
 Prints Markdown tables.
 """
 
@@ -68,13 +71,13 @@ def write_images(folder: Path, count: int, size: int = 256) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--resolution", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--train-steps", type=int, default=50)
-    parser.add_argument("--train-repeats", type=int, default=3)
+    parser.add_argument("--train-repeats", type=int, default=3, help="0 skips the end-to-end runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -140,6 +143,8 @@ def main() -> None:
                     print(f"| {resolution} | {batch} | {label} | {statistics.median(runs):.1f} | {min(runs):.1f} | "
                           f"{statistics.median(runs) / reference:.2f}x | {load()} |")
 
+        if not args.train_repeats:
+            return
         print(f"\n`train_hypernetwork`, {args.train_steps} steps, batch 1, {args.images} images, checkpoints at "
               f"{args.train_steps // 2} and {args.train_steps}, median of {args.train_repeats} runs\n")
         print("| px | steps/s (training loop) | ms/step | whole call s (encode + loop + saves) | load avg |")

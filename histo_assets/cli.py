@@ -103,6 +103,22 @@ def _ui(args: argparse.Namespace) -> int:
     os.execv(command[0], command)
 
 
+def _lineage(args: argparse.Namespace) -> int:
+    import json
+
+    from histo_assets.core.lineage import AmbiguousImage, LineageNotFound, release_folders, trace_image
+
+    data_dir = Path(args.data_dir).resolve() if args.data_dir else load_params().data_dir
+    releases = [Path(folder) for folder in args.release] if args.release else release_folders(data_dir)
+    try:
+        report = trace_image(args.image, data_dir=data_dir, release_dirs=releases)
+    except (LineageNotFound, AmbiguousImage, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n" if args.json else report.render())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="histo-assets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(handler=_ui)
+
+    lineage = sub.add_parser("lineage", help="Trace a synthetic image back to its checkpoint, training run, crops and raw slides.")
+    lineage.add_argument("image", help="The image file, or its sha256 (or a unique prefix of at least 8 hex digits).")
+    lineage.add_argument("--release", action="append", metavar="DIR",
+                         help="A release folder to search (repeatable); default: every folder under <data_dir>/releases/.")
+    lineage.add_argument("--data-dir", help="Data root (default: data_dir of the params file); searched when it exists.")
+    lineage.add_argument("--json", action="store_true", help="Print the report as JSON.")
+    lineage.set_defaults(handler=_lineage)
     return parser
 
 

@@ -5,6 +5,8 @@ tissue class x checkpoint step, so every checkpoint of every class is its own
 partition in the UI, as in the thesis's per-checkpoint tables.
 """
 
+import warnings
+
 import dagster as dg
 
 from histo_assets.params import load_params
@@ -15,7 +17,9 @@ tissue_class_partitions = dg.StaticPartitionsDefinition(_params.classes)
 checkpoint_step_partitions = dg.StaticPartitionsDefinition([str(int(s)) for s in _params["training"]["checkpoint_steps"]])
 class_and_step_partitions = dg.MultiPartitionsDefinition({"tissue_class": tissue_class_partitions, "step": checkpoint_step_partitions})
 
-by_tissue_class = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="tissue_class")
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", dg.BetaWarning)
+    by_tissue_class = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="tissue_class")
 
 
 def class_and_step(context) -> tuple[str, int]:

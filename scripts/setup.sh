@@ -19,7 +19,7 @@ else
   echo "setup: installing the project into .venv (torch pinned by constraints.txt; about 3 minutes) ..."
   "$PYTHON" -m venv .venv
   .venv/bin/pip install --quiet torch==2.13.0 2>&1 | quiet_pip
-  .venv/bin/pip install --quiet -e ".[test]" 2>&1 | quiet_pip
+  .venv/bin/pip install --quiet -e ".[test,deploy]" 2>&1 | quiet_pip
   .venv/bin/python -c "import torch, dagster, diffusers, torchmetrics, Augmentor; assert torch.__version__.startswith('2.13.0'), torch.__version__"
   echo "$project_stamp" > .venv/.install-stamp
 fi
