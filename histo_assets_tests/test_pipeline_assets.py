@@ -39,6 +39,7 @@ from histo_assets.core.features import FALLBACK_NAME
 from histo_assets.core.hypernetwork import load_hypernetwork
 from histo_assets.core.io import sha256_file
 from histo_assets.core.sampling import image_seed, parse_a1111_parameters
+from histo_assets.layout import Layout
 from histo_assets.params import PROJECT_ROOT
 from histo_assets.resources import BaseModelResource, ParamsResource
 from histo_assets_tests.conftest import TINY_MODEL_SEED, THESIS_CLASSES, tissue_image, write_params
@@ -291,16 +292,16 @@ def test_checkpoint_metrics_are_finite_and_labelled_as_fallback_features(pipelin
 
 
 def test_metrics_summary_has_every_class_and_step_plus_pooled_rows_and_its_files(pipeline):
-    out = pipeline.data / "metrics_summary"
-    table = pd.read_parquet(out / "metrics.parquet")
+    layout = Layout(pipeline.data)
+    table = pd.read_parquet(layout.metrics_details / "metrics.parquet")
     expected = {(c, s) for c in [*CLASSES, "all"] for s in STEPS}
     assert set(zip(table["tissue_class"], table["step"])) == expected and len(table) == len(expected)
     pooled = table[table["tissue_class"] == "all"]
     assert (pooled["n_generated"] == IMAGES_PER_CHECKPOINT * len(CLASSES)).all()
     assert pooled["fid"].map(math.isfinite).all()
-    csv = pd.read_csv(out / "metrics.csv")
+    csv = pd.read_csv(layout.metrics_summary / "metrics.csv")
     assert list(csv.columns) == TABLE_COLUMNS and len(csv) == len(expected)
-    dvc_metrics = json.loads((out / "metrics.json").read_text())
+    dvc_metrics = json.loads((layout.metrics_summary / "metrics.json").read_text())
     assert dvc_metrics["best_by"] == "fid" and dvc_metrics["extractor"] == FALLBACK_NAME
     assert set(dvc_metrics["classes"]) == set(CLASSES)
     for tissue_class in CLASSES:
@@ -309,7 +310,7 @@ def test_metrics_summary_has_every_class_and_step_plus_pooled_rows_and_its_files
         assert dvc_metrics["classes"][tissue_class]["best_step"] == best
         assert dvc_metrics["classes"][tissue_class]["fid"] == pytest.approx(float(rows[rows["step"] == best]["fid"].iloc[0]))
     for name in ["curves.png", *(f"grid_{c}.png" for c in CLASSES)]:
-        with Image.open(out / name) as image:
+        with Image.open(layout.metrics_details / name) as image:
             image.verify()
 
 
