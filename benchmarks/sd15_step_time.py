@@ -11,11 +11,13 @@ and conditioning are random tensors of the cached shapes (latent caching on).
 For the overhead ratio a bare U-Net forward+backward is timed the same way
 (gradient w.r.t. the input latents, nothing trained; see training_overhead.py).
 
-Timing, on CUDA: `--warmup` untimed steps of each variant, then `--steps` rounds
-of (hypernetwork step, bare step), synchronised; medians. Without CUDA it times
-`--cpu-steps` rounds after one warm-up step, at `--cpu-resolution` (default 256:
-on the shared 2-core machine a 512 px step would take minutes, see
-benchmarks/README.md), labelled CPU; `--no-cpu` only says that there is no GPU.
+Timing, on CUDA: `--warmup` untimed rounds of both variants, then `--steps`
+rounds of (hypernetwork step, bare step), synchronised; medians. Without CUDA,
+labelled CPU: one untimed hypernetwork step (it creates the same conv kernels
+the bare step uses), then `--cpu-steps` rounds, at `--cpu-resolution` (default
+256: on the shared 2-core machine one 256 px step already takes 20-60 s, and
+512 px needs 4.7x the FLOPs, see benchmarks/README.md); `--no-cpu` only says
+that there is no GPU.
 
 Also, unless `--no-flops`: matmul/conv/bmm FLOPs of one forward+backward of each
 variant at 256 and 512 px, counted by `torch.utils.flop_counter` on the meta
@@ -83,15 +85,14 @@ def time_steps(args: argparse.Namespace) -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.float16 if cuda else torch.float32
-    resolution, warmup, rounds = ((args.resolution, args.warmup, args.steps) if cuda
-                                  else (args.cpu_resolution, 1, args.cpu_steps))
+    resolution, rounds = (args.resolution, args.steps) if cuda else (args.cpu_resolution, args.cpu_steps)
     started = time.perf_counter()
     unet = sd15_unet().to(device, dtype).requires_grad_(False).eval()
     build = time.perf_counter() - started
     steps = step_functions(unet, device, dtype, resolution, train=True)
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
+    warmup = [step for _ in range(args.warmup) for step in steps.values()] if cuda else [steps[HN]]
+    for step in warmup:
+        step()
     times: dict[str, list[float]] = {label: [] for label in steps}
     for _ in range(rounds):
         for label, step in steps.items():
@@ -108,8 +109,8 @@ def time_steps(args: argparse.Namespace) -> None:
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     print(f"SD 1.5-sized U-Net ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f} M parameters, built in "
           f"{build:.0f} s), default SD 1.5 hypernetwork; {where}, {precision}, torch threads "
-          f"{torch.get_num_threads()}, {resolution}x{resolution}, batch 1, {warmup} warm-up round(s) + {rounds} "
-          f"timed rounds of (hypernetwork step, bare step); load average at the end {load}\n")
+          f"{torch.get_num_threads()}, {resolution}x{resolution}, batch 1, {len(warmup)} warm-up step(s) + {rounds} "
+          f"timed round(s) of (hypernetwork step, bare step); load average at the end {load}\n")
     print("| device | px | variant | median s/step | fastest s/step | median / thesis 0.27 s/step (A6000, 512 px) |")
     print("|---|---|---|---|---|---|")
     for label, runs in times.items():
@@ -143,7 +144,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed rounds on CUDA")
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds on CUDA")
     parser.add_argument("--cpu-resolution", type=int, default=256)
-    parser.add_argument("--cpu-steps", type=int, default=2, help="timed rounds on CPU")
+    parser.add_argument("--cpu-steps", type=int, default=1, help="timed rounds on CPU")
     parser.add_argument("--no-cpu", action="store_true", help="without CUDA, do not time CPU steps")
     parser.add_argument("--no-flops", action="store_true")
     parser.add_argument("--threads", type=int, default=2)

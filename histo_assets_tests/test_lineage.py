@@ -216,6 +216,18 @@ def test_changed_checkpoint_and_rebuilt_crops_are_reported_not_hidden(project, t
     assert {check.name for check in failed(with_release)} == {"checkpoint file on disk"}
 
 
+def test_a_release_older_than_the_data_folder_is_not_a_failure(project, tmp_path):
+    copy = Project(tmp_path / "project", project.params)
+    shutil.copytree(project.root, copy.root)
+    checkpoint = copy.layout.hypernetwork_checkpoints(CLASS) / f"{CLASS}-{RELEASED_STEP}.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes() + b"\0")
+    sha = sha256_file(copy.image(RELEASED_STEP))
+    shutil.rmtree(copy.layout.synthetic_images(CLASS, RELEASED_STEP))
+    report = trace_image(sha, data_dir=copy.data, release_dirs=[copy.release])
+    assert [check.passed for check in report.checks if check.name == "checkpoint file on disk"] == [None]
+    assert not failed(report), failed(report)
+
+
 def test_unknown_images_raise_lineage_not_found(project, tmp_path):
     sources = {"data_dir": project.data, "release_dirs": [project.release]}
     with pytest.raises(LineageNotFound, match="no synthetic image with a sha256 starting with 0123456789ab"):

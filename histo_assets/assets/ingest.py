@@ -243,7 +243,9 @@ def augmented_crops(context: dg.AssetExecutionContext, config: StageConfig, para
                 log=context.log.info,
             )
             write_captions(staging / IMAGES, [r.file for r in records], tissue_class, section["captions"])
-            atomic_write_parquet(staging / INDEX, pd.DataFrame([r.as_row() for r in records]))
+            index_frame = pd.DataFrame([r.as_row() for r in records])
+            index_frame["seed"] = pd.array([r.seed for r in records], dtype="Int64")
+            atomic_write_parquet(staging / INDEX, index_frame)
             atomic_write_parquet(
                 staging / HOLDOUT, pd.DataFrame({"crop_file": held_out, "crop_sha256": [hashes[n] for n in held_out]})
             )

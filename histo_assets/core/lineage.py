@@ -130,10 +130,10 @@ def trace_image(query: str, *, data_dir: Path | None, release_dirs: Sequence[Pat
     when none records the image and :class:`AmbiguousImage` when a prefix
     matches several.
     """
+    query_file, prefix = _parse_query(query)
     releases = [(Path(folder), _records(read_manifest(folder))) for folder in release_dirs]
     layout = Layout(Path(data_dir)) if data_dir is not None and Path(data_dir).is_dir() else None
     generated = _generated_images(layout) if layout is not None else []
-    query_file, prefix = _parse_query(query)
 
     release_hits = [(folder, row) for folder, rows in releases for row in rows if row["sha256"].startswith(prefix)]
     data_hits = [(folder, row) for folder, row in generated if row["sha256"].startswith(prefix)]
@@ -151,9 +151,7 @@ def _parse_query(query: str) -> tuple[Path | None, str]:
         return path.resolve(), sha256_file(path)
     if _SHA_QUERY.fullmatch(query):
         return None, query.lower()
-    raise LineageNotFound(
-        f"{query!r} is neither an image file nor a sha256 ({MIN_PREFIX} to 64 hex digits)"
-    )
+    raise LineageNotFound(f"{query!r} is neither an image file nor a sha256 ({MIN_PREFIX} to 64 hex digits)")
 
 
 def _plain(value: Any) -> Any:
@@ -177,7 +175,8 @@ def _generated_images(layout: Layout) -> list[tuple[Path, dict[str, Any]]]:
     ]
 
 
-def _not_found(query, query_file, prefix, releases, generated, layout) -> str:
+def _not_found(query: str, query_file: Path | None, prefix: str, releases: list[tuple[Path, list[dict]]],
+               generated: list[tuple[Path, dict]], layout: Layout | None) -> str:
     searched = [f"release {folder}" for folder, _ in releases]
     if layout is not None:
         searched.append(f"{layout.data_dir / 'synthetic_images'} ({len(generated)} images)")
@@ -251,7 +250,7 @@ def _training_set_hash(lineage: pd.DataFrame) -> str:
 
 def _png_parameters(path: Path) -> dict[str, str] | None:
     with Image.open(path) as image:
-        text = image.text.get(PARAMETERS_KEY) if hasattr(image, "text") else None
+        text = getattr(image, "text", {}).get(PARAMETERS_KEY)
     return parse_a1111_parameters(text) if text else None
 
 
@@ -265,15 +264,15 @@ def _same(recorded: Any, written: str) -> bool:
 
 
 class _Tracer:
-    """Assembles one report; holds the hits so each section can draw on the release, the data folder or both."""
+    """Assembles one report from the rows recording one image, so each section can draw on releases, data folder or both."""
 
     def __init__(self, query: str, query_file: Path | None, sha256: str,
                  release_hits: list[tuple[Path, dict]], data_hits: list[tuple[Path, dict]], layout: Layout | None):
         self.query = query
         self.query_file = query_file
         self.sha256 = sha256
-        self.release_hits = [(folder, row) for folder, row in release_hits if row["sha256"] == sha256]
-        self.data_hits = [(folder, row) for folder, row in data_hits if row["sha256"] == sha256]
+        self.release_hits = release_hits
+        self.data_hits = data_hits
         self.layout = layout
         self.manifest_row = self.release_hits[0][1] if self.release_hits else None
         self.index_row = self.data_hits[0][1] if self.data_hits else None
@@ -340,6 +339,12 @@ class _Tracer:
         return intact
 
     def _checkpoint(self) -> dict[str, Any]:
+        """The checkpoint, re-hashed where the data folder keeps it.
+
+        A different file there is a failure only if the data folder itself
+        records the image; otherwise the release is simply older than the
+        folder's current training run.
+        """
         checkpoint = _pick(CHECKPOINT_FIELDS, self.index_row, self.manifest_row)
         checkpoint["step"] = self.step
         checkpoint["path"] = None
@@ -350,8 +355,13 @@ class _Tracer:
                 matches = sha256_file(path) == checkpoint["sha256"]
                 checkpoint["path"] = str(path)
                 checkpoint["on_disk_sha256_matches"] = matches
-                self.checks.append(Check("checkpoint file on disk", matches,
-                                         f"{path} {'has' if matches else 'no longer has'} the recorded sha256"))
+                if matches:
+                    self.checks.append(Check("checkpoint file on disk", True, f"{path} has the recorded sha256"))
+                elif self.data_hits:
+                    self.checks.append(Check("checkpoint file on disk", False, f"{path} no longer has the recorded sha256"))
+                else:
+                    self.checks.append(Check("checkpoint file on disk", None,
+                                             f"{path} is another checkpoint: the data folder was retrained since this release"))
                 return checkpoint
         self.checks.append(Check("checkpoint file on disk", None, "no data folder holds it here"))
         return checkpoint
@@ -366,13 +376,18 @@ class _Tracer:
         if parsed is None:
             self.checks.append(Check("PNG parameters chunk", False, f"{at_hand} has no {PARAMETERS_KEY!r} text chunk"))
             return None
+        # The WebUI names a hypernetwork by its file stem and appends its <hypernet:...> token to the prompt.
         hypernet = Path(checkpoint["file"]).stem if checkpoint.get("file") else None
         multiplier = generation.get("multiplier")
+        prompt = generation.get("prompt")
+        if hypernet and prompt is not None and multiplier is not None:
+            prompt = f"{prompt} {hypernetwork_token(hypernet, multiplier)}"
+        sampler = SAMPLERS.get(generation.get("sampler"))
         expected = {
-            "Prompt": f"{generation.get('prompt')} {hypernetwork_token(hypernet, multiplier)}" if hypernet else generation.get("prompt"),
+            "Prompt": prompt,
             "Negative prompt": generation.get("negative_prompt"),
             "Steps": generation.get("steps"),
-            "Sampler": SAMPLERS[generation["sampler"]].display_name if generation.get("sampler") in SAMPLERS else generation.get("sampler"),
+            "Sampler": sampler.display_name if sampler else generation.get("sampler"),
             "CFG scale": generation.get("cfg_scale"),
             "Seed": generation.get("seed"),
             "Size": f"{generation.get('width')}x{generation.get('height')}",
@@ -466,8 +481,9 @@ class _Tracer:
                   .agg(square_crops=("square_crop", "size"), training_images=("training_images", "sum"))
                   .reset_index().sort_values("raw_slide"))
         inventory = {}
-        if self.layout is not None and (self.layout.raw_slides(self.tissue_class) / INVENTORY).is_file():
-            inventory = {row["sha256"]: row for row in _records(pd.read_parquet(self.layout.raw_slides(self.tissue_class) / INVENTORY))}
+        inventory_file = self.layout.raw_slides(self.tissue_class) / INVENTORY if self.layout is not None else None
+        if inventory_file is not None and inventory_file.is_file():
+            inventory = {row["sha256"]: row for row in _records(pd.read_parquet(inventory_file))}
         raw_slides = []
         for slide in _records(slides):
             entry = {"path": slide["raw_slide"], "sha256": slide["raw_slide_sha256"],
@@ -475,8 +491,10 @@ class _Tracer:
             known = inventory.get(slide["raw_slide_sha256"])
             if known is not None:
                 entry.update({key: known.get(key) for key in INVENTORY_FIELDS})
-            # Present, not re-hashed: whole-slide images run to gigabytes; raw_slides hashed them when inventorying.
-            entry["on_disk"] = (self.layout.data_dir / slide["raw_slide"]).is_file() if self.layout is not None else None
+            # Not re-hashed (whole-slide images run to gigabytes): on disk means the file is there and the
+            # raw_slides inventory, which hashed it, records this sha256 for it.
+            entry["on_disk"] = (None if self.layout is None else (self.layout.data_dir / slide["raw_slide"]).is_file()
+                                and known is not None and known.get("path") == slide["raw_slide"])
             raw_slides.append(entry)
         return tuple(_records(crops)), tuple(raw_slides)
 
@@ -550,8 +568,9 @@ def _render(report: LineageReport) -> list[str]:
                   f"    {slide['square_crops']} crops, {slide['training_images']} training images"
                   + (f"; {slide['width']}x{slide['height']} px, {slide['levels']} level(s), mpp {_value(slide['mpp'])}, "
                      f"{slide['bytes']} bytes, read by {slide['reader']}" if "bytes" in slide else "")
-                  + ("" if slide["on_disk"] is None else f"; {'on disk' if slide['on_disk'] else 'not on disk'}")]
-    lines += ["", "Code and runs",
+                  + ("" if slide["on_disk"] is None
+                     else "; on disk, inventoried with this sha256" if slide["on_disk"] else "; not on disk with this sha256")]
+    lines += ["", "Code and runs" + ("" if report.releases else " (recorded only in release manifests)"),
               f"  code version      {_value(report.code['code_version'])}",
               f"  git commit        {_value(report.code['git_commit'])}",
               f"  dagster run ids   {', '.join(report.code['dagster_run_ids']) or '-'}",
