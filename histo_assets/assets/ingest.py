@@ -23,7 +23,7 @@ GROUP = "ingest"
 PREVIEW_COUNT = 32
 RAW_SLIDES_VERSION = "1"
 SQUARE_CROPS_VERSION = "1"
-AUGMENTED_CROPS_VERSION = "1"
+AUGMENTED_CROPS_VERSION = "2"
 
 
 def _problems_markdown(problems: list[Problem]) -> str:
