@@ -87,7 +87,8 @@ def checkpoint_metrics(context: dg.AssetExecutionContext, config: StageConfig, p
     stage_fingerprint = fingerprint(
         generated=read_summary(layout.synthetic_images(tissue_class, step))["data_version"],
         reference=cache.path_for(reference).name, train=cache.path_for(train).name,
-        metrics=p["metrics"], seed=p.seed, code=CHECKPOINT_METRICS_VERSION,
+        metrics={k: v for k, v in p["metrics"].items() if k != "best_checkpoint_metric"}, seed=p.seed,
+        code=CHECKPOINT_METRICS_VERSION,
     )
     out = layout.checkpoint_metrics(tissue_class, step)
     summary = current_summary(out, stage_fingerprint)
@@ -149,7 +150,8 @@ def dvc_metrics(table: pd.DataFrame, best: dict[str, int], metric: str) -> dict:
     classes = {}
     for tissue_class, step in best.items():
         row = table[(table["tissue_class"] == tissue_class) & (table["step"] == step)].iloc[0]
-        classes[tissue_class] = {"best_step": step} | {k: float(row[k]) for k in TABLE_COLUMNS[2:] if pd.notna(row[k])}
+        scores = {k: int(row[k]) if k.startswith("n_") else float(row[k]) for k in TABLE_COLUMNS[2:] if pd.notna(row[k])}
+        classes[tissue_class] = {"best_step": step} | scores
     return {"best_by": metric, "extractor": str(table["extractor"].iloc[0]), "classes": classes}
 
 

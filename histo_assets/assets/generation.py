@@ -76,6 +76,7 @@ def synthetic_images(context: dg.AssetExecutionContext, config: StageConfig, par
                 "checkpoint_file": checkpoint["file"],
                 "checkpoint_sha256": checkpoint["sha256"],
                 "training_set": checkpoint["training_set"],
+                "run_id": context.run_id,
                 "data_version": stable_hash(sorted((r.file, r.sha256) for r in records)),
             }
             atomic_write_json(staging / SUMMARY, summary)

@@ -78,15 +78,6 @@ def lineage_table(layout: Layout, tissue_class: str) -> pd.DataFrame:
     })
 
 
-def run_id_of(instance: dg.DagsterInstance, tissue_class: str, step: int) -> str:
-    """The Dagster run that last materialised these synthetic images (empty if made outside this instance)."""
-    partition = dg.MultiPartitionKey({"tissue_class": tissue_class, "step": str(step)})
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("synthetic_images"), asset_partitions=[partition]), limit=1
-    ).records
-    return records[0].run_id if records else ""
-
-
 @dg.asset(
     group_name=GROUP,
     automation_condition=FOLLOW_UPSTREAM,
@@ -113,7 +104,6 @@ def dataset_release(context: dg.AssetExecutionContext, config: StageConfig, para
         for step in class_steps:
             folder = layout.synthetic_images(tissue_class, step)
             generated = read_summary(folder)
-            run_id = run_id_of(context.instance, tissue_class, step)
             for row in pd.read_parquet(folder / INDEX).itertuples():
                 images.append(ReleaseImage(
                     source=folder / "images" / row.file,
@@ -137,7 +127,7 @@ def dataset_release(context: dg.AssetExecutionContext, config: StageConfig, para
                         "training_set_hash": hn["training_set"],
                         "code_version": CODE_VERSION,
                         "git_commit": commit,
-                        "dagster_run_id": run_id,
+                        "dagster_run_id": generated.get("run_id", ""),
                     },
                 ))
         lineage.append(lineage_table(layout, tissue_class))

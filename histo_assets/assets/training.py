@@ -1,5 +1,7 @@
 """One AUTOMATIC1111-compatible hypernetwork per tissue class, trained on its augmented crops."""
 
+import pickle
+
 import dagster as dg
 import pandas as pd
 import torch
@@ -8,7 +10,7 @@ from PIL import Image
 from histo_assets.assets import FOLLOW_UPSTREAM
 from histo_assets.assets.ingest import augmented_crops
 from histo_assets.core.base_model import attention_context_widths, check_hypernetwork_sizes
-from histo_assets.core.hypernetwork import HypernetworkOptions, load_hypernetwork, sanitize_name
+from histo_assets.core.hypernetwork import HypernetworkFormatError, HypernetworkOptions, load_hypernetwork, sanitize_name
 from histo_assets.core.io import atomic_directory, atomic_write_json, atomic_write_parquet, sha256_file, stable_hash
 from histo_assets.core.plots import loss_curve
 from histo_assets.core.previews import markdown_image, markdown_table
@@ -44,6 +46,18 @@ def hypernetwork_options(p: Params) -> HypernetworkOptions:
 
 def hypernetwork_name(tissue_class: str) -> str:
     return sanitize_name(tissue_class)
+
+
+def resume_key(p: Params, training_set: str) -> str:
+    """What a partial run must share with this one to be continued rather than restarted.
+
+    Training can be extended (more steps, more checkpoints) without starting
+    over, so those settings are left out; anything else changes the weights.
+    """
+    extendable = {"max_steps", "checkpoint_steps", "loss_log_every"}
+    training = {k: v for k, v in p["training"].items() if k not in extendable}
+    return fingerprint(training_set=training_set, base_model=p["base_model"], hypernetwork=p["hypernetwork"],
+                       training=training, resolution=p.resolution, seed=p.seed, code=HYPERNETWORK_CHECKPOINTS_VERSION)
 
 
 def checkpoint_rows(summary: dict) -> pd.DataFrame:
@@ -88,8 +102,8 @@ def hypernetwork_checkpoints(
         base = base_model.load(p)
         options = hypernetwork_options(p)
         check_hypernetwork_sizes(options.sizes, base.unet)
-        if prepare_resumable(out, stage_fingerprint):
-            context.log.info(f"{tissue_class}: resuming an interrupted training run in {out}")
+        if prepare_resumable(out, resume_key(p, training_set)):
+            context.log.info(f"{tissue_class}: continuing the training run in {out} (interrupted, extended or missing checkpoints)")
         training = p["training"]
         result = train_hypernetwork(
             base, crops_dir / IMAGES, out,
@@ -158,7 +172,11 @@ def _checkpoints_check(p: Params, out, rows: pd.DataFrame) -> dg.AssetCheckResul
         if not path.is_file() or sha256_file(path) != row.sha256:
             problems.append(f"{row.file}: missing or changed on disk")
             continue
-        hn = load_hypernetwork(path)
+        try:
+            hn = load_hypernetwork(path)
+        except (HypernetworkFormatError, RuntimeError, OSError, pickle.UnpicklingError) as error:
+            problems.append(f"{row.file}: does not load ({error})")
+            continue
         if not all(torch.isfinite(t).all() for t in hn.state_dict().values()):
             problems.append(f"{row.file}: non-finite weights")
     return dg.AssetCheckResult(

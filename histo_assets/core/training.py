@@ -423,12 +423,21 @@ def _check_settings(path: Path, settings: dict, resuming: bool) -> None:
     atomic_write_json(path, settings)
 
 
-def _resume_point(out_dir: Path, name: str, log: Log) -> tuple[Path, int, dict | None] | None:
-    """The latest checkpoint, preferring one whose optimizer sidecar is valid (exact resume needs it)."""
-    candidates = [(steps - 1, path) for steps, path in existing_checkpoints(out_dir, name).items()]
+def _resume_point(out_dir: Path, name: str, checkpoint_steps: Sequence[int], log: Log) -> tuple[Path, int, dict | None] | None:
+    """The latest checkpoint, preferring one whose optimizer sidecar is valid (exact resume needs it).
+
+    A requested checkpoint that is missing (lost, or added to the list later) must be
+    rebuilt, so only states from before it qualify; training is deterministic, so
+    the checkpoints after it come out identical again.
+    """
+    existing = existing_checkpoints(out_dir, name)
+    candidates = [(steps - 1, path) for steps, path in existing.items()]
     final = final_path(out_dir, name)
     if final.is_file():
         candidates.append((load_hypernetwork(final).step, final))
+    missing = [steps for steps in checkpoint_steps if steps not in existing]
+    if missing:
+        candidates = [(step, path) for step, path in candidates if step < min(missing) - 1]
     if not candidates:
         return None
     candidates.sort(key=lambda item: item[0], reverse=True)
@@ -550,7 +559,7 @@ def train_hypernetwork(
         "checkpoint_steps": checkpoint_set, "loss_log_every": loss_log_every,
         "base_model_sha256": base.sha256, "base_model_name": base.name, "dataset": _dataset_fingerprint(files),
     }
-    resume = _resume_point(out, name, say)
+    resume = _resume_point(out, name, checkpoint_steps, say)
     _check_settings(settings_path(out, name), settings, resuming=resume is not None)
 
     device = base.device
