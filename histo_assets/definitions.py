@@ -2,7 +2,7 @@
 
 Per tissue class:
     raw_slides -> square_crops -> augmented_crops -> hypernetwork_checkpoints
-    imported_hypernetworks
+    imported_hypernetworks -> imported_synthetic_images
 Per tissue class x checkpoint step:
     synthetic_images -> checkpoint_metrics
 Across everything:
@@ -18,7 +18,7 @@ from histo_assets.automation import build_automation
 from histo_assets.resources import BaseModelResource, DvcResource, ParamsResource
 
 ingest_assets = [ingest.raw_slides, ingest.square_crops, ingest.augmented_crops]
-training_assets = [training.hypernetwork_checkpoints, training.imported_hypernetworks]
+training_assets = [training.hypernetwork_checkpoints, training.imported_hypernetworks, generation.imported_synthetic_images]
 per_checkpoint_assets = [generation.synthetic_images, evaluation.checkpoint_metrics]
 summary_assets = [evaluation.metrics_summary]
 release_assets = [release.dataset_release]

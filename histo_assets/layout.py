@@ -40,6 +40,9 @@ class Layout:
     def imported_hypernetworks(self, tissue_class: str) -> Path:
         return self.data_dir / "imported_hypernetwork_index" / tissue_class
 
+    def imported_synthetic_images(self, tissue_class: str) -> Path:
+        return self.data_dir / "imported_synthetic_images" / tissue_class
+
     def synthetic_images(self, tissue_class: str, step: int) -> Path:
         return self.data_dir / "synthetic_images" / tissue_class / str(step)
 

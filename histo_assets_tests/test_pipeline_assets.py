@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from histo_assets.assets.evaluation import TABLE_COLUMNS
+from histo_assets.assets.generation import imported_synthetic_images
 from histo_assets.assets.training import hypernetwork_checkpoints, imported_hypernetworks
 from histo_assets.core.base_model import folder_weights_sha256, tiny_model_dir
 from histo_assets.core.features import FALLBACK_NAME
@@ -515,6 +516,15 @@ def test_imported_hypernetworks_are_indexed_and_bad_files_skipped_with_reasons(t
     empty, _ = materialize_in_process(work, [imported_hypernetworks], SECOND)
     assert empty.success
     assert len(pd.read_parquet(work.data / "imported_hypernetwork_index" / SECOND / "index.parquet")) == 0
+
+    generated, _ = materialize_in_process(work, [imported_synthetic_images], FIRST)
+    assert generated.success
+    for stem, step in (("lab_net", 1234), ("wider", 500)):
+        images = sorted((work.data / "imported_synthetic_images" / FIRST / stem / "images").glob("*.png"))
+        assert len(images) == TINY["generation"]["images_per_checkpoint"]
+        chunk = parse_a1111_parameters(Image.open(images[0]).text["parameters"])
+        assert chunk["Hypernet"] == stem and chunk["Hypernet hash"] == sha256_file(inbox / f"{stem}.pt")[:10]
+        assert f"-s{step:06d}-" in images[0].name
 
 
 # --- 6. the blocking checkpoint check -----------------------------------------------------------------

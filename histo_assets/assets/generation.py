@@ -1,23 +1,26 @@
 """Synthetic images from every hypernetwork checkpoint, one partition per tissue class x step."""
 
+from pathlib import Path
+
 import dagster as dg
 import pandas as pd
 from PIL import Image
 
 from histo_assets.assets import FOLLOW_UPSTREAM
 from histo_assets.assets.checks import image_check_results, image_check_specs
-from histo_assets.assets.training import GPU_TAGS, hypernetwork_checkpoints
+from histo_assets.assets.training import GPU_TAGS, hypernetwork_checkpoints, imported_hypernetworks
 from histo_assets.core.io import atomic_directory, atomic_save_png, atomic_write_json, stable_hash
 from histo_assets.core.previews import contact_sheet, markdown_image
 from histo_assets.core.sampling import GenerationSettings, generate_images, write_generation_index
 from histo_assets.core.stage import current_summary, fingerprint, read_summary
 from histo_assets.layout import IMAGES, INDEX, PREVIEW, SUMMARY, Layout
 from histo_assets.params import Params
-from histo_assets.partitions import by_tissue_class, class_and_step, class_and_step_partitions
+from histo_assets.partitions import by_tissue_class, class_and_step, class_and_step_partitions, tissue_class_partitions
 from histo_assets.resources import BaseModelResource, ParamsResource, StageConfig
 
 GROUP = "generation"
 SYNTHETIC_IMAGES_VERSION = "1"
+IMPORTED_SYNTHETIC_IMAGES_VERSION = "1"
 
 
 def checkpoint_entry(p: Params, tissue_class: str, step: int) -> dict:
@@ -98,3 +101,54 @@ def synthetic_images(context: dg.AssetExecutionContext, config: StageConfig, par
         data_version=dg.DataVersion(summary["data_version"]),
     )
     yield from image_check_results("synthetic_images", out / IMAGES, p.resolution, count)
+
+
+@dg.asset(
+    partitions_def=tissue_class_partitions,
+    group_name=GROUP,
+    code_version=IMPORTED_SYNTHETIC_IMAGES_VERSION,
+    automation_condition=FOLLOW_UPSTREAM,
+    deps=[imported_hypernetworks],
+    pool="gpu",
+    op_tags=GPU_TAGS,
+    kinds={"diffusers", "png"},
+    description="The same generation as synthetic_images, from each AUTOMATIC1111 hypernetwork a lab imported for "
+    "this class (one folder per file, named by its stem; the step in file names is the step the file records).",
+)
+def imported_synthetic_images(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource, base_model: BaseModelResource):
+    p = params.load(config.overrides)
+    tissue_class = context.partition_key
+    layout = Layout(p.data_dir)
+    imported = pd.read_parquet(layout.imported_hypernetworks(tissue_class) / INDEX)
+    settings = GenerationSettings.from_params(p["generation"], p.resolution)
+    count = int(p["generation"]["images_per_checkpoint"])
+    stage_fingerprint = fingerprint(
+        files=sorted(imported["sha256"]), generation=p["generation"], resolution=p.resolution,
+        base_model=p["base_model"], seed=p.seed, code=IMPORTED_SYNTHETIC_IMAGES_VERSION,
+    )
+    out = layout.imported_synthetic_images(tissue_class)
+    summary = current_summary(out, stage_fingerprint)
+    reused = summary is not None
+    if not reused:
+        base = base_model.load(p) if len(imported) else None
+        with atomic_directory(out) as staging:
+            counts = {}
+            for row in imported.itertuples():
+                folder = staging / Path(row.file).stem
+                records = generate_images(
+                    base, Path(row.path), folder / IMAGES, tissue_class=tissue_class, step=int(row.step),
+                    count=count, settings=settings, master_seed=p.seed, log=context.log.info,
+                )
+                write_generation_index(records, folder / INDEX)
+                counts[row.file] = len(records)
+            summary = {"fingerprint": stage_fingerprint, "images": counts, "run_id": context.run_id}
+            atomic_write_json(staging / SUMMARY, summary)
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(out)),
+            "hypernetworks": len(summary["images"]),
+            "images": dg.MetadataValue.json(summary["images"]),
+            "reused_unchanged_output": reused,
+        },
+        data_version=dg.DataVersion(summary["fingerprint"]),
+    )

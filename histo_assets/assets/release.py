@@ -13,11 +13,10 @@ from histo_assets.assets.evaluation import TABLE_COLUMNS, checkpoint_metrics, me
 from histo_assets.assets.generation import SYNTHETIC_IMAGES_VERSION
 from histo_assets.assets.ingest import AUGMENTED_CROPS_VERSION, SQUARE_CROPS_VERSION
 from histo_assets.assets.training import HYPERNETWORK_CHECKPOINTS_VERSION
-from histo_assets.core.dvc import git_head
 from histo_assets.core.release import ReleaseImage, build_release, publish_release
 from histo_assets.core.stage import read_summary
 from histo_assets.layout import INDEX, Layout
-from histo_assets.params import Params
+from histo_assets.params import PROJECT_ROOT, Params
 from histo_assets.resources import DvcResource, ParamsResource, StageConfig
 
 GROUP = "release"
@@ -40,6 +39,19 @@ def selected_steps(p: Params, best: dict[str, int]) -> dict[str, list[int]]:
     if unknown:
         raise dg.Failure(f"release.checkpoints names steps that were not trained: {unknown}")
     return {c: sorted(map(int, choice)) for c in p.classes}
+
+
+def code_commit() -> str:
+    """The last commit that changed the code, so release commits that follow it do not change provenance.
+
+    ``+dirty`` marks code with uncommitted edits; empty outside a git checkout.
+    """
+    code = ["histo_assets", "pyproject.toml"]
+    last = subprocess.run(["git", "-C", str(PROJECT_ROOT), "log", "-1", "--format=%H", "--", *code], capture_output=True, text=True)
+    if last.returncode != 0 or not last.stdout.strip():
+        return ""
+    dirty = subprocess.run(["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--", *code], capture_output=True, text=True)
+    return last.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def git_toplevel(path: Path) -> Path | None:
@@ -97,7 +109,7 @@ def dataset_release(context: dg.AssetExecutionContext, config: StageConfig, para
         raise dg.Failure("metrics_summary has not been materialised")
     steps = selected_steps(p, {c: int(s) for c, s in summary["best"].items()})
     repo = git_toplevel(p.data_dir)
-    commit = git_head(repo) if repo is not None else ""
+    commit = code_commit()
     images, lineage = [], []
     for tissue_class, class_steps in steps.items():
         hn = read_summary(layout.hypernetwork_checkpoints(tissue_class))
