@@ -16,9 +16,10 @@ CHROMIUM_FLAGS = [
 ]
 # file name -> (path, texts to click in order; PARTITION stands for --partition)
 PAGES = {
-    "asset-graph.png": ("/asset-groups", []),
+    "asset-graph.png": ("/assets/dataset_release?view=lineage&lineageScope=upstream&lineageDepth=10", []),
     "augmented-crops-partition.png": ("/assets/augmented_crops?view=partitions", ["PARTITION"]),
     "augmented-crops-preview.png": ("/assets/augmented_crops?view=partitions", ["PARTITION", "[Show Markdown]"]),
+    "metrics-summary.png": ("/assets/metrics_summary?view=events", []),
 }
 
 
@@ -36,6 +37,7 @@ def main() -> None:
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         for name, (path, clicks) in PAGES.items():
             page.goto(args.url + path, wait_until="networkidle")
+            page.wait_for_timeout(2000)
             skip = page.get_by_role("button", name="Skip")
             if skip.count():
                 skip.first.click()
