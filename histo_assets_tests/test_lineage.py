@@ -20,7 +20,8 @@ import pytest
 
 from histo_assets.assets.generation import checkpoint_entry
 from histo_assets.assets.ingest import augmented_crops, raw_slides, square_crops
-from histo_assets.assets.release import CODE_VERSION, lineage_table
+from histo_assets.assets.release import CODE_VERSION
+from histo_assets.core.lineage import training_lineage
 from histo_assets.assets.training import hypernetwork_checkpoints
 from histo_assets.cli import main
 from histo_assets.core.io import atomic_write_json, sha256_file, stable_hash
@@ -110,7 +111,7 @@ def release(p, step: int) -> None:
         })
         for row in pd.read_parquet(folder / INDEX).itertuples()
     ]
-    build_release(images, layout.release(RELEASE), name=RELEASE, lineage=lineage_table(layout, CLASS))
+    build_release(images, layout.release(RELEASE), name=RELEASE, lineage=training_lineage(layout, CLASS))
 
 
 @pytest.fixture(scope="module")

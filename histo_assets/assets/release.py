@@ -13,6 +13,7 @@ from histo_assets.assets.evaluation import TABLE_COLUMNS, checkpoint_metrics, me
 from histo_assets.assets.generation import SYNTHETIC_IMAGES_VERSION
 from histo_assets.assets.ingest import AUGMENTED_CROPS_VERSION, SQUARE_CROPS_VERSION
 from histo_assets.assets.training import HYPERNETWORK_CHECKPOINTS_VERSION
+from histo_assets.core.lineage import training_lineage
 from histo_assets.core.release import ReleaseImage, build_release, publish_release
 from histo_assets.core.stage import read_summary
 from histo_assets.layout import INDEX, Layout
@@ -67,29 +68,6 @@ def ensure_git_identity(repo: Path) -> None:
             os.environ.setdefault(key, value)
 
 
-def lineage_table(layout: Layout, tissue_class: str) -> pd.DataFrame:
-    """Training images of a class back to square crops and raw slide files."""
-    augmented = pd.read_parquet(layout.augmented_crops(tissue_class) / INDEX)
-    crops = pd.read_parquet(layout.square_crops(tissue_class) / INDEX)
-    merged = augmented.merge(crops, left_on="source_crop", right_on="crop_file", how="left")
-    return pd.DataFrame({
-        "tissue_class": tissue_class,
-        "training_image": merged["file"],
-        "training_image_sha256": merged["sha256"],
-        "kind": merged["kind"],
-        "operations": merged["operations"],
-        "augmentation_seed": merged["seed"].astype("Int64"),
-        "square_crop": merged["source_crop"],
-        "square_crop_sha256": merged["source_crop_sha256"],
-        "raw_slide": merged["source_path"],
-        "raw_slide_sha256": merged["source_sha256"],
-        "level": merged["level"],
-        "x": merged["x"],
-        "y": merged["y"],
-        "size": merged["size"],
-    })
-
-
 @dg.asset(
     group_name=GROUP,
     automation_condition=FOLLOW_UPSTREAM,
@@ -142,7 +120,7 @@ def dataset_release(context: dg.AssetExecutionContext, config: StageConfig, para
                         "dagster_run_id": generated.get("run_id", ""),
                     },
                 ))
-        lineage.append(lineage_table(layout, tissue_class))
+        lineage.append(training_lineage(layout, tissue_class))
     metrics = pd.read_parquet(layout.metrics_details / "metrics.parquet")[[*TABLE_COLUMNS, "extractor"]]
     plots = sorted(layout.metrics_details.glob("*.png"))
     out = layout.release(section["name"])

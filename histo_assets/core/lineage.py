@@ -219,8 +219,11 @@ def _disagreements(fields: Mapping[str, tuple[str, str]], index_row: dict, manif
     ]
 
 
-def _lineage_from_data_dir(layout: Layout, tissue_class: str) -> pd.DataFrame | None:
-    """The data folder's training images of a class, in the columns of a release's lineage table."""
+def training_lineage(layout: Layout, tissue_class: str) -> pd.DataFrame | None:
+    """A class's training images back to square crops and raw slide files: a release's lineage table.
+
+    None when the data folder does not hold both indexes.
+    """
     augmented_index = layout.augmented_crops(tissue_class) / INDEX
     crops_index = layout.square_crops(tissue_class) / INDEX
     if not (augmented_index.is_file() and crops_index.is_file()):
@@ -229,9 +232,12 @@ def _lineage_from_data_dir(layout: Layout, tissue_class: str) -> pd.DataFrame | 
     crops = pd.read_parquet(crops_index)
     merged = augmented.merge(crops, left_on="source_crop", right_on="crop_file", how="left")
     return pd.DataFrame({
+        "tissue_class": tissue_class,
         "training_image": merged["file"],
         "training_image_sha256": merged["sha256"],
         "kind": merged["kind"],
+        "operations": merged["operations"],
+        "augmentation_seed": merged["seed"].astype("Int64"),
         "square_crop": merged["source_crop"],
         "square_crop_sha256": merged["source_crop_sha256"],
         "raw_slide": merged["source_path"],
@@ -444,7 +450,7 @@ class _Tracer:
                 table = pd.read_parquet(folder / LINEAGE)
                 tables.append((str(folder / LINEAGE), table[table["tissue_class"] == self.tissue_class]))
         if self.layout is not None:
-            table = _lineage_from_data_dir(self.layout, self.tissue_class)
+            table = training_lineage(self.layout, self.tissue_class)
             if table is not None:
                 tables.append((str(self.layout.augmented_crops(self.tissue_class) / INDEX), table))
         return [(source, table) for source, table in tables if len(table)]
