@@ -18,9 +18,6 @@ import tempfile
 # huggingface_hub never tries the network; local_files_only=True below is the
 # guard that holds even if they were imported earlier.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# transformers warns on every import that torchvision is absent; it is absent on purpose
-# (it breaks torchmetrics here) and nothing in this project needs it.
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from collections.abc import Sequence
 from dataclasses import dataclass
