@@ -7,14 +7,14 @@ from PIL import Image
 from histo_assets.assets import FOLLOW_UPSTREAM
 from histo_assets.assets.generation import synthetic_images
 from histo_assets.assets.ingest import augmented_crops, square_crops
-from histo_assets.core.evaluation import FeatureCache, FeatureSet, MetricSettings, score_checkpoint
+from histo_assets.core.evaluation import FeatureCache, MetricSettings, score_checkpoint
 from histo_assets.core.features import build_extractor
 from histo_assets.core.io import atomic_save_png, atomic_write_json, atomic_write_parquet, atomic_write_text, stable_hash
 from histo_assets.core.plots import metric_curves
 from histo_assets.core.previews import contact_sheet, markdown_image, markdown_table
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.stage import current_summary, fingerprint, read_summary
-from histo_assets.layout import HOLDOUT, IMAGES, INDEX, METRICS_ROW, SUMMARY, Layout
+from histo_assets.layout import HOLDOUT, IMAGES, SUMMARY, Layout
 from histo_assets.params import Params
 from histo_assets.partitions import by_tissue_class, class_and_step, class_and_step_partitions
 from histo_assets.resources import ParamsResource, StageConfig

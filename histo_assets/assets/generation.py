@@ -4,13 +4,12 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
-from PIL import Image
 
 from histo_assets.assets import FOLLOW_UPSTREAM
 from histo_assets.assets.checks import image_check_results, image_check_specs
 from histo_assets.assets.training import GPU_TAGS, hypernetwork_checkpoints, imported_hypernetworks
-from histo_assets.core.io import atomic_directory, atomic_save_png, atomic_write_json, stable_hash
-from histo_assets.core.previews import contact_sheet, markdown_image
+from histo_assets.core.io import atomic_directory, atomic_write_json, stable_hash
+from histo_assets.core.previews import markdown_png_file, write_preview
 from histo_assets.core.sampling import GenerationSettings, generate_images, write_generation_index
 from histo_assets.core.stage import current_summary, fingerprint, read_summary
 from histo_assets.layout import IMAGES, INDEX, PREVIEW, SUMMARY, Layout
@@ -72,7 +71,7 @@ def synthetic_images(context: dg.AssetExecutionContext, config: StageConfig, par
                 log=context.log.info,
             )
             write_generation_index(records, staging / INDEX)
-            atomic_save_png(staging / PREVIEW, contact_sheet([staging / IMAGES / r.file for r in records][:32], columns=8))
+            write_preview(staging / IMAGES, staging / PREVIEW)
             summary = {
                 "fingerprint": stage_fingerprint,
                 "count": len(records),
@@ -84,8 +83,7 @@ def synthetic_images(context: dg.AssetExecutionContext, config: StageConfig, par
             }
             atomic_write_json(staging / SUMMARY, summary)
     index = pd.read_parquet(out / INDEX)
-    with Image.open(out / PREVIEW) as preview:
-        preview_md = markdown_image(preview.copy(), f"{tissue_class} step {step}")
+    preview_md = markdown_png_file(out / PREVIEW, f"{tissue_class} step {step}")
     yield dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out)),

@@ -10,8 +10,8 @@ from histo_assets.assets import FOLLOW_UPSTREAM
 from histo_assets.assets.checks import image_check_results, image_check_specs
 from histo_assets.core.augment import AugmentationRecipe, augment_class
 from histo_assets.core.crops import CropSettings, TileSettings, crop_class
-from histo_assets.core.io import atomic_directory, atomic_save_png, atomic_write_json, atomic_write_parquet, atomic_write_text, stable_hash
-from histo_assets.core.previews import contact_sheet, markdown_image, markdown_table
+from histo_assets.core.io import atomic_directory, atomic_write_json, atomic_write_parquet, atomic_write_text, stable_hash
+from histo_assets.core.previews import markdown_png_file, markdown_table, write_preview
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.slides import Problem, inventory_class
 from histo_assets.core.stage import current_summary, fingerprint
@@ -20,7 +20,6 @@ from histo_assets.partitions import tissue_class_partitions
 from histo_assets.resources import ParamsResource, StageConfig
 
 GROUP = "ingest"
-PREVIEW_COUNT = 32
 RAW_SLIDES_VERSION = "1"
 SQUARE_CROPS_VERSION = "1"
 AUGMENTED_CROPS_VERSION = "2"
@@ -37,15 +36,8 @@ def _report_problems(context: dg.AssetExecutionContext, problems: list[Problem])
         context.log.warning(f"skipped {problem.path}: {problem.reason}")
 
 
-def _preview(folder: Path, out: Path) -> Path:
-    images = sorted((folder / IMAGES).glob("*.png"))[:PREVIEW_COUNT]
-    return atomic_save_png(out, contact_sheet(images, columns=8, thumb=96) if images else contact_sheet([]))
-
-
 def _stage_result(summary: dict, folder: Path, reused: bool, extra: dict | None = None) -> dict:
     """Metadata shown in the UI, the same whether the stage ran or was reused."""
-    from PIL import Image
-
     metadata = {
         "path": dg.MetadataValue.path(str(folder)),
         "images": summary["count"],
@@ -55,8 +47,7 @@ def _stage_result(summary: dict, folder: Path, reused: bool, extra: dict | None 
     }
     preview = folder / PREVIEW
     if preview.is_file():
-        with Image.open(preview) as image:
-            metadata["preview"] = dg.MetadataValue.md(markdown_image(image.copy(), folder.name))
+        metadata["preview"] = dg.MetadataValue.md(markdown_png_file(preview, folder.name))
     metadata.update(extra or {})
     return metadata
 
@@ -161,7 +152,7 @@ def square_crops(context: dg.AssetExecutionContext, config: StageConfig, params:
                     metadata={"skipped": dg.MetadataValue.md(_problems_markdown(problems))},
                 )
             atomic_write_parquet(staging / INDEX, pd.DataFrame([r.as_row() for r in records]))
-            _preview(staging, staging / PREVIEW)
+            write_preview(staging / IMAGES, staging / PREVIEW)
             summary = {
                 "fingerprint": stage_fingerprint,
                 "count": len(records),
@@ -249,7 +240,7 @@ def augmented_crops(context: dg.AssetExecutionContext, config: StageConfig, para
             atomic_write_parquet(
                 staging / HOLDOUT, pd.DataFrame({"crop_file": held_out, "crop_sha256": [hashes[n] for n in held_out]})
             )
-            _preview(staging, staging / PREVIEW)
+            write_preview(staging / IMAGES, staging / PREVIEW)
             summary = {
                 "fingerprint": stage_fingerprint,
                 "count": len(records),

@@ -5,7 +5,6 @@ import pickle
 import dagster as dg
 import pandas as pd
 import torch
-from PIL import Image
 
 from histo_assets.assets import FOLLOW_UPSTREAM
 from histo_assets.assets.ingest import augmented_crops
@@ -13,7 +12,7 @@ from histo_assets.core.base_model import attention_context_widths, check_hyperne
 from histo_assets.core.hypernetwork import HypernetworkFormatError, HypernetworkOptions, load_hypernetwork, sanitize_name
 from histo_assets.core.io import atomic_directory, atomic_write_json, atomic_write_parquet, sha256_file, stable_hash
 from histo_assets.core.plots import loss_curve
-from histo_assets.core.previews import markdown_image, markdown_table
+from histo_assets.core.previews import markdown_png_file, markdown_table
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.stage import current_summary, fingerprint, prepare_resumable, read_summary
 from histo_assets.core.training import train_hypernetwork
@@ -142,8 +141,7 @@ def hypernetwork_checkpoints(
         }
         atomic_write_json(out / SUMMARY, summary)
     rows = checkpoint_rows(summary)
-    with Image.open(out / LOSS_PLOT) as plot:
-        loss_markdown = markdown_image(plot.copy(), "loss curve")
+    loss_markdown = markdown_png_file(out / LOSS_PLOT, "loss curve")
     yield dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out)),

@@ -9,8 +9,11 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from histo_assets.core.io import atomic_save_png
+
 BACKGROUND = (255, 255, 255)
 LABEL_HEIGHT = 12
+PREVIEW_COUNT = 32
 
 
 def contact_sheet(
@@ -48,10 +51,23 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def write_preview(images_dir: Path, out: Path) -> Path:
+    """The contact sheet of a stage folder: its first images in name order."""
+    return atomic_save_png(out, contact_sheet(sorted(images_dir.glob("*.png"))[:PREVIEW_COUNT]))
+
+
+def _markdown_png(data: bytes, alt: str) -> str:
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(data).decode()})"
+
+
 def markdown_image(image: Image.Image, alt: str) -> str:
     """Markdown embedding the PNG inline, which the Dagster UI renders in asset metadata."""
-    encoded = base64.b64encode(png_bytes(image)).decode()
-    return f"![{alt}](data:image/png;base64,{encoded})"
+    return _markdown_png(png_bytes(image), alt)
+
+
+def markdown_png_file(path: Path, alt: str) -> str:
+    """:func:`markdown_image` for a PNG already on disk, without decoding it."""
+    return _markdown_png(path.read_bytes(), alt)
 
 
 def markdown_table(frame) -> str:
