@@ -1,8 +1,6 @@
 """The versioned synthetic dataset: images of the chosen checkpoints, their provenance, DVC and a git tag."""
 
 import os
-import subprocess
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -13,6 +11,7 @@ from histo_assets.assets.evaluation import TABLE_COLUMNS, checkpoint_metrics, me
 from histo_assets.assets.generation import SYNTHETIC_IMAGES_VERSION
 from histo_assets.assets.ingest import AUGMENTED_CROPS_VERSION, SQUARE_CROPS_VERSION
 from histo_assets.assets.training import HYPERNETWORK_CHECKPOINTS_VERSION
+from histo_assets.core.dvc import ensure_git_identity, git_last_commit, git_toplevel
 from histo_assets.core.lineage import training_lineage
 from histo_assets.core.release import ReleaseImage, build_release, publish_release
 from histo_assets.core.stage import read_summary
@@ -25,8 +24,9 @@ CODE_VERSION = (
     f"histo-assets {__version__}; square_crops {SQUARE_CROPS_VERSION}, augmented_crops {AUGMENTED_CROPS_VERSION}, "
     f"hypernetwork_checkpoints {HYPERNETWORK_CHECKPOINTS_VERSION}, synthetic_images {SYNTHETIC_IMAGES_VERSION}"
 )
-GIT_IDENTITY = {"GIT_AUTHOR_NAME": "histo-assets", "GIT_AUTHOR_EMAIL": "histo-assets@localhost",
-                "GIT_COMMITTER_NAME": "histo-assets", "GIT_COMMITTER_EMAIL": "histo-assets@localhost"}
+# The last change to these paths is the code version a release records; later release commits don't count.
+CODE_PATHS = ["histo_assets", "pyproject.toml"]
+PIPELINE_AUTHOR = ("histo-assets", "histo-assets@localhost")
 
 
 def selected_steps(p: Params, best: dict[str, int]) -> dict[str, list[int]]:
@@ -40,32 +40,6 @@ def selected_steps(p: Params, best: dict[str, int]) -> dict[str, list[int]]:
     if unknown:
         raise dg.Failure(f"release.checkpoints names steps that were not trained: {unknown}")
     return {c: sorted(map(int, choice)) for c in p.classes}
-
-
-def code_commit() -> str:
-    """The last commit that changed the code, so release commits that follow it do not change provenance.
-
-    ``+dirty`` marks code with uncommitted edits; empty outside a git checkout.
-    """
-    code = ["histo_assets", "pyproject.toml"]
-    last = subprocess.run(["git", "-C", str(PROJECT_ROOT), "log", "-1", "--format=%H", "--", *code], capture_output=True, text=True)
-    if last.returncode != 0 or not last.stdout.strip():
-        return ""
-    dirty = subprocess.run(["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--", *code], capture_output=True, text=True)
-    return last.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def git_toplevel(path: Path) -> Path | None:
-    result = subprocess.run(["git", "-C", str(path), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
-    return Path(result.stdout.strip()) if result.returncode == 0 else None
-
-
-def ensure_git_identity(repo: Path) -> None:
-    """Release commits need an author; fall back to a pipeline identity where none is configured (CI)."""
-    configured = subprocess.run(["git", "-C", str(repo), "config", "user.email"], capture_output=True, text=True).stdout.strip()
-    if not configured:
-        for key, value in GIT_IDENTITY.items():
-            os.environ.setdefault(key, value)
 
 
 @dg.asset(
@@ -87,7 +61,7 @@ def dataset_release(context: dg.AssetExecutionContext, config: StageConfig, para
         raise dg.Failure("metrics_summary has not been materialised")
     steps = selected_steps(p, {c: int(s) for c, s in summary["best"].items()})
     repo = git_toplevel(p.data_dir)
-    commit = code_commit()
+    commit = git_last_commit(PROJECT_ROOT, CODE_PATHS)
     images, lineage = [], []
     for tissue_class, class_steps in steps.items():
         hn = read_summary(layout.hypernetwork_checkpoints(tissue_class))
@@ -141,7 +115,7 @@ def dataset_release(context: dg.AssetExecutionContext, config: StageConfig, para
     if repo is None:
         context.log.warning(f"{p.data_dir} is not inside a git repository: the release was built but not versioned")
         return dg.MaterializeResult(metadata=metadata | {"published": False}, data_version=dg.DataVersion(info.content_hash))
-    ensure_git_identity(repo)
+    ensure_git_identity(repo, *PIPELINE_AUTHOR)
     cli = dvc.cli(repo)
     cli.init()
     remote = section["remote"]

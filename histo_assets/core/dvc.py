@@ -243,15 +243,41 @@ def _git(repo: str | os.PathLike, *args: str) -> str:
     return _run(["git", "-C", str(repo), *args], Path(repo)).stdout
 
 
-def git_is_repo(repo: str | os.PathLike) -> bool:
-    """True when ``repo`` is the top level of a git work tree (not merely inside one)."""
-    path = Path(repo)
-    if not path.is_dir():
-        return False
+def git_toplevel(path: str | os.PathLike) -> Path | None:
+    """The top level of the git work tree that contains ``path``; None outside one."""
+    if not Path(path).is_dir():
+        return None
     result = subprocess.run(
         ["git", "-C", str(path), "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=False
     )
-    return result.returncode == 0 and Path(result.stdout.strip()).resolve() == path.resolve()
+    return Path(result.stdout.strip()).resolve() if result.returncode == 0 else None
+
+
+def git_is_repo(repo: str | os.PathLike) -> bool:
+    """True when ``repo`` is the top level of a git work tree (not merely inside one)."""
+    return git_toplevel(repo) == Path(repo).resolve()
+
+
+def git_last_commit(repo: str | os.PathLike, paths: Sequence[str]) -> str:
+    """The last commit that changed ``paths``, with ``+dirty`` for uncommitted edits there; empty outside git."""
+    try:
+        last = _git(repo, "log", "-1", "--format=%H", "--", *paths).strip()
+        dirty = _git(repo, "status", "--porcelain", "--", *paths).strip()
+    except CommandError:
+        return ""
+    return last + ("+dirty" if last and dirty else "")
+
+
+def ensure_git_identity(repo: str | os.PathLike, name: str, email: str) -> None:
+    """Commits need an author: where git has none configured (a bare CI machine), use ``name``/``email``."""
+    try:
+        configured = _git(repo, "config", "user.email").strip()
+    except CommandError:
+        configured = ""
+    if not configured:
+        for role in ("AUTHOR", "COMMITTER"):
+            os.environ.setdefault(f"GIT_{role}_NAME", name)
+            os.environ.setdefault(f"GIT_{role}_EMAIL", email)
 
 
 def git_head(repo: str | os.PathLike) -> str:
