@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -48,6 +49,16 @@ SMALL = {
     "augmentation": {"total": 12, "workers": 1, "distortion": {"magnitude": 1}},
     "checks": {"min_square_crops": 2, "min_augmented_crops": 8},
 }
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny model's kernels are too small to gain from threads, and on a busy 2-core machine
+    the intra-op pool's waiting makes each step many times slower; restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

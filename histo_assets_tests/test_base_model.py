@@ -27,14 +27,7 @@ from histo_assets.core.io import sha256_file
 from histo_assets_tests.conftest import TINY_MODEL_SEED
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny model's kernels are too small to gain from threads, and on a busy 2-core machine
-    the intra-op pool's waiting makes each step many times slower; restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _weight_files(folder: Path) -> dict[str, str]:

@@ -36,14 +36,7 @@ OPTIONS = HypernetworkOptions(sizes=TINY_HYPERNETWORK_SIZES)
 TEMPLATES = ["an H&E tile of [filewords], [name]", "a histology image of [filewords]"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny model's kernels are too small to gain from threads, and on a busy 2-core machine
-    the intra-op pool's waiting makes each step many times slower; restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
