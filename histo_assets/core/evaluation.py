@@ -59,7 +59,12 @@ def library_versions() -> str:
 
 
 class FeatureCache:
-    """Features of image sets, stored as .npz under (extractor identity, image-set hash)."""
+    """Features of image sets, stored as .npz under (extractor identity, image-set hash).
+
+    One instance serves one evaluation, during which the images do not change, so
+    each set's content hash is computed once even though the same held-out and
+    training sets are looked up for every checkpoint.
+    """
 
     def __init__(self, cache_dir: Path, extractor: ImageFeatureExtractor, info: FeatureExtractorInfo, batch_size: int):
         self.cache_dir = cache_dir
@@ -67,9 +72,13 @@ class FeatureCache:
         self.info = info
         self.batch_size = batch_size
         self.identity = stable_hash([info.name, info.weights_sha256, info.feature_dim, info.resize_mode, info.note])
+        self._set_hashes: dict[tuple[Path, ...], str] = {}
 
     def path_for(self, paths: Sequence[Path]) -> Path:
-        return self.cache_dir / f"{self.identity[:16]}-{image_set_hash(paths)[:32]}.npz"
+        key = tuple(sorted(paths))
+        if key not in self._set_hashes:
+            self._set_hashes[key] = image_set_hash(key)
+        return self.cache_dir / f"{self.identity[:16]}-{self._set_hashes[key][:32]}.npz"
 
     def features(self, paths: Sequence[Path], log: Callable[[str], None] | None = None) -> FeatureSet:
         paths = sorted(paths)
