@@ -15,18 +15,16 @@ from diffusers import EulerDiscreteScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
+from histo_assets.core.a1111_text import PARAMETERS_KEY, SAMPLER_NAMES, a1111_parameters, parse_a1111_parameters
 from histo_assets.core.base_model import TINY_HYPERNETWORK_SIZES
 from histo_assets.core.hypernetwork import Hypernetwork, HypernetworkOptions, save_hypernetwork, short_hash
 from histo_assets.core.io import sha256_file
 from histo_assets.core.sampling import (
-    PARAMETERS_KEY,
     SAMPLERS,
     GeneratedImage,
     GenerationSettings,
-    a1111_parameters,
     generate_images,
     image_seed,
-    parse_a1111_parameters,
     render_generation_prompt,
     write_generation_index,
 )
@@ -248,12 +246,12 @@ def test_hand_written_a1111_file_generates(tiny_base, base_run, tmp_path):
 
 
 def test_every_sampler_generates_and_leaves_the_base_model_alone(tiny_base, tmp_path):
-    for key, sampler in SAMPLERS.items():
+    for key in SAMPLERS:
         records = generate(tiny_base, tmp_path / key, count=1, steps=3, sampler=key)
         image = pixels(tmp_path / key / records[0].file)
         assert image.shape == (64, 64, 3) and image.std() > 1, key
         assert parse_a1111_parameters(png_parameters(tmp_path / key / records[0].file))["Sampler"] == \
-            sampler.display_name
+            SAMPLER_NAMES[key]
     assert type(tiny_base.scheduler) is EulerDiscreteScheduler
 
 

@@ -34,6 +34,7 @@ from diffusers import (
 from diffusers.models.attention_processor import Attention
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from histo_assets.core.a1111_text import SHORT_HASH_LENGTH
 from histo_assets.core.io import atomic_directory, sha256_file, stable_hash
 
 SOURCES = ("tiny", "diffusers", "single_file")
@@ -134,7 +135,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def short_hash(sha256: str) -> str:
     """A1111's ``sd_checkpoint`` form of a hash."""
-    return sha256[:10]
+    return sha256[:SHORT_HASH_LENGTH]
 
 
 def component_weight_files(folder: str | os.PathLike, component: str) -> list[Path]:

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from histo_assets.core.a1111_text import SHORT_HASH_LENGTH
 from histo_assets.core.io import atomic_write_bytes, sha256_file
 
-SHORT_HASH_LENGTH = 10
 OPTIMIZER_SUFFIX = ".optim"
 WEIGHT_INIT_SCHEMES = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
 # §4: "Normal" Linears and every LayerNorm start at N(0, 0.01), so the residual MLP starts near zero.

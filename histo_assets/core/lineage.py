@@ -23,12 +23,17 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from histo_assets.core.hypernetwork import SHORT_HASH_LENGTH
+from histo_assets.core.a1111_text import (
+    PARAMETERS_KEY,
+    SAMPLER_NAMES,
+    SHORT_HASH_LENGTH,
+    hypernetwork_token,
+    parse_a1111_parameters,
+)
 from histo_assets.core.io import sha256_file, stable_hash
 from histo_assets.core.release import CARD, LINEAGE, MANIFEST, read_manifest
-from histo_assets.core.sampling import PARAMETERS_KEY, SAMPLERS, hypernetwork_token, parse_a1111_parameters
 from histo_assets.core.stage import read_summary
-from histo_assets.core.training import settings_path
+from histo_assets.core.training_files import settings_path
 from histo_assets.layout import HOLDOUT, IMAGES, INDEX, INVENTORY, Layout
 
 MIN_PREFIX = 8
@@ -388,12 +393,11 @@ class _Tracer:
         prompt = generation.get("prompt")
         if hypernet and prompt is not None and multiplier is not None:
             prompt = f"{prompt} {hypernetwork_token(hypernet, multiplier)}"
-        sampler = SAMPLERS.get(generation.get("sampler"))
         expected = {
             "Prompt": prompt,
             "Negative prompt": generation.get("negative_prompt"),
             "Steps": generation.get("steps"),
-            "Sampler": sampler.display_name if sampler else generation.get("sampler"),
+            "Sampler": SAMPLER_NAMES.get(generation.get("sampler"), generation.get("sampler")),
             "CFG scale": generation.get("cfg_scale"),
             "Seed": generation.get("seed"),
             "Size": f"{generation.get('width')}x{generation.get('height')}",

@@ -42,6 +42,13 @@ from histo_assets.core.hypernetwork import (
 )
 from histo_assets.core.io import atomic_write_json, atomic_write_text, sha256_file, stable_hash
 from histo_assets.core.seeding import derive_seed
+from histo_assets.core.training_files import (
+    checkpoint_path,
+    existing_checkpoints,
+    final_path,
+    loss_csv_path,
+    settings_path,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 LATENT_SAMPLING = ("once", "deterministic", "random")
@@ -322,35 +329,6 @@ def diffusion_loss(base: BaseModel, noise_scheduler: DDPMScheduler, latents: tor
     with torch.autocast(device.type, dtype=dtype) if half else contextlib.nullcontext():
         prediction = base.unet(noisy.to(dtype), t, encoder_hidden_states=conditioning.to(device, dtype)).sample
     return F.mse_loss(prediction.float(), noise.float())
-
-
-def checkpoint_path(out_dir: str | Path, name: str, steps: int) -> Path:
-    return Path(out_dir) / f"{name}-{steps}.pt"
-
-
-def final_path(out_dir: str | Path, name: str) -> Path:
-    return Path(out_dir) / f"{name}.pt"
-
-
-def loss_csv_path(out_dir: str | Path, name: str) -> Path:
-    return Path(out_dir) / f"{name}-loss.csv"
-
-
-def settings_path(out_dir: str | Path, name: str) -> Path:
-    return Path(out_dir) / f"{name}-settings.json"
-
-
-def existing_checkpoints(out_dir: str | Path, name: str) -> dict[int, Path]:
-    """``<name>-N.pt`` files in ``out_dir`` by N."""
-    pattern = re.compile(rf"^{re.escape(name)}-(\d+)\.pt$")
-    found = {}
-    folder = Path(out_dir)
-    if folder.is_dir():
-        for path in folder.iterdir():
-            match = pattern.match(path.name)
-            if match and path.is_file():
-                found[int(match.group(1))] = path
-    return dict(sorted(found.items()))
 
 
 def _write_loss_csv(path: Path, history: Sequence[LossRecord]) -> None:
