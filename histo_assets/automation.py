@@ -13,21 +13,29 @@ import dagster as dg
 from histo_assets.core.io import stable_hash
 from histo_assets.layout import Layout
 from histo_assets.params import Params
-from histo_assets.resources import ParamsResource
+from histo_assets.resources import ObjectStoreResource, ParamsResource
 
 WEEKLY_CRON = "0 3 * * 1"
 SENSOR_INTERVAL_SECONDS = 60
 
 
-def raw_folder_signatures(p: Params) -> dict[str, str]:
-    """A cheap signature per class folder (names, sizes, modification times); content hashes come later, in raw_slides."""
+def raw_folder_signatures(p: Params, object_store: ObjectStoreResource) -> dict[str, str]:
+    """A cheap signature per class folder; content hashes come later, in raw_slides.
+
+    Locally: file names, sizes and modification times. With an object store
+    (a cluster, where the lab uploads with `histo-assets store push raw/<class>`):
+    the folder's manifest there.
+    """
     layout = Layout(p.data_dir)
     signatures = {}
     for tissue_class in p.classes:
         folder = layout.raw(tissue_class)
-        entries = sorted(
-            (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file()
-        ) if folder.is_dir() else []
+        if object_store.enabled:
+            entries = object_store.stored_files(p.data_dir, folder) or {}
+        elif folder.is_dir():
+            entries = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())
+        else:
+            entries = []
         signatures[tissue_class] = stable_hash(entries)
     return signatures
 
@@ -39,10 +47,10 @@ def build_automation(ingest_job):
         default_status=dg.DefaultSensorStatus.STOPPED,
         description="Starts the ingest job for each tissue class whose raw folder gained, lost or changed files.",
     )
-    def raw_slides_sensor(context: dg.SensorEvaluationContext, params: ParamsResource):
+    def raw_slides_sensor(context: dg.SensorEvaluationContext, params: ParamsResource, object_store: ObjectStoreResource):
         p = params.load()
         previous = json.loads(context.cursor) if context.cursor else {}
-        current = raw_folder_signatures(p)
+        current = raw_folder_signatures(p, object_store)
         changed = [c for c, signature in current.items() if previous.get(c) != signature]
         context.update_cursor(json.dumps(current, sort_keys=True))
         if not changed:

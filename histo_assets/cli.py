@@ -1,4 +1,4 @@
-"""The `histo-assets` command: sample data, materialising the pipeline, and the Dagster UI."""
+"""The `histo-assets` command: sample data, materialising the pipeline, the Dagster UI, lineage and the object store."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from histo_assets.core.object_store import STORE_URL_ENV
 from histo_assets.params import PROJECT_ROOT, load_params
 
 DAGSTER_HOME_ENV = "DAGSTER_HOME"
@@ -119,6 +120,29 @@ def _lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store(args: argparse.Namespace) -> int:
+    from histo_assets.core.object_store import ObjectStore, ObjectStoreError, safe_relative
+
+    url = args.url or os.environ.get(STORE_URL_ENV)
+    if not url:
+        print(f"error: no object store: pass --url or set {STORE_URL_ENV}", file=sys.stderr)
+        return 2
+    data_dir = Path(args.data_dir).resolve() if args.data_dir else load_params().data_dir
+    store = ObjectStore(url)
+    try:
+        for folder in args.folder:
+            key = safe_relative(Path(folder).as_posix())
+            if args.action == "push":
+                print(store.push(data_dir / key, key).describe("pushed"))
+                continue
+            transfer = store.pull(key, data_dir / key)
+            print(transfer.describe("pulled") if transfer else f"{key}: not in {url}, left alone")
+    except ObjectStoreError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="histo-assets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     lineage.add_argument("--data-dir", help="Data root (default: data_dir of the params file); searched when it exists.")
     lineage.add_argument("--json", action="store_true", help="Print the report as JSON.")
     lineage.set_defaults(handler=_lineage)
+
+    store = sub.add_parser("store", help="Push or pull stage folders to or from the object store (e.g. raw slides for a cluster).")
+    store.add_argument("action", choices=["push", "pull"])
+    store.add_argument("folder", nargs="+", help="A folder relative to the data root, e.g. raw/<class> or square_crops/<class>.")
+    store.add_argument("--url", help=f"fsspec URL of the store (default: ${STORE_URL_ENV}).")
+    store.add_argument("--data-dir", help="Data root (default: data_dir of the params file).")
+    store.set_defaults(handler=_store)
     return parser
 
 

@@ -15,7 +15,7 @@ import dagster as dg
 
 from histo_assets.assets import evaluation, generation, ingest, release, training
 from histo_assets.automation import build_automation
-from histo_assets.resources import BaseModelResource, DvcResource, ParamsResource
+from histo_assets.resources import BaseModelResource, DvcResource, ObjectStoreResource, ParamsResource
 
 ingest_assets = [ingest.raw_slides, ingest.square_crops, ingest.augmented_crops]
 training_assets = [training.hypernetwork_checkpoints, training.imported_hypernetworks, generation.imported_synthetic_images]
@@ -39,10 +39,22 @@ pipeline_jobs = [ingest_job, training_job, per_checkpoint_job, summary_job, rele
 
 raw_slides_sensor, weekly_refresh = build_automation(ingest_job)
 
-defs = dg.Definitions(
-    assets=[*ingest_assets, *training_assets, *per_checkpoint_assets, *summary_assets, *release_assets],
-    jobs=pipeline_jobs,
-    sensors=[raw_slides_sensor],
-    schedules=[weekly_refresh],
-    resources={"params": ParamsResource(), "base_model": BaseModelResource(), "dvc": DvcResource()},
-)
+
+def pipeline_definitions(object_store: ObjectStoreResource | None = None, executor=None) -> dg.Definitions:
+    """The pipeline with deployment choices filled in: where stage folders live, and how steps run."""
+    return dg.Definitions(
+        assets=[*ingest_assets, *training_assets, *per_checkpoint_assets, *summary_assets, *release_assets],
+        jobs=pipeline_jobs,
+        sensors=[raw_slides_sensor],
+        schedules=[weekly_refresh],
+        resources={
+            "params": ParamsResource(),
+            "base_model": BaseModelResource(),
+            "dvc": DvcResource(),
+            "object_store": object_store or ObjectStoreResource(),
+        },
+        executor=executor,
+    )
+
+
+defs = pipeline_definitions()

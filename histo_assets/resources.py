@@ -1,5 +1,7 @@
 """Dagster resources: thin, configurable handles on params and compute."""
 
+from pathlib import Path
+
 import dagster as dg
 from pydantic import Field
 
@@ -67,3 +69,51 @@ class DvcResource(dg.ConfigurableResource):
         from histo_assets.core.dvc import DvcCli
 
         return DvcCli(self.executable, repo)
+
+
+class ObjectStoreResource(dg.ConfigurableResource):
+    """Stage folders kept in an object store, for machines that share no disk (Kubernetes pods).
+
+    Unset, everything stays in the local data_dir, as on one workstation. With
+    a URL the store is the source of truth and data_dir a working copy: an
+    asset pulls the folders it reads and its own previous output (so unchanged
+    work is still skipped), and pushes its output when it succeeds.
+    """
+
+    url: str | None = Field(default=None, description="fsspec URL, e.g. s3://bucket/histo-assets, gs://..., file:///shared; None: local only.")
+    storage_options: dict[str, str] = Field(
+        default_factory=dict, description="Passed to fsspec, e.g. {endpoint_url: ...}; credentials come from the environment."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+    def _store_and_key(self, data_dir: Path, folder: Path):
+        from histo_assets.core.object_store import ObjectStore, ObjectStoreError
+
+        try:
+            key = folder.resolve().relative_to(data_dir.resolve()).as_posix()
+        except ValueError:
+            raise ObjectStoreError(f"{folder} is not under the data folder {data_dir}") from None
+        return ObjectStore(self.url, self.storage_options), key
+
+    def pull(self, data_dir: Path, *folders: Path, log=print) -> None:
+        """Bring the stored copies of these folders into data_dir; folders never pushed are left alone."""
+        for folder in folders if self.enabled else ():
+            store, key = self._store_and_key(data_dir, folder)
+            transfer = store.pull(key, folder)
+            if transfer is not None:
+                log(transfer.describe("pulled"))
+
+    def push(self, data_dir: Path, *folders: Path, log=print) -> None:
+        for folder in folders if self.enabled else ():
+            store, key = self._store_and_key(data_dir, folder)
+            log(store.push(folder, key).describe("pushed"))
+
+    def stored_files(self, data_dir: Path, folder: Path) -> dict | None:
+        """The stored folder's manifest (path -> sha256 and size); None if never pushed or no store is set."""
+        if not self.enabled:
+            return None
+        store, key = self._store_and_key(data_dir, folder)
+        return store.manifest(key)

@@ -5,12 +5,14 @@ import datetime
 import dagster as dg
 
 from histo_assets.definitions import defs, ingest_job, raw_slides_sensor, weekly_refresh
-from histo_assets.resources import ParamsResource
+from histo_assets.core.object_store import ObjectStore
+from histo_assets.resources import ObjectStoreResource, ParamsResource
 from histo_assets_tests.conftest import THESIS_CLASSES, tissue_image
 
 
-def evaluate(params_file, cursor=None):
-    context = dg.build_sensor_context(cursor=cursor, resources={"params": ParamsResource(params_file=str(params_file))})
+def evaluate(params_file, cursor=None, store_url=None):
+    resources = {"params": ParamsResource(params_file=str(params_file)), "object_store": ObjectStoreResource(url=store_url)}
+    context = dg.build_sensor_context(cursor=cursor, resources=resources)
     result = raw_slides_sensor(context)
     requests = [] if isinstance(result, dg.SkipReason) else result
     return requests, context.cursor
@@ -29,6 +31,22 @@ def test_sensor_requests_only_the_classes_whose_slides_changed(small_params, sma
     (small_dataset / "raw" / changed_class / "new-slide.png").unlink()
     removed, _ = evaluate(small_params, cursor)
     assert [r.partition_key for r in removed] == [changed_class]
+
+
+def test_with_an_object_store_the_sensor_watches_what_the_lab_pushed_there(small_params, small_dataset, tmp_path):
+    url = f"file://{tmp_path / 'bucket'}"
+    store = ObjectStore(url)
+    for name in THESIS_CLASSES:
+        store.push(small_dataset / "raw" / name, f"raw/{name}")
+    first, cursor = evaluate(small_params, store_url=url)
+    assert sorted(r.partition_key for r in first) == sorted(THESIS_CLASSES)
+    changed_class = THESIS_CLASSES[2]
+    tissue_image((128, 128), seed=98).save(small_dataset / "raw" / changed_class / "new-slide.png")
+    unpushed, cursor = evaluate(small_params, cursor, store_url=url)
+    assert unpushed == [], "a file only on this machine is not what the cluster will read"
+    store.push(small_dataset / "raw" / changed_class, f"raw/{changed_class}")
+    pushed, _ = evaluate(small_params, cursor, store_url=url)
+    assert [r.partition_key for r in pushed] == [changed_class]
 
 
 def test_weekly_schedule_refreshes_every_class_once_per_week(small_params):

@@ -5,8 +5,10 @@ import os
 import subprocess
 from pathlib import Path
 
+import dagster as dg
 import yaml
 
+from histo_assets.core.object_store import STORE_URL_ENV, ObjectStore
 from histo_assets.params import PROJECT_ROOT, load_params
 
 DEPLOY = PROJECT_ROOT / "deploy"
@@ -48,9 +50,9 @@ def test_definitions_validate_with_the_cluster_params(tmp_path):
 
 def test_cluster_params_and_instance_config_are_coherent():
     p = load_params(DEPLOY / "params.k8s.yaml")
-    assert p.data_dir == Path("/data") and p["base_model"]["source"] == "single_file"
+    assert p.data_dir == Path("/app/data") and p["base_model"]["source"] == "single_file"
     assert p["base_model"]["sha256"].startswith("6ce0161689")
-    assert p["release"]["remote"]["url"].startswith("s3://")
+    assert p["release"]["remote"]["url"].startswith("s3://") and p["release"]["git_remote"] == "origin"
     instance = yaml.safe_load((DEPLOY / "dagster.yaml").read_text())
     assert instance["run_launcher"]["class"] == "K8sRunLauncher"
     assert "postgres" in instance["storage"]
@@ -58,3 +60,25 @@ def test_cluster_params_and_instance_config_are_coherent():
     deployment = values["dagster-user-deployments"]["deployments"][0]
     assert deployment["dagsterApiGrpcArgs"] == ["-f", "deploy/definitions.py"]
     assert {"name": "HISTO_ASSETS_PARAMS", "value": "/app/deploy/params.k8s.yaml"} in deployment["env"]
+
+
+def test_pods_hand_stage_folders_on_through_the_store_named_in_the_values(tmp_path, monkeypatch):
+    values = yaml.safe_load((DEPLOY / "values.yaml").read_text())
+    deployment = values["dagster-user-deployments"]["deployments"][0]
+    url = {e["name"]: e["value"] for e in deployment["env"]}[STORE_URL_ENV]
+    assert {"name": "data", "emptyDir": {}} in deployment["volumes"]
+    assert {"name": "data", "mountPath": "/app/data"} in deployment["volumeMounts"]
+    store = ObjectStore(url)
+    assert type(store.fs).__name__ == "S3FileSystem" and store.root == url.removeprefix("s3://")
+
+    # The deployed resource reads its URL from the environment: point it at a local store and push a folder.
+    local_store = f"file://{tmp_path / 'bucket'}"
+    monkeypatch.setenv(STORE_URL_ENV, local_store)
+    definition = load_deploy_definitions().resolve_job_def("ingest_pipeline").resource_defs["object_store"]
+    folder = tmp_path / "data" / "square_crops" / "x"
+    folder.mkdir(parents=True)
+    (folder / "index.parquet").write_bytes(b"index")
+    with dg.build_resources({"object_store": definition}) as resources:
+        assert resources.object_store.url == local_store
+        resources.object_store.push(tmp_path / "data", folder, log=lambda message: None)
+    assert ObjectStore(local_store).manifest("square_crops/x")["index.parquet"]["size"] == 5

@@ -11,7 +11,7 @@ import pytest
 from histo_assets.assets.ingest import augmented_crops, raw_slides, square_crops
 from histo_assets.core.io import sha256_file
 from histo_assets.params import PROJECT_ROOT
-from histo_assets.resources import ParamsResource
+from histo_assets.resources import ObjectStoreResource, ParamsResource
 from histo_assets_tests.conftest import THESIS_CLASSES, tissue_image
 
 ASSETS = [raw_slides, square_crops, augmented_crops]
@@ -23,7 +23,7 @@ def materialize(params_file: Path, partition: str, instance=None, overrides: lis
     return dg.materialize(
         ASSETS,
         partition_key=partition,
-        resources={"params": ParamsResource(params_file=str(params_file))},
+        resources={"params": ParamsResource(params_file=str(params_file)), "object_store": ObjectStoreResource()},
         instance=instance or dg.DagsterInstance.ephemeral(),
         run_config=run_config,
         raise_on_error=False,

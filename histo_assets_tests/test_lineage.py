@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from histo_assets.core.release import ReleaseImage, build_release
 from histo_assets.core.sampling import GenerationSettings, generate_images, write_generation_index
 from histo_assets.layout import HOLDOUT, IMAGES, INDEX, INVENTORY, SUMMARY, Layout
 from histo_assets.params import PARAMS_ENV, load_params
-from histo_assets.resources import BaseModelResource, ParamsResource
+from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
 from histo_assets_tests.conftest import THESIS_CLASSES, tissue_image, write_params
 
 CLASS = THESIS_CLASSES[0]
@@ -126,7 +128,8 @@ def project(tmp_path_factory, tiny_model_cache, tiny_base) -> Project:
     assets = [raw_slides, square_crops, augmented_crops, hypernetwork_checkpoints]
     result = dg.materialize(
         assets, partition_key=CLASS, instance=dg.DagsterInstance.ephemeral(), raise_on_error=False,
-        resources={"params": ParamsResource(params_file=str(built.params)), "base_model": BaseModelResource(device="cpu")},
+        resources={"params": ParamsResource(params_file=str(built.params)), "base_model": BaseModelResource(device="cpu"),
+                   "object_store": ObjectStoreResource()},
         run_config={"ops": {a.key.path[-1]: {"config": {"overrides": []}} for a in assets}},
     )
     assert result.success
@@ -265,3 +268,11 @@ def test_cli_exits_2_with_a_message_for_an_unknown_image(project, capsys):
     assert "error: no synthetic image with a sha256 starting with deadbeefdeadbeef" in captured.err
     assert main(["lineage", "deadbeef", "--release", str(project.root / "missing")]) == 2
     assert "no release manifest" in capsys.readouterr().err
+
+
+def test_lineage_imports_neither_torch_nor_diffusers():
+    # Auditors run lineage in a plain clone of a release; importing these alone takes seconds.
+    code = ("import sys, histo_assets.core.lineage; "
+            "print(*(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert imported.split() == []

@@ -35,14 +35,15 @@ from PIL import Image
 from histo_assets.assets.evaluation import TABLE_COLUMNS
 from histo_assets.assets.generation import imported_synthetic_images
 from histo_assets.assets.training import hypernetwork_checkpoints, imported_hypernetworks
+from histo_assets.core.a1111_text import parse_a1111_parameters
 from histo_assets.core.base_model import folder_weights_sha256, tiny_model_dir
 from histo_assets.core.features import FALLBACK_NAME
 from histo_assets.core.hypernetwork import load_hypernetwork
 from histo_assets.core.io import sha256_file
-from histo_assets.core.sampling import image_seed, parse_a1111_parameters
+from histo_assets.core.sampling import image_seed
 from histo_assets.layout import Layout
 from histo_assets.params import DEFAULT_PARAMS_FILE, PROJECT_ROOT, load_params
-from histo_assets.resources import BaseModelResource, ParamsResource
+from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
 from histo_assets_tests.conftest import TINY_MODEL_SEED, THESIS_CLASSES, tissue_image, write_params
 
 CLASSES = THESIS_CLASSES[:2]
@@ -202,7 +203,8 @@ def materialize_in_process(pipeline: Pipeline, assets: list, partition: str, ove
     result = dg.materialize(
         assets,
         partition_key=partition,
-        resources={"params": ParamsResource(params_file=str(pipeline.params)), "base_model": BaseModelResource(device="cpu")},
+        resources={"params": ParamsResource(params_file=str(pipeline.params)), "base_model": BaseModelResource(device="cpu"),
+                   "object_store": ObjectStoreResource()},
         run_config={"ops": {a.key.path[-1]: {"config": {"overrides": overrides or []}} for a in assets}},
         instance=instance,
         raise_on_error=False,

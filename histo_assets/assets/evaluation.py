@@ -17,7 +17,7 @@ from histo_assets.core.stage import current_summary, fingerprint, read_summary
 from histo_assets.layout import HOLDOUT, IMAGES, SUMMARY, Layout
 from histo_assets.params import Params
 from histo_assets.partitions import by_tissue_class, class_and_step, class_and_step_partitions
-from histo_assets.resources import ParamsResource, StageConfig
+from histo_assets.resources import ObjectStoreResource, ParamsResource, StageConfig
 
 GROUP = "evaluation"
 CHECKPOINT_METRICS_VERSION = "1"
@@ -77,10 +77,15 @@ def generated_files(layout: Layout, tissue_class: str, step: int) -> list:
     "crops (and FID against the training images), IS where Inception logits exist, k-NN precision/recall and "
     "the memorisation rate against training images. Real-set features are cached by content hash.",
 )
-def checkpoint_metrics(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource):
+def checkpoint_metrics(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource, object_store: ObjectStoreResource):
     p = params.load(config.overrides)
     tissue_class, step = class_and_step(context)
     layout = Layout(p.data_dir)
+    out = layout.checkpoint_metrics(tissue_class, step)
+    object_store.pull(
+        p.data_dir, layout.synthetic_images(tissue_class, step), layout.augmented_crops(tissue_class),
+        layout.square_crops(tissue_class), out, log=context.log.info,
+    )
     reference, train = real_sets(layout, tissue_class)
     generated = generated_files(layout, tissue_class, step)
     cache = feature_cache(p)
@@ -90,7 +95,6 @@ def checkpoint_metrics(context: dg.AssetExecutionContext, config: StageConfig, p
         metrics={k: v for k, v in p["metrics"].items() if k != "best_checkpoint_metric"}, seed=p.seed,
         code=CHECKPOINT_METRICS_VERSION,
     )
-    out = layout.checkpoint_metrics(tissue_class, step)
     summary = current_summary(out, stage_fingerprint)
     reused = summary is not None
     if not reused:
@@ -101,6 +105,7 @@ def checkpoint_metrics(context: dg.AssetExecutionContext, config: StageConfig, p
         row = {"tissue_class": tissue_class, "step": step} | row
         summary = {"fingerprint": stage_fingerprint, "row": row}
         atomic_write_json(out / SUMMARY, summary)
+    object_store.push(p.data_dir, out, log=context.log.info)
     row = summary["row"]
     context.log.info(f"{tissue_class} step {step}: FID {row['fid']}, KID {row['kid_mean']} ({row['extractor']})")
     return dg.MaterializeResult(
@@ -178,10 +183,16 @@ def comparison_grid(layout: Layout, tissue_class: str, steps: list[int]) -> Imag
     "thesis's Table 3.6); the best checkpoint per class by metrics.best_checkpoint_metric; FID/KID/IS-versus-step "
     "plots and originals-versus-generated grids. Written as DVC metrics (metrics.json) and plots (metrics.csv).",
 )
-def metrics_summary(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource):
+def metrics_summary(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource, object_store: ObjectStoreResource):
     p = params.load(config.overrides)
     layout = Layout(p.data_dir)
     steps = sorted(int(s) for s in p["training"]["checkpoint_steps"])
+    for tissue_class in p.classes:
+        object_store.pull(
+            p.data_dir, layout.square_crops(tissue_class), layout.augmented_crops(tissue_class),
+            *(folder for step in steps for folder in (layout.synthetic_images(tissue_class, step), layout.checkpoint_metrics(tissue_class, step))),
+            log=context.log.info,
+        )
     rows = []
     for tissue_class in p.classes:
         for step in steps:
@@ -214,6 +225,7 @@ def metrics_summary(context: dg.AssetExecutionContext, config: StageConfig, para
         atomic_write_text(out / "plots" / f"{tissue_class}.csv", group[TABLE_COLUMNS[1:]].sort_values("step").to_csv(index=False))
     atomic_write_json(out / "metrics.json", dvc_metrics(table, best, metric))
     atomic_write_json(details / SUMMARY, {"best": best, "best_by": metric, "steps": steps, "extractor_note": extractor_note})
+    object_store.push(p.data_dir, out, log=context.log.info)
     shown = table[TABLE_COLUMNS].round(4)
     return dg.MaterializeResult(
         metadata={

@@ -15,7 +15,7 @@ from histo_assets.core.stage import current_summary, fingerprint, read_summary
 from histo_assets.layout import IMAGES, INDEX, PREVIEW, SUMMARY, Layout
 from histo_assets.params import Params
 from histo_assets.partitions import by_tissue_class, class_and_step, class_and_step_partitions, tissue_class_partitions
-from histo_assets.resources import BaseModelResource, ParamsResource, StageConfig
+from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource, StageConfig
 
 GROUP = "generation"
 SYNTHETIC_IMAGES_VERSION = "1"
@@ -46,10 +46,18 @@ def checkpoint_entry(p: Params, tissue_class: str, step: int) -> dict:
     "CFG 7, the training resolution, a negative prompt). Each image's seed derives from class, step and index; "
     "each PNG carries AUTOMATIC1111's `parameters` text chunk, so the WebUI's PNG Info reads it.",
 )
-def synthetic_images(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource, base_model: BaseModelResource):
+def synthetic_images(
+    context: dg.AssetExecutionContext,
+    config: StageConfig,
+    params: ParamsResource,
+    base_model: BaseModelResource,
+    object_store: ObjectStoreResource,
+):
     p = params.load(config.overrides)
     tissue_class, step = class_and_step(context)
     layout = Layout(p.data_dir)
+    out = layout.synthetic_images(tissue_class, step)
+    object_store.pull(p.data_dir, layout.hypernetwork_checkpoints(tissue_class), out, log=context.log.info)
     checkpoint = checkpoint_entry(p, tissue_class, step)
     settings = GenerationSettings.from_params(p["generation"], p.resolution)
     count = int(p["generation"]["images_per_checkpoint"])
@@ -57,7 +65,6 @@ def synthetic_images(context: dg.AssetExecutionContext, config: StageConfig, par
         checkpoint=checkpoint["sha256"], generation=p["generation"], resolution=p.resolution,
         base_model=p["base_model"], seed=p.seed, code=SYNTHETIC_IMAGES_VERSION,
     )
-    out = layout.synthetic_images(tissue_class, step)
     summary = current_summary(out, stage_fingerprint)
     reused = summary is not None
     if reused:
@@ -82,6 +89,7 @@ def synthetic_images(context: dg.AssetExecutionContext, config: StageConfig, par
                 "data_version": stable_hash(sorted((r.file, r.sha256) for r in records)),
             }
             atomic_write_json(staging / SUMMARY, summary)
+    object_store.push(p.data_dir, out, log=context.log.info)
     index = pd.read_parquet(out / INDEX)
     preview_md = markdown_png_file(out / PREVIEW, f"{tissue_class} step {step}")
     yield dg.MaterializeResult(
@@ -113,10 +121,21 @@ def synthetic_images(context: dg.AssetExecutionContext, config: StageConfig, par
     description="The same generation as synthetic_images, from each AUTOMATIC1111 hypernetwork a lab imported for "
     "this class (one folder per file, named by its stem; the step in file names is the step the file records).",
 )
-def imported_synthetic_images(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource, base_model: BaseModelResource):
+def imported_synthetic_images(
+    context: dg.AssetExecutionContext,
+    config: StageConfig,
+    params: ParamsResource,
+    base_model: BaseModelResource,
+    object_store: ObjectStoreResource,
+):
     p = params.load(config.overrides)
     tissue_class = context.partition_key
     layout = Layout(p.data_dir)
+    out = layout.imported_synthetic_images(tissue_class)
+    object_store.pull(
+        p.data_dir, layout.imported_hypernetworks(tissue_class), layout.imported_hypernetworks_inbox(tissue_class), out,
+        log=context.log.info,
+    )
     imported = pd.read_parquet(layout.imported_hypernetworks(tissue_class) / INDEX)
     settings = GenerationSettings.from_params(p["generation"], p.resolution)
     count = int(p["generation"]["images_per_checkpoint"])
@@ -124,7 +143,6 @@ def imported_synthetic_images(context: dg.AssetExecutionContext, config: StageCo
         files=sorted(imported["sha256"]), generation=p["generation"], resolution=p.resolution,
         base_model=p["base_model"], seed=p.seed, code=IMPORTED_SYNTHETIC_IMAGES_VERSION,
     )
-    out = layout.imported_synthetic_images(tissue_class)
     summary = current_summary(out, stage_fingerprint)
     reused = summary is not None
     if not reused:
@@ -141,6 +159,7 @@ def imported_synthetic_images(context: dg.AssetExecutionContext, config: StageCo
                 counts[row.file] = len(records)
             summary = {"fingerprint": stage_fingerprint, "images": counts, "run_id": context.run_id}
             atomic_write_json(staging / SUMMARY, summary)
+    object_store.push(p.data_dir, out, log=context.log.info)
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out)),

@@ -17,7 +17,7 @@ from histo_assets.core.slides import Problem, inventory_class
 from histo_assets.core.stage import current_summary, fingerprint
 from histo_assets.layout import HOLDOUT, IMAGES, INDEX, INVENTORY, PREVIEW, SUMMARY, Layout
 from histo_assets.partitions import tissue_class_partitions
-from histo_assets.resources import ParamsResource, StageConfig
+from histo_assets.resources import ObjectStoreResource, ParamsResource, StageConfig
 
 GROUP = "ingest"
 RAW_SLIDES_VERSION = "1"
@@ -67,7 +67,9 @@ def _unknown_class_folders(layout: Layout, classes: list[str]) -> list[str]:
     "dimensions, pyramid levels and microns-per-pixel. Unusable files are skipped with a reason; the data "
     "version is the hash of the content hashes, so unchanged classes are not recomputed downstream.",
 )
-def raw_slides(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource) -> dg.MaterializeResult:
+def raw_slides(
+    context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource, object_store: ObjectStoreResource
+) -> dg.MaterializeResult:
     p = params.load(config.overrides)
     tissue_class = context.partition_key
     layout = Layout(p.data_dir)
@@ -75,6 +77,7 @@ def raw_slides(context: dg.AssetExecutionContext, config: StageConfig, params: P
     if unknown:
         context.log.warning(f"class folder(s) under {layout.raw_root} not in params 'classes', ignored: {', '.join(unknown)}")
     class_dir = layout.raw(tissue_class)
+    object_store.pull(p.data_dir, class_dir, log=context.log.info)
     if not class_dir.is_dir():
         raise dg.Failure(f"class {tissue_class!r}: no folder {class_dir}")
     ingest = p["ingest"]
@@ -96,6 +99,7 @@ def raw_slides(context: dg.AssetExecutionContext, config: StageConfig, params: P
             staging / SUMMARY,
             {"fingerprint": version, "count": len(records), "problems": [vars(x) for x in problems]},
         )
+    object_store.push(p.data_dir, out, log=context.log.info)
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out / INVENTORY)),
@@ -121,15 +125,16 @@ def raw_slides(context: dg.AssetExecutionContext, config: StageConfig, params: P
     "'center', the thesis way) or a tissue-masked grid of tiles at a chosen level or mpp (mode 'tiles'). "
     "Names encode the source hash, level and level-0 coordinates; index.parquet records provenance.",
 )
-def square_crops(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource):
+def square_crops(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource, object_store: ObjectStoreResource):
     p = params.load(config.overrides)
     tissue_class = context.partition_key
     layout = Layout(p.data_dir)
+    out = layout.square_crops(tissue_class)
+    object_store.pull(p.data_dir, layout.raw(tissue_class), layout.raw_slides(tissue_class), out, log=context.log.info)
     inventory = pd.read_parquet(layout.raw_slides(tissue_class) / INVENTORY)
     sources = sorted(zip(inventory["path"], inventory["sha256"]))
     crops, ingest = p["crops"], p["ingest"]
     stage_fingerprint = fingerprint(sources=sources, crops=crops, ingest=ingest, resolution=p.resolution, code=SQUARE_CROPS_VERSION)
-    out = layout.square_crops(tissue_class)
     summary = current_summary(out, stage_fingerprint)
     reused = summary is not None
     if reused:
@@ -160,6 +165,7 @@ def square_crops(context: dg.AssetExecutionContext, config: StageConfig, params:
                 "data_version": stable_hash(sorted((r.crop_file, r.crop_sha256) for r in records)),
             }
             atomic_write_json(staging / SUMMARY, summary)
+    object_store.push(p.data_dir, out, log=context.log.info)
     yield dg.MaterializeResult(metadata=_stage_result(summary, out, reused, {"mode": crops["mode"]}), data_version=dg.DataVersion(summary["data_version"]))
     yield from image_check_results("square_crops", out / IMAGES, p.resolution, int(p["checks"]["min_square_crops"]))
 
@@ -204,18 +210,19 @@ def write_captions(folder: Path, files: list[str], tissue_class: str, mode: str)
     "alongside. Held-out crops (holdout.parquet) are never augmented or trained on: they are the metric "
     "reference set. Deterministic for a seed, stable names, index.parquet maps outputs to sources and operations.",
 )
-def augmented_crops(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource):
+def augmented_crops(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource, object_store: ObjectStoreResource):
     p = params.load(config.overrides)
     tissue_class = context.partition_key
     layout = Layout(p.data_dir)
     crops_dir = layout.square_crops(tissue_class)
+    out = layout.augmented_crops(tissue_class)
+    object_store.pull(p.data_dir, crops_dir, out, log=context.log.info)
     index = pd.read_parquet(crops_dir / INDEX)
     hashes = dict(zip(index["crop_file"], index["crop_sha256"]))
     section = p["augmentation"]
     holdout_fraction = float(p["split"]["holdout_fraction"])
     seed = derive_seed(p.seed, "augmented_crops", tissue_class)
     stage_fingerprint = fingerprint(crops=sorted(hashes.items()), augmentation=section, split=p["split"], seed=seed, code=AUGMENTED_CROPS_VERSION)
-    out = layout.augmented_crops(tissue_class)
     summary = current_summary(out, stage_fingerprint)
     reused = summary is not None
     if reused:
@@ -249,6 +256,7 @@ def augmented_crops(context: dg.AssetExecutionContext, config: StageConfig, para
                 "data_version": stable_hash(sorted((r.file, r.sha256) for r in records)),
             }
             atomic_write_json(staging / SUMMARY, summary)
+    object_store.push(p.data_dir, out, log=context.log.info)
     extra = {"train_crops": summary["train_crops"], "held_out_crops": summary["held_out_crops"]}
     yield dg.MaterializeResult(metadata=_stage_result(summary, out, reused, extra), data_version=dg.DataVersion(summary["data_version"]))
     yield from image_check_results("augmented_crops", out / IMAGES, p.resolution, int(p["checks"]["min_augmented_crops"]))

@@ -11,13 +11,13 @@ from histo_assets.assets.evaluation import TABLE_COLUMNS, checkpoint_metrics, me
 from histo_assets.assets.generation import SYNTHETIC_IMAGES_VERSION
 from histo_assets.assets.ingest import AUGMENTED_CROPS_VERSION, SQUARE_CROPS_VERSION
 from histo_assets.assets.training import HYPERNETWORK_CHECKPOINTS_VERSION
-from histo_assets.core.dvc import ensure_git_identity, git_last_commit, git_toplevel
+from histo_assets.core.dvc import ensure_git_identity, git_last_commit, git_push_tag, git_toplevel, is_local_url
 from histo_assets.core.lineage import training_lineage
 from histo_assets.core.release import ReleaseImage, build_release, publish_release
 from histo_assets.core.stage import read_summary
 from histo_assets.layout import INDEX, Layout
 from histo_assets.params import PROJECT_ROOT, Params
-from histo_assets.resources import DvcResource, ParamsResource, StageConfig
+from histo_assets.resources import DvcResource, ObjectStoreResource, ParamsResource, StageConfig
 
 GROUP = "release"
 CODE_VERSION = (
@@ -52,14 +52,27 @@ def selected_steps(p: Params, best: dict[str, int]) -> dict[str, list[int]]:
     "slides, metrics and a dataset card. Recorded with `dvc add`, pushed to the DVC remote, tagged "
     "release/<name>/<content hash>.",
 )
-def dataset_release(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource, dvc: DvcResource):
+def dataset_release(
+    context: dg.AssetExecutionContext,
+    config: StageConfig,
+    params: ParamsResource,
+    dvc: DvcResource,
+    object_store: ObjectStoreResource,
+):
     p = params.load(config.overrides)
     layout = Layout(p.data_dir)
     section = p["release"]
+    object_store.pull(p.data_dir, layout.metrics_summary, log=context.log.info)
     summary = read_summary(layout.metrics_details)
     if summary is None:
         raise dg.Failure("metrics_summary has not been materialised")
     steps = selected_steps(p, {c: int(s) for c, s in summary["best"].items()})
+    for tissue_class, class_steps in steps.items():
+        object_store.pull(
+            p.data_dir, layout.raw_slides(tissue_class), layout.square_crops(tissue_class), layout.augmented_crops(tissue_class),
+            layout.hypernetwork_checkpoints(tissue_class), *(layout.synthetic_images(tissue_class, s) for s in class_steps),
+            log=context.log.info,
+        )
     repo = git_toplevel(p.data_dir)
     commit = git_last_commit(PROJECT_ROOT, CODE_PATHS)
     images, lineage = [], []
@@ -119,8 +132,12 @@ def dataset_release(context: dg.AssetExecutionContext, config: StageConfig, para
     cli = dvc.cli(repo)
     cli.init()
     remote = section["remote"]
-    cli.remote_add_default(remote["name"], (p.source.parent / remote["url"]).resolve())
+    url = remote["url"]
+    cli.remote_add_default(remote["name"], (p.source.parent / url).resolve() if is_local_url(url) else url)
     published = publish_release(cli, repo, out, info.tag, f"Release {section['name']} ({info.tag})")
+    if section["git_remote"]:
+        git_push_tag(repo, section["git_remote"], info.tag)
+        context.log.info(f"pushed tag {info.tag} to git remote {section['git_remote']}")
     context.log.info(f"published {info.tag}: dvc md5 {published.md5}, commit {published.commit[:10]}")
     return dg.MaterializeResult(
         metadata=metadata | {
@@ -129,6 +146,7 @@ def dataset_release(context: dg.AssetExecutionContext, config: StageConfig, para
             "git_commit": published.commit,
             "new_commit": published.new_commit,
             "dvc_file": dg.MetadataValue.path(str(published.dvc_file)),
+            "git_remote": section["git_remote"] or "none (tag kept in the local repository)",
         },
         data_version=dg.DataVersion(published.md5),
     )

@@ -19,7 +19,7 @@ from histo_assets.core.training import train_hypernetwork
 from histo_assets.layout import IMAGES, INDEX, LOSS_PLOT, SUMMARY, Layout
 from histo_assets.params import Params
 from histo_assets.partitions import tissue_class_partitions
-from histo_assets.resources import BaseModelResource, ParamsResource, StageConfig
+from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource, StageConfig
 
 GROUP = "training"
 HYPERNETWORK_CHECKPOINTS_VERSION = "1"
@@ -81,18 +81,23 @@ def checkpoint_rows(summary: dict) -> pd.DataFrame:
     "training.checkpoint_steps. Interrupted training resumes from the latest checkpoint.",
 )
 def hypernetwork_checkpoints(
-    context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource, base_model: BaseModelResource
+    context: dg.AssetExecutionContext,
+    config: StageConfig,
+    params: ParamsResource,
+    base_model: BaseModelResource,
+    object_store: ObjectStoreResource,
 ):
     p = params.load(config.overrides)
     tissue_class = context.partition_key
     layout = Layout(p.data_dir)
     crops_dir = layout.augmented_crops(tissue_class)
+    out = layout.hypernetwork_checkpoints(tissue_class)
+    object_store.pull(p.data_dir, crops_dir, out, log=context.log.info)
     training_set = read_summary(crops_dir)["data_version"]
     stage_fingerprint = fingerprint(
         training_set=training_set, base_model=p["base_model"], hypernetwork=p["hypernetwork"], training=p["training"],
         resolution=p.resolution, seed=p.seed, code=HYPERNETWORK_CHECKPOINTS_VERSION,
     )
-    out = layout.hypernetwork_checkpoints(tissue_class)
     summary = current_summary(out, stage_fingerprint)
     reused = summary is not None
     if reused:
@@ -140,6 +145,7 @@ def hypernetwork_checkpoints(
             "resumed_from": result.resumed_from.name if result.resumed_from else None,
         }
         atomic_write_json(out / SUMMARY, summary)
+    object_store.push(p.data_dir, out, log=context.log.info)
     rows = checkpoint_rows(summary)
     loss_markdown = markdown_png_file(out / LOSS_PLOT, "loss curve")
     yield dg.MaterializeResult(
@@ -194,11 +200,18 @@ def _checkpoints_check(p: Params, out, rows: pd.DataFrame) -> dg.AssetCheckResul
     "data/imported_hypernetworks/<class>/ are validated (safe loading, spec defaults, sizes against the "
     "base model) and indexed, so synthetic images can be generated from them like from our own checkpoints.",
 )
-def imported_hypernetworks(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource, base_model: BaseModelResource):
+def imported_hypernetworks(
+    context: dg.AssetExecutionContext,
+    config: StageConfig,
+    params: ParamsResource,
+    base_model: BaseModelResource,
+    object_store: ObjectStoreResource,
+):
     p = params.load(config.overrides)
     tissue_class = context.partition_key
     layout = Layout(p.data_dir)
     inbox = layout.imported_hypernetworks_inbox(tissue_class)
+    object_store.pull(p.data_dir, inbox, log=context.log.info)
     files = sorted(inbox.glob("*.pt")) if inbox.is_dir() else []
     rows, problems = [], []
     widths = None
@@ -226,6 +239,7 @@ def imported_hypernetworks(context: dg.AssetExecutionContext, config: StageConfi
     with atomic_directory(out) as staging:
         atomic_write_parquet(staging / INDEX, frame)
         atomic_write_json(staging / SUMMARY, {"count": len(rows), "problems": problems})
+    object_store.push(p.data_dir, out, log=context.log.info)
     return dg.MaterializeResult(
         metadata={
             "inbox": dg.MetadataValue.path(str(inbox)),

@@ -98,7 +98,7 @@ def _inside(repo: Path, path: str | os.PathLike) -> Path:
         raise ValueError(f"{path} is outside the repository {repo}") from None
 
 
-def _is_local_url(url: str) -> bool:
+def is_local_url(url: str) -> bool:
     return "://" not in url
 
 
@@ -182,7 +182,7 @@ class DvcCli:
         if not name or any(c.isspace() for c in name) or "." in name:
             raise ValueError(f"invalid DVC remote name {name!r}")
         url = str(url)
-        if _is_local_url(url) and not Path(url).is_absolute():
+        if is_local_url(url) and not Path(url).is_absolute():
             url = str((self.repo / url).resolve())
         config = {}
         for line in self.run("config", "--project", "--list").splitlines():
@@ -351,3 +351,18 @@ def git_tag(repo: str | os.PathLike, tag: str, message: str, commit: str = "HEAD
         )
     _git(repo, "tag", "--annotate", "--message", message, tag, target)
     return target
+
+
+def git_push_tag(repo: str | os.PathLike, remote: str, tag: str) -> None:
+    """Push one release tag (and the commit it marks) to a git remote.
+
+    Where the repository lives only as long as the job (a Kubernetes pod),
+    the tag must reach the shared repository, or downstream users could not
+    check it out. Only the tag is pushed: no branch is moved. A remote that
+    already has the same tag accepts the push as a no-op; one whose tag
+    differs refuses it, since tags are never moved.
+    """
+    git_check_tag_name(tag)
+    if not remote or remote.startswith("-"):
+        raise ValueError(f"invalid git remote {remote!r}")
+    _git(repo, "push", "--quiet", remote, f"refs/tags/{tag}:refs/tags/{tag}")

@@ -1,0 +1,163 @@
+"""Stage folders mirrored to an object store, so machines without a shared disk can hand data on.
+
+On Kubernetes every step runs in its own pod with an empty scratch disk. Each
+stage folder (one asset partition, e.g. ``square_crops/<class>``) is kept in
+the store as content-addressed objects plus one manifest:
+
+    <root>/objects/<sha256[:2]>/<sha256[2:]>   file contents, written once, never changed
+    <root>/manifests/<folder>.json             {relative path: {sha256, size}} of the folder
+
+The manifest is put last, in one write, so a reader sees the previous complete
+folder or the new one, never a mix. Identical files (the originals kept among
+the augmented crops, unchanged checkpoints) are stored once. Every download is
+checked against its sha256, and manifest paths are validated, so a damaged or
+hostile store cannot write outside the folder or hand over wrong bytes.
+
+Any fsspec URL works: ``s3://bucket/prefix`` (with s3fs), ``gs://...`` (gcsfs),
+``file:///shared/dir`` or a plain path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import fsspec
+
+from histo_assets.core.io import atomic_directory, sha256_file
+
+MANIFEST_VERSION = 1
+# Where the CLI and the Kubernetes deployment read the store URL from.
+STORE_URL_ENV = "HISTO_ASSETS_STORE_URL"
+
+
+class ObjectStoreError(RuntimeError):
+    """The store is missing an object, holds wrong bytes, or names an unsafe path."""
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """What one push or pull moved; files already in place are not counted."""
+
+    folder: str
+    files: int
+    transferred: int
+    transferred_bytes: int
+
+    def describe(self, verb: str) -> str:
+        return f"{verb} {self.folder}: {self.transferred} of {self.files} file(s), {self.transferred_bytes} bytes moved"
+
+
+def safe_relative(path: str) -> str:
+    """A relative POSIX path with no '..', absolute or empty parts; anything else is refused."""
+    pure = PurePosixPath(path)
+    if not path or pure.is_absolute() or "\\" in path or any(part in ("", ".", "..") for part in path.split("/")):
+        raise ObjectStoreError(f"unsafe path {path!r}: must be relative, without '..', '.' or empty parts")
+    return pure.as_posix()
+
+
+def folder_files(folder: Path) -> dict[str, Path]:
+    """Files of a stage folder by relative path, leaving out dot-files (temporary and staging files)."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+            files[relative.as_posix()] = path
+    return files
+
+
+class ObjectStore:
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.url = url
+        self.fs, self.root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        self.root = self.root.rstrip("/")
+
+    def _object(self, sha256: str) -> str:
+        return f"{self.root}/objects/{sha256[:2]}/{sha256[2:]}"
+
+    def _manifest(self, folder: str) -> str:
+        return f"{self.root}/manifests/{safe_relative(folder)}.json"
+
+    def _put_atomically(self, target: str, write: Callable[[str], None]) -> None:
+        """Write beside the target, then move: readers never see a partial object or manifest."""
+        parent = target.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        temporary = f"{parent}/.incoming-{os.getpid()}-{target.rsplit('/', 1)[1]}"
+        try:
+            write(temporary)
+            self.fs.mv(temporary, target)
+        finally:
+            if self.fs.exists(temporary):
+                self.fs.rm(temporary)
+
+    def manifest(self, folder: str) -> dict[str, dict] | None:
+        """The stored folder's files, or None if it was never pushed."""
+        path = self._manifest(folder)
+        if not self.fs.exists(path):
+            return None
+        try:
+            document = json.loads(self.fs.cat_file(path))
+            files = document["files"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ObjectStoreError(f"manifest of {folder} in {self.url} is unreadable: {error}") from error
+        for relative, entry in files.items():
+            safe_relative(relative)
+            if not isinstance(entry, dict) or len(str(entry.get("sha256", ""))) != 64:
+                raise ObjectStoreError(f"manifest of {folder} in {self.url}: bad entry for {relative!r}")
+        return files
+
+    def push(self, local: Path, folder: str) -> Transfer:
+        """Upload the objects the store lacks, then the manifest."""
+        if not local.is_dir():
+            raise ObjectStoreError(f"cannot push {local}: not a folder")
+        files = {relative: (path, sha256_file(path)) for relative, path in folder_files(local).items()}
+        manifest = {relative: {"sha256": sha, "size": path.stat().st_size} for relative, (path, sha) in files.items()}
+        moved = moved_bytes = 0
+        for sha, path in {sha: path for path, sha in files.values()}.items():
+            target = self._object(sha)
+            size = path.stat().st_size
+            if self.fs.exists(target) and self.fs.info(target)["size"] == size:
+                continue
+            self._put_atomically(target, lambda temporary, source=path: self.fs.put_file(str(source), temporary))
+            moved, moved_bytes = moved + 1, moved_bytes + size
+        if self.manifest(folder) != manifest:
+            document = json.dumps({"version": MANIFEST_VERSION, "files": manifest}, indent=1, sort_keys=True).encode()
+            self._put_atomically(self._manifest(folder), lambda temporary: self.fs.pipe_file(temporary, document))
+        return Transfer(folder, len(files), moved, moved_bytes)
+
+    def pull(self, folder: str, local: Path) -> Transfer | None:
+        """Make ``local`` hold exactly the stored folder; None (and ``local`` untouched) if it was never pushed.
+
+        Files already present with the right bytes are reused; the folder is
+        swapped in whole, so a failed download leaves the old one as it was.
+        """
+        manifest = self.manifest(folder)
+        if manifest is None:
+            return None
+        present = folder_files(local) if local.is_dir() else {}
+        present_hashes = {relative: sha256_file(path) for relative, path in present.items()}
+        wanted = {relative: entry["sha256"] for relative, entry in manifest.items()}
+        if present_hashes == wanted:
+            return Transfer(folder, len(wanted), 0, 0)
+        by_hash = {sha: present[relative] for relative, sha in present_hashes.items()}
+        moved = moved_bytes = 0
+        with atomic_directory(local) as staging:
+            for relative, sha in sorted(wanted.items()):
+                target = staging / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if sha in by_hash:
+                    shutil.copyfile(by_hash[sha], target)
+                    continue
+                source = self._object(sha)
+                if not self.fs.exists(source):
+                    raise ObjectStoreError(f"{self.url} lacks the object of {folder}/{relative} ({sha[:12]})")
+                self.fs.get_file(source, str(target))
+                if sha256_file(target) != sha:
+                    raise ObjectStoreError(f"{folder}/{relative}: the stored object does not match its sha256 {sha[:12]}")
+                by_hash[sha] = target
+                moved, moved_bytes = moved + 1, moved_bytes + target.stat().st_size
+        return Transfer(folder, len(wanted), moved, moved_bytes)

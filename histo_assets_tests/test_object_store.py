@@ -1,0 +1,166 @@
+"""Stage folders through an object store: what Kubernetes pods without a shared disk rely on.
+
+The store is a real fsspec filesystem (a local directory, and fsspec's
+in-memory filesystem); the Dagster tests run the real ingest assets in three
+"pods", each with its own empty data folder, handing data on only through the store.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from histo_assets.assets.ingest import augmented_crops, raw_slides, square_crops
+from histo_assets.core.io import sha256_file
+from histo_assets.core.object_store import ObjectStore, ObjectStoreError, folder_files
+from histo_assets.params import PROJECT_ROOT
+from histo_assets.resources import ObjectStoreResource, ParamsResource
+from histo_assets_tests.conftest import SMALL, THESIS_CLASSES, write_params
+
+FIRST = THESIS_CLASSES[0]
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    return {relative: sha256_file(path) for relative, path in folder_files(folder).items()}
+
+
+def make_folder(folder: Path, files: dict[str, bytes]) -> Path:
+    for relative, data in files.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_bytes(data)
+    return folder
+
+
+@pytest.fixture(params=["directory", "memory"])
+def store(request, tmp_path) -> ObjectStore:
+    if request.param == "directory":
+        yield ObjectStore(f"file://{tmp_path / 'bucket'}")
+        return
+    store = ObjectStore(f"memory://histo-assets-test/{request.node.originalname}")
+    yield store
+    if store.fs.exists(store.root):
+        store.fs.rm(store.root, recursive=True)
+
+
+def test_push_then_pull_elsewhere_gives_identical_files_and_skips_dot_files(store, tmp_path):
+    source = make_folder(tmp_path / "a" / "square_crops" / FIRST, {
+        "images/c0.png": b"zero", "images/c1.png": b"one", "index.parquet": b"idx", ".index.parquet.1234.tmp": b"partial",
+    })
+    pushed = store.push(source, f"square_crops/{FIRST}")
+    assert (pushed.files, pushed.transferred, pushed.transferred_bytes) == (3, 3, 10)
+    target = tmp_path / "b" / "square_crops" / FIRST
+    pulled = store.pull(f"square_crops/{FIRST}", target)
+    assert (pulled.files, pulled.transferred) == (3, 3)
+    assert hashes(target) == hashes(source) and not (target / ".index.parquet.1234.tmp").exists()
+    assert store.push(source, f"square_crops/{FIRST}").transferred == 0
+    assert store.pull(f"square_crops/{FIRST}", target).transferred == 0
+
+
+def test_identical_files_are_stored_once(store, tmp_path):
+    make_folder(tmp_path / "x", {"a.png": b"same", "b.png": b"same"})
+    make_folder(tmp_path / "y", {"orig-a.png": b"same", "aug.png": b"new"})
+    assert store.push(tmp_path / "x", "x").transferred == 1
+    assert store.push(tmp_path / "y", "y").transferred == 1
+    assert len(store.fs.find(f"{store.root}/objects")) == 2
+
+
+def test_pull_of_a_folder_never_pushed_leaves_the_local_one_alone(store, tmp_path):
+    local = make_folder(tmp_path / "raw" / FIRST, {"slide.png": b"lab data"})
+    assert store.pull(f"raw/{FIRST}", local) is None
+    assert (local / "slide.png").read_bytes() == b"lab data"
+
+
+def test_pull_makes_the_local_folder_equal_to_the_store_reusing_matching_files(store, tmp_path):
+    make_folder(tmp_path / "new", {"keep.png": b"keep", "changed.png": b"v2"})
+    store.push(tmp_path / "new", "stage")
+    local = make_folder(tmp_path / "local", {"keep.png": b"keep", "changed.png": b"v1", "stale.png": b"old"})
+    pulled = store.pull("stage", local)
+    assert (pulled.files, pulled.transferred) == (2, 1)
+    assert hashes(local) == hashes(tmp_path / "new")
+
+
+def test_a_corrupt_object_fails_the_pull_and_keeps_the_old_folder(store, tmp_path):
+    make_folder(tmp_path / "new", {"a.png": b"good bytes"})
+    store.push(tmp_path / "new", "stage")
+    (obj,) = store.fs.find(f"{store.root}/objects")
+    store.fs.pipe_file(obj, b"evil bytes")
+    local = make_folder(tmp_path / "local", {"a.png": b"previous"})
+    with pytest.raises(ObjectStoreError, match="does not match its sha256"):
+        store.pull("stage", local)
+    assert (local / "a.png").read_bytes() == b"previous"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folder is left behind"
+
+
+@pytest.mark.parametrize("bad", ["../escape.png", "/etc/passwd", "a/../../b", "./a", "a//b"])
+def test_unsafe_paths_in_a_manifest_are_refused_before_anything_is_written(store, tmp_path, bad):
+    manifest = {"version": 1, "files": {bad: {"sha256": "0" * 64, "size": 1}}}
+    store.fs.makedirs(f"{store.root}/manifests", exist_ok=True)
+    store.fs.pipe_file(f"{store.root}/manifests/stage.json", json.dumps(manifest).encode())
+    with pytest.raises(ObjectStoreError, match="unsafe path"):
+        store.pull("stage", tmp_path / "local" / "stage")
+    assert not (tmp_path / "local").exists() and not (tmp_path / "escape.png").exists()
+
+
+def test_unsafe_folder_keys_and_missing_folders_are_refused(store, tmp_path):
+    with pytest.raises(ObjectStoreError, match="unsafe path"):
+        store.push(tmp_path, "../outside")
+    with pytest.raises(ObjectStoreError, match="not a folder"):
+        store.push(tmp_path / "missing", "missing")
+
+
+# --- the assets, in three pods that share only the store ---------------------------------------------
+
+INGEST = [raw_slides, square_crops, augmented_crops]
+
+
+def pod(tmp_path: Path, name: str) -> Path:
+    data = tmp_path / name / "data"
+    data.mkdir(parents=True)
+    return write_params(tmp_path / name, data, **SMALL)
+
+
+def materialize_in(params_file: Path, assets: list, store_url: str | None):
+    return dg.materialize(
+        assets,
+        partition_key=FIRST,
+        resources={"params": ParamsResource(params_file=str(params_file)), "object_store": ObjectStoreResource(url=store_url)},
+        instance=dg.DagsterInstance.ephemeral(),
+        run_config={"ops": {a.key.path[-1]: {"config": {"overrides": []}} for a in assets}},
+    )
+
+
+def reused(result, node: str) -> bool:
+    return result.asset_materializations_for_node(node)[0].metadata["reused_unchanged_output"].value
+
+
+def test_pods_sharing_only_the_store_hand_data_on_and_skip_unchanged_work(small_dataset, tmp_path):
+    url = f"file://{tmp_path / 'bucket'}"
+    cli = [sys.executable, "-m", "histo_assets.cli", "store", "push", f"raw/{FIRST}", "--url", url, "--data-dir", str(small_dataset)]
+    uploaded = subprocess.run(cli, capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert uploaded.returncode == 0, uploaded.stderr
+    assert f"pushed raw/{FIRST}: 2 of 2 file(s)" in uploaded.stdout
+
+    first = pod(tmp_path, "pod-a")
+    materialize_in(first, [raw_slides, square_crops], url)
+    second = pod(tmp_path, "pod-b")
+    result = materialize_in(second, [augmented_crops], url)
+    data_b = second.parent / "data"
+    assert not (data_b / "raw").exists(), "augmenting needs only the square crops"
+    assert (data_b / "square_crops" / FIRST / "index.parquet").is_file()
+
+    local_only = pod(tmp_path, "workstation")
+    shutil.copytree(small_dataset / "raw" / FIRST, local_only.parent / "data" / "raw" / FIRST)
+    assert materialize_in(local_only, INGEST, None).success
+    for stage in ("square_crops", "augmented_crops"):
+        expected = hashes(local_only.parent / "data" / stage / FIRST)
+        assert hashes(data_b / stage / FIRST) == expected
+    assert not reused(result, "augmented_crops")
+
+    third = materialize_in(pod(tmp_path, "pod-c"), INGEST, url)
+    assert reused(third, "square_crops") and reused(third, "augmented_crops")
+    pulled = tmp_path / "pod-c" / "data" / "augmented_crops" / FIRST
+    assert hashes(pulled) == hashes(local_only.parent / "data" / "augmented_crops" / FIRST)
