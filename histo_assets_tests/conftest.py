@@ -97,3 +97,14 @@ def tiny_base(tiny_model_cache: Path):
     from histo_assets.core.base_model import load_base_model
 
     return load_base_model("tiny", tiny_cache_dir=tiny_model_cache, seed=TINY_MODEL_SEED, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory, tiny_model_cache):
+    """The whole graph materialised once on a tiny dataset; tests that change it work on copies."""
+    from histo_assets_tests.tiny_pipeline import build_pipeline, run_ok
+
+    built = build_pipeline(tmp_path_factory.mktemp("pipeline") / "project", tiny_model_cache)
+    output = run_ok(built.materialize())
+    (built.root / "first_run.log").write_text(output)
+    return built

@@ -1,12 +1,7 @@
 """Training, generation and evaluation assets, end to end through `histo-assets materialize`.
 
-Partitions are built when ``histo_assets.partitions`` is imported, from the
-params file HISTO_ASSETS_PARAMS names (default: params.yaml). The thesis's
-checkpoint partitions (steps 5000..40000) cannot be trained on a CPU in a
-test, so the end-to-end runs happen in a subprocess whose HISTO_ASSETS_PARAMS
-names a tiny params file (two classes, checkpoints at steps 3 and 6): the
-demo path, `histo-assets materialize`, with DAGSTER_HOME in a temp folder.
-This process then reads the files and that Dagster instance.
+The graph runs on the tiny dataset of ``tiny_pipeline`` (conftest's
+``pipeline`` fixture), in a subprocess whose partitions come from tiny params.
 
 Per-class assets (training, imported hypernetworks, the checkpoint check) are
 also materialised in-process with ``dg.materialize``: their partition keys are
@@ -18,10 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,108 +34,30 @@ from histo_assets.core.hypernetwork import load_hypernetwork
 from histo_assets.core.io import sha256_file
 from histo_assets.core.sampling import image_seed
 from histo_assets.layout import Layout
-from histo_assets.params import DEFAULT_PARAMS_FILE, PROJECT_ROOT, load_params
 from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
-from histo_assets_tests.conftest import TINY_MODEL_SEED, THESIS_CLASSES, tissue_image, write_params
+from histo_assets_tests.conftest import TINY_MODEL_SEED, write_params
+from histo_assets_tests.tiny_pipeline import (
+    BASE_MODEL_NAME,
+    CLASSES,
+    FIRST,
+    IMAGES_PER_CHECKPOINT,
+    SECOND,
+    SEED,
+    STEPS,
+    TINY,
+    TINY_SIZES,
+    Pipeline,
+    data_version,
+    latest,
+    metadata,
+    run_ok,
+)
 
-CLASSES = THESIS_CLASSES[:2]
-FIRST, SECOND = CLASSES
-STEPS = [3, 6]
-IMAGES_PER_CHECKPOINT = 4
-SEED = load_params(DEFAULT_PARAMS_FILE).seed
-TINY_SIZES = (48, 32, 64)
-BASE_MODEL_NAME = "v1-5-pruned-emaonly.safetensors"
-TINY = {
-    "classes": CLASSES,
-    "resolution": 64,
-    "crops": {"mode": "tiles", "tiles": {"tile_size": 64, "min_tissue_fraction": 0.5}},
-    "augmentation": {"total": 8, "workers": 1, "distortion": {"magnitude": 1}},
-    "checks": {"min_square_crops": 2, "min_augmented_crops": 8},
-    "hypernetwork": {"sizes": list(TINY_SIZES)},
-    "training": {"max_steps": 6, "checkpoint_steps": STEPS, "learning_rate": "0.0005", "loss_log_every": 2},
-    "generation": {"images_per_checkpoint": IMAGES_PER_CHECKPOINT, "steps": 2, "batch_size": 2},
-    "metrics": {"kid_subset_size": 4, "kid_subsets": 5, "is_splits": 2, "batch_size": 8},
-}
 # Stages that skip work when their inputs are unchanged, and report it.
 REUSING_ASSETS = {"square_crops", "augmented_crops", "hypernetwork_checkpoints", "synthetic_images", "checkpoint_metrics"}
 # Output folders of assets without skip logic: cheap, they rewrite their files on every run
 # (with identical bytes, except the release: see test_release_is_unchanged_by_a_refresh_with_nothing_changed).
 ALWAYS_REWRITTEN = ("raw_slides/", "imported_hypernetwork_index/", "metrics_summary/", "releases/")
-
-
-# --- the pipeline folder: params, data and Dagster home --------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pipeline:
-    root: Path
-
-    @property
-    def params(self) -> Path:
-        return self.root / "params.yaml"
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def home(self) -> Path:
-        return self.root / "dagster_home"
-
-    def materialize(self, *args: str) -> subprocess.CompletedProcess:
-        """`histo-assets materialize` in a subprocess whose partitions come from this pipeline's params.
-
-        CPU only, so runs are bit-reproducible and comparable with in-process runs.
-        The working directory is the project so that `histo_assets` is found as a
-        regular package whatever state the editable install is in.
-        """
-        env = os.environ | {
-            "HISTO_ASSETS_PARAMS": str(self.params),
-            "DAGSTER_HOME": str(self.home),
-            "HF_HUB_OFFLINE": "1",
-            "CUDA_VISIBLE_DEVICES": "",
-            # dataset_release versions the release in the git repository around data_dir, if any:
-            # never let it find one above this temp folder.
-            "GIT_CEILING_DIRECTORIES": str(self.root),
-        }
-        command = [sys.executable, "-m", "histo_assets.cli", "materialize", "--log-level", "INFO", *args]
-        return subprocess.run(command, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
-
-    def instance(self) -> dg.DagsterInstance:
-        return dg.DagsterInstance.from_config(str(self.home))
-
-    def copy(self, destination: Path) -> Pipeline:
-        shutil.copytree(self.root, destination)
-        return Pipeline(destination)
-
-
-def build_pipeline(root: Path, tiny_model_cache: Path) -> Pipeline:
-    """Two tissue images per class, tiny params with a relative data_dir (so copies are independent)."""
-    pipeline = Pipeline(root)
-    for index, name in enumerate(CLASSES):
-        folder = pipeline.data / "raw" / name
-        folder.mkdir(parents=True)
-        for image_index in range(2):
-            tissue_image((256, 192), seed=10 * index + image_index).save(folder / f"slide{image_index}.png")
-    write_params(root, Path("data"), **TINY)
-    # The session's tiny model, where BaseModelResource looks for it, so no process rebuilds it.
-    shutil.copytree(tiny_model_cache, pipeline.data / ".cache" / "tiny_sd")
-    return pipeline
-
-
-def run_ok(completed: subprocess.CompletedProcess) -> str:
-    assert completed.returncode == 0, f"stdout:\n{completed.stdout[-3000:]}\nstderr:\n{completed.stderr[-6000:]}"
-    assert "FAILED" not in completed.stdout, completed.stdout
-    return completed.stdout + completed.stderr
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, tiny_model_cache) -> Pipeline:
-    """The whole graph materialised once on a tiny dataset; tests that change it work on copies."""
-    built = build_pipeline(tmp_path_factory.mktemp("pipeline") / "project", tiny_model_cache)
-    output = run_ok(built.materialize())
-    (built.root / "first_run.log").write_text(output)
-    return built
 
 
 def base_model_sha256(data: Path) -> str:
@@ -167,20 +81,6 @@ def all_asset_partitions() -> list[tuple[str, str | None]]:
 
     return [(spec.key.to_user_string(), partition) for spec in defs.resolve_all_asset_specs()
             for partition in expected_partitions(spec)]
-
-
-def latest(instance: dg.DagsterInstance, asset: str, partition: str | None = None) -> dg.EventLogRecord | None:
-    records_filter = dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None)
-    records = instance.fetch_materializations(records_filter, limit=1).records
-    return records[0] if records else None
-
-
-def metadata(record: dg.EventLogRecord) -> dict:
-    return {key: value.value for key, value in record.asset_materialization.metadata.items()}
-
-
-def data_version(record: dg.EventLogRecord) -> str:
-    return record.asset_materialization.tags["dagster/data_version"]
 
 
 def check_results(instance: dg.DagsterInstance, run_id: str) -> dict[tuple[str, str], bool]:

@@ -11,7 +11,14 @@ from histo_assets.assets.evaluation import TABLE_COLUMNS, checkpoint_metrics, me
 from histo_assets.assets.generation import SYNTHETIC_IMAGES_VERSION
 from histo_assets.assets.ingest import AUGMENTED_CROPS_VERSION, SQUARE_CROPS_VERSION
 from histo_assets.assets.training import HYPERNETWORK_CHECKPOINTS_VERSION
-from histo_assets.core.dvc import ensure_git_identity, git_last_commit, git_push_tag, git_toplevel, is_local_url
+from histo_assets.core.dvc import (
+    ensure_git_identity,
+    git_last_commit,
+    git_push_tag,
+    git_remote_url,
+    git_toplevel,
+    is_local_url,
+)
 from histo_assets.core.lineage import training_lineage
 from histo_assets.core.release import ReleaseImage, build_release, publish_release
 from histo_assets.core.stage import read_summary
@@ -40,6 +47,19 @@ def selected_steps(p: Params, best: dict[str, int]) -> dict[str, list[int]]:
     if unknown:
         raise dg.Failure(f"release.checkpoints names steps that were not trained: {unknown}")
     return {c: sorted(map(int, choice)) for c in p.classes}
+
+
+def release_repo_url(section: dict, repo) -> str | None:
+    """Where downstream users fetch the release from, for the dataset card's commands.
+
+    The tag's git remote when the tag is pushed (a pod's checkout is gone
+    after the run), else this repository's own path.
+    """
+    if section["repo_url"]:
+        return section["repo_url"]
+    if repo is None:
+        return None
+    return git_remote_url(repo, section["git_remote"]) if section["git_remote"] else str(repo)
 
 
 @dg.asset(
@@ -115,7 +135,7 @@ def dataset_release(
     info = build_release(
         images, out, name=section["name"], metrics_table=metrics, lineage=pd.concat(lineage, ignore_index=True),
         plots=plots, card_extra=f"Checkpoints: {section['checkpoints']} (by {summary['best_by']}). {summary['extractor_note']}",
-        repo_url=section["repo_url"] or (str(repo) if repo is not None else None), repo_path=relative,
+        repo_url=release_repo_url(section, repo), repo_path=relative,
     )
     metadata = {
         "path": dg.MetadataValue.path(str(out)),

@@ -366,3 +366,7 @@ def git_push_tag(repo: str | os.PathLike, remote: str, tag: str) -> None:
     if not remote or remote.startswith("-"):
         raise ValueError(f"invalid git remote {remote!r}")
     _git(repo, "push", "--quiet", remote, f"refs/tags/{tag}:refs/tags/{tag}")
+
+
+def git_remote_url(repo: str | os.PathLike, remote: str) -> str:
+    return _git(repo, "remote", "get-url", remote).strip()
