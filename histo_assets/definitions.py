@@ -11,10 +11,13 @@ Across everything:
 Pool `gpu` (training, generation) runs one step at a time, so concurrent runs never share a GPU.
 """
 
+import os
+
 import dagster as dg
 
 from histo_assets.assets import evaluation, generation, ingest, release, training
 from histo_assets.automation import build_automation
+from histo_assets.core.object_store import STORE_URL_ENV
 from histo_assets.resources import BaseModelResource, DvcResource, ObjectStoreResource, ParamsResource
 
 ingest_assets = [ingest.raw_slides, ingest.square_crops, ingest.augmented_crops]
@@ -41,7 +44,11 @@ raw_slides_sensor, weekly_refresh = build_automation(ingest_job)
 
 
 def pipeline_definitions(object_store: ObjectStoreResource | None = None, executor=None) -> dg.Definitions:
-    """The pipeline with deployment choices filled in: where stage folders live, and how steps run."""
+    """The pipeline with deployment choices filled in: where stage folders live, and how steps run.
+
+    Without an explicit store, $HISTO_ASSETS_STORE_URL names one, so `histo-assets materialize`
+    and `dagster dev` can use it too; unset, everything stays in the local data_dir.
+    """
     return dg.Definitions(
         assets=[*ingest_assets, *training_assets, *per_checkpoint_assets, *summary_assets, *release_assets],
         jobs=pipeline_jobs,
@@ -51,7 +58,7 @@ def pipeline_definitions(object_store: ObjectStoreResource | None = None, execut
             "params": ParamsResource(),
             "base_model": BaseModelResource(),
             "dvc": DvcResource(),
-            "object_store": object_store or ObjectStoreResource(),
+            "object_store": object_store or ObjectStoreResource(url=os.environ.get(STORE_URL_ENV) or None),
         },
         executor=executor,
     )

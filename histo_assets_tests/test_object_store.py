@@ -12,14 +12,16 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pandas as pd
 import pytest
 
 from histo_assets.assets.ingest import augmented_crops, raw_slides, square_crops
 from histo_assets.core.io import sha256_file
 from histo_assets.core.object_store import ObjectStore, ObjectStoreError, folder_files
-from histo_assets.params import PROJECT_ROOT
+from histo_assets.params import PROJECT_ROOT, load_params
 from histo_assets.resources import ObjectStoreResource, ParamsResource
 from histo_assets_tests.conftest import SMALL, THESIS_CLASSES, write_params
+from histo_assets_tests.tiny_pipeline import CLASSES, STEPS, TINY, Pipeline, run_ok
 
 FIRST = THESIS_CLASSES[0]
 
@@ -164,3 +166,35 @@ def test_pods_sharing_only_the_store_hand_data_on_and_skip_unchanged_work(small_
     assert reused(third, "square_crops") and reused(third, "augmented_crops")
     pulled = tmp_path / "pod-c" / "data" / "augmented_crops" / FIRST
     assert hashes(pulled) == hashes(local_only.parent / "data" / "augmented_crops" / FIRST)
+
+
+def test_every_job_in_its_own_empty_pod_gives_the_bytes_of_one_machine(pipeline, tiny_model_cache, tmp_path):
+    """The cluster's situation: each job in a fresh data folder, nothing shared but the store."""
+    url = f"file://{tmp_path / 'bucket'}"
+    store = ObjectStore(url)
+    for tissue_class in CLASSES:
+        store.push(pipeline.data / "raw" / tissue_class, f"raw/{tissue_class}")
+    logs = {}
+    for job in ("ingest_pipeline", "training_pipeline", "checkpoint_pipeline", "summary_pipeline", "release_pipeline"):
+        pod = Pipeline(tmp_path / job)
+        shutil.copytree(tiny_model_cache, pod.data / ".cache" / "tiny_sd")
+        write_params(pod.root, Path("data"), **TINY)
+        logs[job] = run_ok(pod.materialize("--job", job, store_url=url))
+    assert f"pulled hypernetwork_checkpoints/{CLASSES[0]}" in logs["checkpoint_pipeline"]
+    assert "pushed metrics_summary" in logs["summary_pipeline"]
+
+    folders = sorted(path.removeprefix(f"{store.root}/manifests/").removesuffix(".json")
+                     for path in store.fs.find(f"{store.root}/manifests"))
+    per_class = ["raw", "raw_slides", "square_crops", "augmented_crops", "hypernetwork_checkpoints",
+                 "imported_hypernetwork_index", "imported_synthetic_images"]
+    assert len(folders) == len(CLASSES) * (len(per_class) + 2 * len(STEPS)) + 1, folders
+    for folder in folders:
+        stored = {relative: entry["sha256"] for relative, entry in store.manifest(folder).items()}
+        local = hashes(pipeline.data / folder)
+        # summary.json records run ids and timings; everything else must be the same bytes.
+        assert {k: v for k, v in stored.items() if k != "summary.json"} == {k: v for k, v in local.items() if k != "summary.json"}, folder
+
+    name = load_params(pipeline.params)["release"]["name"]
+    released = pd.read_parquet(tmp_path / "release_pipeline" / "data" / "releases" / name / "manifest.parquet")
+    reference = pd.read_parquet(pipeline.data / "releases" / name / "manifest.parquet")
+    assert sorted(released["sha256"]) == sorted(reference["sha256"])

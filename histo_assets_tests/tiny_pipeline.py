@@ -21,6 +21,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from histo_assets.core.object_store import STORE_URL_ENV
 from histo_assets.params import DEFAULT_PARAMS_FILE, PROJECT_ROOT, load_params
 from histo_assets_tests.conftest import THESIS_CLASSES, tissue_image, write_params
 
@@ -63,14 +64,15 @@ class Pipeline:
     def home(self) -> Path:
         return self.root / "dagster_home"
 
-    def materialize(self, *args: str) -> subprocess.CompletedProcess:
+    def materialize(self, *args: str, store_url: str | None = None) -> subprocess.CompletedProcess:
         """`histo-assets materialize` in a subprocess whose partitions come from this pipeline's params.
 
         CPU only, so runs are bit-reproducible and comparable with in-process runs.
         The working directory is the project so that `histo_assets` is found as a
-        regular package whatever state the editable install is in.
+        regular package whatever state the editable install is in. Stage folders
+        stay local unless ``store_url`` names an object store.
         """
-        env = os.environ | {
+        env = {k: v for k, v in os.environ.items() if k != STORE_URL_ENV} | ({STORE_URL_ENV: store_url} if store_url else {}) | {
             "HISTO_ASSETS_PARAMS": str(self.params),
             "DAGSTER_HOME": str(self.home),
             "HF_HUB_OFFLINE": "1",
