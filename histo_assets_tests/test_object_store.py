@@ -198,3 +198,28 @@ def test_every_job_in_its_own_empty_pod_gives_the_bytes_of_one_machine(pipeline,
     released = pd.read_parquet(tmp_path / "release_pipeline" / "data" / "releases" / name / "manifest.parquet")
     reference = pd.read_parquet(pipeline.data / "releases" / name / "manifest.parquet")
     assert sorted(released["sha256"]) == sorted(reference["sha256"])
+
+
+def test_a_pod_lost_mid_training_leaves_checkpoints_the_next_pod_resumes_from(pipeline, tiny_model_cache, tmp_path):
+    url = f"file://{tmp_path / 'bucket'}"
+    store = ObjectStore(url)
+    first = CLASSES[0]
+    store.push(pipeline.data / "augmented_crops" / first, f"augmented_crops/{first}")
+    # What the step-3 checkpoint's push leaves in the store when the pod dies before step 6.
+    partial = tmp_path / "lost-pod" / first
+    shutil.copytree(pipeline.data / "hypernetwork_checkpoints" / first, partial)
+    for name in (f"{first}-6.pt", f"{first}-6.pt.optim", f"{first}.pt", f"{first}.pt.optim", "summary.json", "loss.png"):
+        (partial / name).unlink()
+    store.push(partial, f"hypernetwork_checkpoints/{first}")
+
+    pod = Pipeline(tmp_path / "next-pod")
+    shutil.copytree(tiny_model_cache, pod.data / ".cache" / "tiny_sd")
+    write_params(pod.root, Path("data"), **TINY)
+    log = run_ok(pod.materialize("--job", "training_pipeline", "--partition", first, store_url=url))
+
+    assert f"resuming {first} from {first}-3.pt" in log
+    assert log.count(f"pushed hypernetwork_checkpoints/{first}") == 2, "after the step-6 checkpoint, and at the end"
+    stored = {k: v["sha256"] for k, v in store.manifest(f"hypernetwork_checkpoints/{first}").items()}
+    reference = hashes(pipeline.data / "hypernetwork_checkpoints" / first)
+    for name in (f"{first}-3.pt", f"{first}-6.pt", f"{first}.pt"):
+        assert stored[name] == reference[name], f"{name} differs from the uninterrupted run's"

@@ -126,6 +126,8 @@ def hypernetwork_checkpoints(
             latent_sampling=training["latent_sampling"],
             loss_log_every=int(training["loss_log_every"]),
             log=context.log.info,
+            # With an object store, a pod lost mid-run leaves its checkpoints for the next one to resume from.
+            on_checkpoint=lambda _path: object_store.push(p.data_dir, out, log=context.log.info),
         )
         history = result.loss_history
         loss_curve([r.step for r in history], [r.loss for r in history], out / LOSS_PLOT,

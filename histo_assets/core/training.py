@@ -483,6 +483,7 @@ def train_hypernetwork(
     clip_compat: str = "correct",
     log: Log | None = None,
     stop_after: int | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> TrainingResult:
     """Train (or resume training) a hypernetwork on the images in ``images_dir`` (§7).
 
@@ -504,6 +505,8 @@ def train_hypernetwork(
     from the latest one with its optimizer state. ``stop_after`` stops once
     the step count reaches it, without writing the final file, as a crash or
     cancelled run would; resuming then restarts from the latest checkpoint.
+    ``on_checkpoint`` is called with each checkpoint's path once it is on
+    disk, e.g. to copy the folder somewhere that outlives the machine.
 
     The loss CSV ``<name>-loss.csv`` (one row per update) is rewritten
     atomically every ``loss_log_every`` updates, at every checkpoint and at the
@@ -631,6 +634,8 @@ def train_hypernetwork(
                     path = save_hypernetwork(hn, checkpoint_path(out, name, steps_done), optimizer=optimizer)
                     _write_loss_csv(csv_path, history)
                     say(f"step {step}: saved {path.name}")
+                    if on_checkpoint is not None:
+                        on_checkpoint(path)
                 if step % loss_log_every == 0:
                     window = history[-loss_log_every:]
                     rate = (step - start_step) / max(time.perf_counter() - started, 1e-9)
