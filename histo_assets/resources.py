@@ -89,31 +89,40 @@ class ObjectStoreResource(dg.ConfigurableResource):
     def enabled(self) -> bool:
         return bool(self.url)
 
-    def _store_and_key(self, data_dir: Path, folder: Path):
-        from histo_assets.core.object_store import ObjectStore, ObjectStoreError
+    def _store(self):
+        from histo_assets.core.object_store import ObjectStore
+
+        return ObjectStore(self.url, self.storage_options)
+
+    @staticmethod
+    def _key(data_dir: Path, folder: Path) -> str:
+        """A folder's name in the store: its path under data_dir, the same on every machine."""
+        from histo_assets.core.object_store import ObjectStoreError
 
         try:
-            key = folder.resolve().relative_to(data_dir.resolve()).as_posix()
+            return folder.resolve().relative_to(data_dir.resolve()).as_posix()
         except ValueError:
             raise ObjectStoreError(f"{folder} is not under the data folder {data_dir}") from None
-        return ObjectStore(self.url, self.storage_options), key
 
     def pull(self, data_dir: Path, *folders: Path, log=print) -> None:
         """Bring the stored copies of these folders into data_dir; folders never pushed are left alone."""
-        for folder in folders if self.enabled else ():
-            store, key = self._store_and_key(data_dir, folder)
-            transfer = store.pull(key, folder)
+        if not self.enabled:
+            return
+        store = self._store()
+        for folder in folders:
+            transfer = store.pull(self._key(data_dir, folder), folder)
             if transfer is not None:
                 log(transfer.describe("pulled"))
 
     def push(self, data_dir: Path, *folders: Path, log=print) -> None:
-        for folder in folders if self.enabled else ():
-            store, key = self._store_and_key(data_dir, folder)
-            log(store.push(folder, key).describe("pushed"))
+        if not self.enabled:
+            return
+        store = self._store()
+        for folder in folders:
+            log(store.push(folder, self._key(data_dir, folder)).describe("pushed"))
 
     def stored_files(self, data_dir: Path, folder: Path) -> dict | None:
         """The stored folder's manifest (path -> sha256 and size); None if never pushed or no store is set."""
         if not self.enabled:
             return None
-        store, key = self._store_and_key(data_dir, folder)
-        return store.manifest(key)
+        return self._store().manifest(self._key(data_dir, folder))

@@ -90,18 +90,26 @@ class ObjectStore:
         try:
             write(temporary)
             self.fs.mv(temporary, target)
-        finally:
+        except BaseException:
             if self.fs.exists(temporary):
                 self.fs.rm(temporary)
+            raise
+
+    def _stored_size(self, path: str) -> int | None:
+        """One request (a HEAD on S3) for both "is it there" and "is it whole"."""
+        try:
+            return self.fs.info(path)["size"]
+        except FileNotFoundError:
+            return None
 
     def manifest(self, folder: str) -> dict[str, dict] | None:
         """The stored folder's files, or None if it was never pushed."""
-        path = self._manifest(folder)
-        if not self.fs.exists(path):
+        try:
+            raw = self.fs.cat_file(self._manifest(folder))
+        except FileNotFoundError:
             return None
         try:
-            document = json.loads(self.fs.cat_file(path))
-            files = document["files"]
+            files = json.loads(raw)["files"]
         except (ValueError, KeyError, TypeError) as error:
             raise ObjectStoreError(f"manifest of {folder} in {self.url} is unreadable: {error}") from error
         for relative, entry in files.items():
@@ -114,13 +122,12 @@ class ObjectStore:
         """Upload the objects the store lacks, then the manifest."""
         if not local.is_dir():
             raise ObjectStoreError(f"cannot push {local}: not a folder")
-        files = {relative: (path, sha256_file(path)) for relative, path in folder_files(local).items()}
-        manifest = {relative: {"sha256": sha, "size": path.stat().st_size} for relative, (path, sha) in files.items()}
+        files = {relative: (path, sha256_file(path), path.stat().st_size) for relative, path in folder_files(local).items()}
+        manifest = {relative: {"sha256": sha, "size": size} for relative, (_, sha, size) in files.items()}
         moved = moved_bytes = 0
-        for sha, path in {sha: path for path, sha in files.values()}.items():
+        for sha, (path, size) in {sha: (path, size) for path, sha, size in files.values()}.items():
             target = self._object(sha)
-            size = path.stat().st_size
-            if self.fs.exists(target) and self.fs.info(target)["size"] == size:
+            if self._stored_size(target) == size:
                 continue
             self._put_atomically(target, lambda temporary, source=path: self.fs.put_file(str(source), temporary))
             moved, moved_bytes = moved + 1, moved_bytes + size
@@ -152,10 +159,10 @@ class ObjectStore:
                 if sha in by_hash:
                     shutil.copyfile(by_hash[sha], target)
                     continue
-                source = self._object(sha)
-                if not self.fs.exists(source):
-                    raise ObjectStoreError(f"{self.url} lacks the object of {folder}/{relative} ({sha[:12]})")
-                self.fs.get_file(source, str(target))
+                try:
+                    self.fs.get_file(self._object(sha), str(target))
+                except FileNotFoundError:
+                    raise ObjectStoreError(f"{self.url} lacks the object of {folder}/{relative} ({sha[:12]})") from None
                 if sha256_file(target) != sha:
                     raise ObjectStoreError(f"{folder}/{relative}: the stored object does not match its sha256 {sha[:12]}")
                 by_hash[sha] = target
