@@ -13,9 +13,31 @@ import torch
 import yaml
 from PIL import Image
 
+from histo_assets.core.dvc import DvcNotFoundError, resolve_dvc_executable
+from histo_assets.core.io import sha256_file
 from histo_assets.params import DEFAULT_PARAMS_FILE, load_params
 
 THESIS_CLASSES = load_params(DEFAULT_PARAMS_FILE).classes
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder``, by relative path: what "byte-identical" means in these tests."""
+    return {path.relative_to(folder).as_posix(): sha256_file(path) for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def dvc_executable() -> Path:
+    try:
+        return resolve_dvc_executable()
+    except DvcNotFoundError as error:
+        pytest.skip(f"dvc is not installed: {error}")
+
+
+def isolated_git_dvc_env(root: Path) -> dict[str, str]:
+    """Environment that keeps git's and dvc's global, system and user state inside ``root``,
+    so tests neither read nor write the user's."""
+    env = {name: str(root / name.lower()) for name in
+           ("DVC_SITE_CACHE_DIR", "DVC_GLOBAL_CONFIG_DIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    return env | {"DVC_NO_ANALYTICS": "1", "GIT_CONFIG_GLOBAL": str(root / "gitconfig"), "GIT_CONFIG_NOSYSTEM": "1"}
 
 
 def tissue_image(size: tuple[int, int], seed: int, tissue: float = 0.7) -> Image.Image:

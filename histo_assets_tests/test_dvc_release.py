@@ -35,25 +35,15 @@ from histo_assets.core.release import (
     read_manifest,
     release_tag,
 )
+from histo_assets_tests.conftest import dvc_executable, isolated_git_dvc_env, tree_hashes
 
 CLASSES = ("fibrocystic", "proliferative")
 RELEASE_PATH = "releases/demo"
 
 
-def dvc_executable() -> Path:
-    try:
-        return resolve_dvc_executable()
-    except DvcNotFoundError as error:
-        pytest.skip(f"dvc is not installed: {error}")
-
-
 def isolate(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
-    """Keep dvc's and git's global state inside ``root``, so tests neither read nor write the user's."""
-    for variable in ("DVC_SITE_CACHE_DIR", "DVC_GLOBAL_CONFIG_DIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
-        monkeypatch.setenv(variable, str(root / variable.lower()))
-    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(root / "gitconfig"))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    for variable, value in isolated_git_dvc_env(root).items():
+        monkeypatch.setenv(variable, value)
 
 
 def git(repo: Path, *args: str) -> str:
@@ -107,10 +97,6 @@ def make_extras(folder: Path) -> tuple[pd.DataFrame, list[Path]]:
     plot = folder / "fid_by_step.png"
     Image.new("RGB", (8, 8), (200, 110, 170)).save(plot)
     return metrics, [plot]
-
-
-def tree_hashes(root: Path) -> dict[str, str]:
-    return {path.relative_to(root).as_posix(): sha256_file(path) for path in sorted(root.rglob("*")) if path.is_file()}
 
 
 def commit_count(repo: Path) -> int:

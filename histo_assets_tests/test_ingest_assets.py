@@ -9,10 +9,9 @@ import pandas as pd
 import pytest
 
 from histo_assets.assets.ingest import augmented_crops, raw_slides, square_crops
-from histo_assets.core.io import sha256_file
 from histo_assets.params import PROJECT_ROOT
 from histo_assets.resources import ObjectStoreResource, ParamsResource
-from histo_assets_tests.conftest import THESIS_CLASSES, tissue_image
+from histo_assets_tests.conftest import THESIS_CLASSES, tissue_image, tree_hashes
 
 ASSETS = [raw_slides, square_crops, augmented_crops]
 FIRST, SECOND, THIRD = THESIS_CLASSES
@@ -32,10 +31,6 @@ def materialize(params_file: Path, partition: str, instance=None, overrides: lis
 
 def check_results(result) -> dict[tuple[str, str], bool]:
     return {(e.asset_key.path[-1], e.check_name): e.passed for e in result.get_asset_check_evaluations()}
-
-
-def folder_hashes(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_three_assets_materialise_with_indexes_previews_and_passing_checks(small_params, small_dataset):
@@ -61,7 +56,7 @@ def test_three_assets_materialise_with_indexes_previews_and_passing_checks(small
 def test_rerun_recomputes_nothing_and_gives_identical_bytes(small_params, small_dataset):
     instance = dg.DagsterInstance.ephemeral()
     assert materialize(small_params, FIRST, instance).success
-    before = {stage: folder_hashes(small_dataset / stage / FIRST) for stage in ("square_crops", "augmented_crops")}
+    before = {stage: tree_hashes(small_dataset / stage / FIRST) for stage in ("square_crops", "augmented_crops")}
     mtimes = {p: p.stat().st_mtime_ns for p in (small_dataset / "augmented_crops" / FIRST).rglob("*.png")}
     second = materialize(small_params, FIRST, instance)
     assert second.success
@@ -71,7 +66,7 @@ def test_rerun_recomputes_nothing_and_gives_identical_bytes(small_params, small_
     shutil.rmtree(small_dataset / "square_crops")
     shutil.rmtree(small_dataset / "augmented_crops")
     assert materialize(small_params, FIRST, instance).success
-    after = {stage: folder_hashes(small_dataset / stage / FIRST) for stage in ("square_crops", "augmented_crops")}
+    after = {stage: tree_hashes(small_dataset / stage / FIRST) for stage in ("square_crops", "augmented_crops")}
     assert after == before
 
 
@@ -125,11 +120,11 @@ def test_too_few_crops_fails_the_blocking_check_and_keeps_training_inputs_safe(s
 
 def test_failed_stage_leaves_no_partial_output(small_params, small_dataset):
     assert materialize(small_params, FIRST).success
-    before = folder_hashes(small_dataset / "square_crops" / FIRST)
+    before = tree_hashes(small_dataset / "square_crops" / FIRST)
     for path in (small_dataset / "raw" / FIRST).iterdir():
         path.write_bytes(b"")
     assert not materialize(small_params, FIRST).success
-    assert folder_hashes(small_dataset / "square_crops" / FIRST) == before
+    assert tree_hashes(small_dataset / "square_crops" / FIRST) == before
     leftovers = [p.name for p in (small_dataset / "square_crops").iterdir() if p.name.startswith(".")]
     assert leftovers == []
 

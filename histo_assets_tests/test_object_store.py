@@ -21,7 +21,7 @@ from histo_assets.core.object_store import ObjectStore, ObjectStoreError, folder
 from histo_assets.params import PROJECT_ROOT, load_params
 from histo_assets.resources import ObjectStoreResource, ParamsResource
 from histo_assets_tests.conftest import SMALL, THESIS_CLASSES, write_params
-from histo_assets_tests.tiny_pipeline import CLASSES, STEPS, TINY, Pipeline, run_ok
+from histo_assets_tests.tiny_pipeline import CLASSES, STEPS, empty_pipeline, run_ok
 
 FIRST = THESIS_CLASSES[0]
 
@@ -95,6 +95,17 @@ def test_a_corrupt_object_fails_the_pull_and_keeps_the_old_folder(store, tmp_pat
         store.pull("stage", local)
     assert (local / "a.png").read_bytes() == b"previous"
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folder is left behind"
+
+
+def test_a_missing_object_fails_the_pull_with_its_name_and_keeps_the_old_folder(store, tmp_path):
+    make_folder(tmp_path / "new", {"a.png": b"good bytes"})
+    store.push(tmp_path / "new", "stage")
+    (obj,) = store.fs.find(f"{store.root}/objects")
+    store.fs.rm(obj)
+    local = make_folder(tmp_path / "local", {"a.png": b"previous"})
+    with pytest.raises(ObjectStoreError, match="lacks the object of stage/a.png"):
+        store.pull("stage", local)
+    assert (local / "a.png").read_bytes() == b"previous"
 
 
 @pytest.mark.parametrize("bad", ["../escape.png", "/etc/passwd", "a/../../b", "./a", "a//b"])
@@ -176,9 +187,7 @@ def test_every_job_in_its_own_empty_pod_gives_the_bytes_of_one_machine(pipeline,
         store.push(pipeline.data / "raw" / tissue_class, f"raw/{tissue_class}")
     logs = {}
     for job in ("ingest_pipeline", "training_pipeline", "checkpoint_pipeline", "summary_pipeline", "release_pipeline"):
-        pod = Pipeline(tmp_path / job)
-        shutil.copytree(tiny_model_cache, pod.data / ".cache" / "tiny_sd")
-        write_params(pod.root, Path("data"), **TINY)
+        pod = empty_pipeline(tmp_path / job, tiny_model_cache)
         logs[job] = run_ok(pod.materialize("--job", job, store_url=url))
     assert f"pulled hypernetwork_checkpoints/{CLASSES[0]}" in logs["checkpoint_pipeline"]
     assert "pushed metrics_summary" in logs["summary_pipeline"]
@@ -212,9 +221,7 @@ def test_a_pod_lost_mid_training_leaves_checkpoints_the_next_pod_resumes_from(pi
         (partial / name).unlink()
     store.push(partial, f"hypernetwork_checkpoints/{first}")
 
-    pod = Pipeline(tmp_path / "next-pod")
-    shutil.copytree(tiny_model_cache, pod.data / ".cache" / "tiny_sd")
-    write_params(pod.root, Path("data"), **TINY)
+    pod = empty_pipeline(tmp_path / "next-pod", tiny_model_cache)
     log = run_ok(pod.materialize("--job", "training_pipeline", "--partition", first, store_url=url))
 
     assert f"resuming {first} from {first}-3.pt" in log

@@ -49,12 +49,12 @@ import pytest
 import yaml
 
 from histo_assets.assets.release import PIPELINE_AUTHOR
-from histo_assets.core.dvc import DvcNotFoundError, resolve_dvc_executable
 from histo_assets.core.io import sha256_file
 from histo_assets.core.release import CARD, content_hash
 from histo_assets.core.sampling import image_seed
 from histo_assets.layout import INDEX, INVENTORY, SUMMARY, Layout
 from histo_assets.params import PROJECT_ROOT, load_params
+from histo_assets_tests.conftest import dvc_executable, isolated_git_dvc_env, tree_hashes
 from histo_assets_tests.tiny_pipeline import CLASSES, SEED, STEPS, Pipeline, data_version, latest, metadata, run_ok
 
 TAG_SCHEME = r"release/{name}/[0-9a-f]{{12}}"
@@ -69,13 +69,6 @@ def environ() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key not in identity}
 
 
-def isolated_env(root: Path) -> dict[str, str]:
-    """git's and DVC's global, system and user state inside ``root``: no git identity, no shared DVC cache."""
-    env = {name: str(root / name.lower()) for name in
-           ("DVC_SITE_CACHE_DIR", "DVC_GLOBAL_CONFIG_DIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
-    return env | {"DVC_NO_ANALYTICS": "1", "GIT_CONFIG_GLOBAL": str(root / "gitconfig"), "GIT_CONFIG_NOSYSTEM": "1"}
-
-
 def run(command: list[str], cwd: Path, env: Mapping[str, str], *, check: bool = True) -> subprocess.CompletedProcess:
     completed = subprocess.run(command, cwd=cwd, env=environ() | dict(env), capture_output=True, text=True, timeout=600)
     if check:
@@ -86,34 +79,15 @@ def run(command: list[str], cwd: Path, env: Mapping[str, str], *, check: bool = 
     return completed
 
 
-def dvc_executable() -> Path:
-    try:
-        return resolve_dvc_executable()
-    except DvcNotFoundError as error:
-        pytest.skip(f"dvc is not installed: {error}")
-
-
 def materialize_release(work: Pipeline, env: Mapping[str, str], *args: str) -> str:
-    """`histo-assets materialize --job release_pipeline` as ``Pipeline.materialize`` runs it, with one difference.
+    """`histo-assets materialize --job release_pipeline` with git's ceiling above the pipeline root.
 
-    ``Pipeline.materialize`` puts git's ceiling at the pipeline root, so that
+    By default ``Pipeline.materialize`` puts the ceiling at the root, so that
     dataset_release, which looks for a repository from data_dir upwards, finds
     none. Here the root is the repository: the ceiling is its parent, so the
     asset finds the root and still nothing above it.
     """
-    environment = environ() | dict(env) | {
-        "HISTO_ASSETS_PARAMS": str(work.params),
-        "DAGSTER_HOME": str(work.home),
-        "HF_HUB_OFFLINE": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-        "GIT_CEILING_DIRECTORIES": str(work.root.parent),
-    }
-    command = [sys.executable, "-m", "histo_assets.cli", "materialize", "--log-level", "INFO", "--job", "release_pipeline", *args]
-    return run_ok(subprocess.run(command, env=environment, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600))
-
-
-def tree_hashes(folder: Path) -> dict[str, str]:
-    return {path.relative_to(folder).as_posix(): sha256_file(path) for path in sorted(folder.rglob("*")) if path.is_file()}
+    return run_ok(work.materialize("--job", "release_pipeline", *args, env=environ() | dict(env), git_ceiling=work.root.parent))
 
 
 # --- the published project and its clone ------------------------------------------------------------
@@ -154,7 +128,7 @@ def published(pipeline, tmp_path_factory) -> Published:
     """A copy of the materialised tiny project, committed to git with `dvc init` done and pushed to a shared
     repository, then the release job run in it, pushing its tag there too."""
     sandbox = tmp_path_factory.mktemp("release-asset")
-    env = isolated_env(sandbox)
+    env = isolated_git_dvc_env(sandbox)
     dvc = str(dvc_executable())
     work = pipeline.copy(sandbox / "lab" / "project")
     section = load_params(work.params)["release"]

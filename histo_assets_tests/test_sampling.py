@@ -246,6 +246,7 @@ def test_hand_written_a1111_file_generates(tiny_base, base_run, tmp_path):
 
 
 def test_every_sampler_generates_and_leaves_the_base_model_alone(tiny_base, tmp_path):
+    assert set(SAMPLERS) == set(SAMPLER_NAMES), "the schedulers and A1111's names are two tables with one key set"
     for key in SAMPLERS:
         records = generate(tiny_base, tmp_path / key, count=1, steps=3, sampler=key)
         image = pixels(tmp_path / key / records[0].file)

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,22 +65,27 @@ class Pipeline:
     def home(self) -> Path:
         return self.root / "dagster_home"
 
-    def materialize(self, *args: str, store_url: str | None = None) -> subprocess.CompletedProcess:
+    def materialize(self, *args: str, store_url: str | None = None, env: Mapping[str, str] | None = None,
+                    git_ceiling: Path | None = None) -> subprocess.CompletedProcess:
         """`histo-assets materialize` in a subprocess whose partitions come from this pipeline's params.
 
         CPU only, so runs are bit-reproducible and comparable with in-process runs.
         The working directory is the project so that `histo_assets` is found as a
         regular package whatever state the editable install is in. Stage folders
-        stay local unless ``store_url`` names an object store.
+        stay local unless ``store_url`` names an object store. ``env`` replaces
+        this process's environment as the base.
+
+        dataset_release versions the release in the git repository around
+        data_dir, if any: git's ceiling (by default the pipeline root) keeps it
+        from finding one above.
         """
-        env = {k: v for k, v in os.environ.items() if k != STORE_URL_ENV} | ({STORE_URL_ENV: store_url} if store_url else {}) | {
+        base = {k: v for k, v in (os.environ if env is None else env).items() if k != STORE_URL_ENV}
+        env = base | ({STORE_URL_ENV: store_url} if store_url else {}) | {
             "HISTO_ASSETS_PARAMS": str(self.params),
             "DAGSTER_HOME": str(self.home),
             "HF_HUB_OFFLINE": "1",
             "CUDA_VISIBLE_DEVICES": "",
-            # dataset_release versions the release in the git repository around data_dir, if any:
-            # never let it find one above this temp folder.
-            "GIT_CEILING_DIRECTORIES": str(self.root),
+            "GIT_CEILING_DIRECTORIES": str(git_ceiling or self.root),
         }
         command = [sys.executable, "-m", "histo_assets.cli", "materialize", "--log-level", "INFO", *args]
         return subprocess.run(command, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
@@ -92,17 +98,25 @@ class Pipeline:
         return Pipeline(destination)
 
 
-def build_pipeline(root: Path, tiny_model_cache: Path) -> Pipeline:
-    """Two tissue images per class, tiny params with a relative data_dir (so copies are independent)."""
+def empty_pipeline(root: Path, tiny_model_cache: Path) -> Pipeline:
+    """Tiny params with a relative data_dir (so copies are independent) and no data yet.
+
+    The session's tiny model goes where BaseModelResource looks for it, so no process rebuilds it.
+    """
     pipeline = Pipeline(root)
+    shutil.copytree(tiny_model_cache, pipeline.data / ".cache" / "tiny_sd")
+    write_params(root, Path("data"), **TINY)
+    return pipeline
+
+
+def build_pipeline(root: Path, tiny_model_cache: Path) -> Pipeline:
+    """Two tissue images per class."""
+    pipeline = empty_pipeline(root, tiny_model_cache)
     for index, name in enumerate(CLASSES):
         folder = pipeline.data / "raw" / name
         folder.mkdir(parents=True)
         for image_index in range(2):
             tissue_image((256, 192), seed=10 * index + image_index).save(folder / f"slide{image_index}.png")
-    write_params(root, Path("data"), **TINY)
-    # The session's tiny model, where BaseModelResource looks for it, so no process rebuilds it.
-    shutil.copytree(tiny_model_cache, pipeline.data / ".cache" / "tiny_sd")
     return pipeline
 
 
