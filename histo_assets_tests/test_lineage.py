@@ -27,7 +27,7 @@ from histo_assets.core.lineage import training_lineage
 from histo_assets.assets.training import hypernetwork_checkpoints
 from histo_assets.cli import main
 from histo_assets.core.io import atomic_write_json, sha256_file, stable_hash
-from histo_assets.core.lineage import LineageNotFound, trace_image
+from histo_assets.core.lineage import LineageNotFound, png_text_disagreements, trace_image
 from histo_assets.core.release import ReleaseImage, build_release
 from histo_assets.core.sampling import GenerationSettings, generate_images, write_generation_index
 from histo_assets.layout import HOLDOUT, IMAGES, INDEX, INVENTORY, SUMMARY, Layout
@@ -276,3 +276,17 @@ def test_lineage_imports_neither_torch_nor_diffusers():
             "print(*(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert imported.split() == []
+
+
+def test_images_with_the_legacy_hypernet_keys_still_trace(project):
+    """Images written before the current PNG Info format carry Hypernet keys and no RNG key."""
+    report = trace_image(str(project.image(RELEASED_STEP)), data_dir=project.data, release_dirs=[project.release])
+    current = report.png_parameters
+    assert "Hypernet" not in current and current["RNG"] == "CPU"
+    stem, short = Path(report.checkpoint["file"]).stem, report.checkpoint["sha256"][:10]
+    legacy = {key: value for key, value in current.items() if key != "RNG"} | {
+        "Hypernet": stem, "Hypernet hash": short, "Hypernet strength": "1.0"}
+    assert png_text_disagreements(current, report.generation, report.checkpoint) == []
+    assert png_text_disagreements(legacy, report.generation, report.checkpoint) == []
+    wrong = png_text_disagreements(legacy | {"Hypernet hash": "0" * 10}, report.generation, report.checkpoint)
+    assert len(wrong) == 1 and wrong[0].startswith("Hypernet hash")

@@ -174,8 +174,8 @@ def test_synthetic_images_carry_a1111_parameters_naming_hypernetwork_and_seed(pi
                 assert row.seed == seed and row.file.endswith(f"-{seed}.png")
                 assert row.sha256 == sha256_file(folder / "images" / row.file)
                 assert parameters["Seed"] == str(seed)
-                assert parameters["Hypernet"] == checkpoint.stem
-                assert parameters["Hypernet hash"] == sha256_file(checkpoint)[:10]
+                assert "Hypernet" not in parameters and parameters["RNG"] == "CPU"
+                assert parameters["Prompt"].count("<hypernet:") == 1
                 assert f"<hypernet:{checkpoint.stem}:1.0>" in parameters["Prompt"]
                 assert parameters["Model hash"] == short
                 assert (parameters["Steps"], parameters["Sampler"], parameters["Size"]) == ("2", "Euler", "64x64")
@@ -306,9 +306,11 @@ def test_changed_learning_rate_retrains_and_regenerates_but_reuses_ingest(pipeli
             if key[1] is None or FIRST not in key[1]:
                 assert latest(instance, *key).storage_id == record.storage_id, key
     for row in new["checkpoints"]:
-        png = sorted((work.data / "synthetic_images" / FIRST / str(row["step"]) / "images").glob("*.png"))[0]
+        folder = work.data / "synthetic_images" / FIRST / str(row["step"])
+        assert set(pd.read_parquet(folder / "index.parquet")["hypernetwork_sha256"]) == {row["sha256"]}
+        png = sorted((folder / "images").glob("*.png"))[0]
         with Image.open(png) as image:
-            assert parse_a1111_parameters(image.text["parameters"])["Hypernet hash"] == row["sha256"][:10]
+            assert f"<hypernet:{FIRST}-{row['step']}:1.0>" in parse_a1111_parameters(image.text["parameters"])["Prompt"]
 
 
 # --- 4. resuming an interrupted training run ---------------------------------------------------------
@@ -425,7 +427,9 @@ def test_imported_hypernetworks_are_indexed_and_bad_files_skipped_with_reasons(t
         images = sorted((work.data / "imported_synthetic_images" / FIRST / stem / "images").glob("*.png"))
         assert len(images) == TINY["generation"]["images_per_checkpoint"]
         chunk = parse_a1111_parameters(Image.open(images[0]).text["parameters"])
-        assert chunk["Hypernet"] == stem and chunk["Hypernet hash"] == sha256_file(inbox / f"{stem}.pt")[:10]
+        assert chunk["Prompt"].endswith(f"<hypernet:{stem}:1.0>") and "Hypernet" not in chunk
+        index = pd.read_parquet(images[0].parent.parent / "index.parquet")
+        assert set(index["hypernetwork_sha256"]) == {sha256_file(inbox / f"{stem}.pt")}
         assert f"-s{step:06d}-" in images[0].name
 
 

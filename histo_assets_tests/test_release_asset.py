@@ -301,7 +301,7 @@ def assert_full_chain(report: dict, want: Expected, work: Pipeline) -> None:
     for key in ("sampler", "steps", "cfg_scale", "prompt", "negative_prompt", "width", "height"):
         assert generation[key] == want.generation[key], key
     assert report["png_parameters"]["Seed"] == str(want.generation["seed"])
-    assert report["png_parameters"]["Hypernet hash"] == want.checkpoint_sha256[:10]
+    assert f"<hypernet:{want.tissue_class}-{want.step}:1.0>" in report["png_parameters"]["Prompt"]
     assert report["checkpoint"]["sha256"] == want.checkpoint_sha256
     assert report["checkpoint"]["file"] == f"{want.tissue_class}-{want.step}.pt"
     assert report["code"]["dagster_run_ids"] == [want.run_id]

@@ -151,12 +151,10 @@ def test_png_parameters_round_trip_with_every_key(tiny_base, strong_hn, hn_run):
         "Size": "64x64",
         "Model hash": tiny_base.short_hash,
         "Model": tiny_base.name,
-        "Hypernet": f"{CLASS}-{STEP}",
-        "Hypernet hash": short_hash(strong_hn),
-        "Hypernet strength": "1.0",
+        "RNG": "CPU",
     }
     assert list(parsed) == ["Prompt", "Negative prompt", "Steps", "Sampler", "CFG scale", "Seed", "Size",
-                            "Model hash", "Model", "Hypernet", "Hypernet hash", "Hypernet strength"]
+                            "Model hash", "Model", "RNG"]
     assert record.hypernetwork_sha256 == sha256_file(strong_hn)
     assert record.hypernetwork_short_hash == short_hash(strong_hn)
     assert (record.base_model_sha256, record.base_model_short_hash) == (tiny_base.sha256, tiny_base.short_hash)
@@ -165,17 +163,17 @@ def test_png_parameters_round_trip_with_every_key(tiny_base, strong_hn, hn_run):
 def test_parameters_text_matches_the_webui_layout():
     text = a1111_parameters("an H&E histology tile of fibrocystic", "grainy, blurry, low quality",
                             GenerationSettings(), 123, "6ce0161689", "v1-5-pruned-emaonly",
-                            "fibrocystic-5000", "abcdef0123")
+                            "fibrocystic-5000")
     assert text == (
         "an H&E histology tile of fibrocystic <hypernet:fibrocystic-5000:1.0>\n"
         "Negative prompt: grainy, blurry, low quality\n"
         "Steps: 20, Sampler: Euler, CFG scale: 7, Seed: 123, Size: 512x512, Model hash: 6ce0161689, "
-        "Model: v1-5-pruned-emaonly, Hypernet: fibrocystic-5000, Hypernet hash: abcdef0123, Hypernet strength: 1.0"
+        "Model: v1-5-pruned-emaonly, RNG: CPU"
     )
     plain = a1111_parameters("a tile", "", replace(GenerationSettings(), cfg_scale=7.5, sampler="dpm++_2m"),
                              7, "0123456789", "weird, name: v2")
-    assert plain == ('a tile\nSteps: 20, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 7, Size: 512x512, '
-                     'Model hash: 0123456789, Model: "weird, name: v2"')
+    assert plain == ('a tile\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Uniform, CFG scale: 7.5, Seed: 7, '
+                     'Size: 512x512, Model hash: 0123456789, Model: "weird, name: v2", RNG: CPU')
     assert parse_a1111_parameters(plain)["Model"] == "weird, name: v2"
     assert parse_a1111_parameters(plain)["Negative prompt"] == ""
 
@@ -238,8 +236,7 @@ def test_hand_written_a1111_file_generates(tiny_base, base_run, tmp_path):
     record = records[0]
     assert (record.hypernetwork_name, record.hypernetwork_file) == (CLASS, "imported-1234.pt")
     parsed = parse_a1111_parameters(png_parameters(tmp_path / "out" / record.file))
-    assert parsed["Hypernet"] == "imported-1234"
-    assert parsed["Hypernet hash"] == short_hash(path)
+    assert "Hypernet" not in parsed and "Hypernet hash" not in parsed
     assert parsed["Prompt"].endswith("<hypernet:imported-1234:1.0>")
     base_out, base_records = base_run
     assert np.abs(pixels(tmp_path / "out" / record.file) - pixels(base_out / base_records[0].file)).mean() > 5

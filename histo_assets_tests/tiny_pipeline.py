@@ -32,7 +32,8 @@ STEPS = [3, 6]
 IMAGES_PER_CHECKPOINT = 4
 SEED = load_params(DEFAULT_PARAMS_FILE).seed
 TINY_SIZES = (48, 32, 64)
-BASE_MODEL_NAME = "v1-5-pruned-emaonly.safetensors"
+# params.yaml names no base model, so the WebUI name is the tiny model's folder name.
+BASE_MODEL_NAME = "tiny-sd-seed0"
 TINY = {
     "classes": CLASSES,
     "resolution": 64,

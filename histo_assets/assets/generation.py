@@ -18,8 +18,8 @@ from histo_assets.partitions import by_tissue_class, class_and_step, class_and_s
 from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource, StageConfig
 
 GROUP = "generation"
-SYNTHETIC_IMAGES_VERSION = "1"
-IMPORTED_SYNTHETIC_IMAGES_VERSION = "1"
+SYNTHETIC_IMAGES_VERSION = "2"
+IMPORTED_SYNTHETIC_IMAGES_VERSION = "2"
 
 
 def checkpoint_entry(p: Params, tissue_class: str, step: int) -> dict:

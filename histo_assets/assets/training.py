@@ -22,7 +22,7 @@ from histo_assets.partitions import tissue_class_partitions
 from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource, StageConfig
 
 GROUP = "training"
-HYPERNETWORK_CHECKPOINTS_VERSION = "1"
+HYPERNETWORK_CHECKPOINTS_VERSION = "2"
 IMPORTED_HYPERNETWORKS_VERSION = "1"
 
 # On Kubernetes (dagster-k8s) these tags request one GPU for the step's pod; elsewhere they are inert.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -17,16 +18,47 @@ if TYPE_CHECKING:
 # The PNG text chunk key A1111 writes and its PNG Info tab reads.
 PARAMETERS_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"
-# A1111 names a file by the first 10 hex digits of its SHA-256 ("Model hash", "Hypernet hash").
+# A1111 names a file by the first 10 hex digits of its SHA-256 ("Model hash").
 SHORT_HASH_LENGTH = 10
-# What A1111 calls each sampler that params.yaml can choose, by its params.yaml key.
-SAMPLER_NAMES = {
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "ddim": "DDIM",
-    "dpm++_2m": "DPM++ 2M",
-    "lms": "LMS",
+# Our initial noise is drawn on the CPU; the WebUI assumes GPU noise for a text without an RNG key (§8b).
+RNG_SOURCE = "CPU"
+# Keys the WebUI no longer writes: its paste turns a `Hypernet` key into a second <hypernet:...> token,
+# so images written with them (before 2026-11) name the hypernetwork twice. Lineage still reads them.
+LEGACY_HYPERNET_KEYS = ("Hypernet", "Hypernet hash", "Hypernet strength")
+
+
+@dataclass(frozen=True)
+class WebuiSampler:
+    """What the WebUI calls a sampler, the sigma schedule it gets here, and the one its "Automatic" picks.
+
+    ``schedule`` is None for DDIM, which steps by timesteps, not sigmas.
+    """
+
+    name: str
+    schedule: str | None
+    webui_default_schedule: str | None
+
+    @property
+    def schedule_type(self) -> str | None:
+        """The ``Schedule type`` value to write: only where ours is not the WebUI's default."""
+        if self.schedule == self.webui_default_schedule:
+            return None
+        return SCHEDULE_NAMES[self.schedule]
+
+
+# The WebUI's names of the sigma schedules offered here.
+SCHEDULE_NAMES = {"uniform": "Uniform", "karras": "Karras"}
+
+# Every sampler params.yaml can choose, by its params.yaml key. DPM++ 2M keeps the uniform
+# schedule it always had here, which the WebUI only uses when told (its "Automatic" is Karras).
+WEBUI_SAMPLERS = {
+    "euler": WebuiSampler("Euler", "uniform", "uniform"),
+    "euler_a": WebuiSampler("Euler a", "uniform", "uniform"),
+    "ddim": WebuiSampler("DDIM", None, None),
+    "dpm++_2m": WebuiSampler("DPM++ 2M", "uniform", "karras"),
+    "lms": WebuiSampler("LMS", "uniform", "uniform"),
 }
+SAMPLER_NAMES = {key: sampler.name for key, sampler in WEBUI_SAMPLERS.items()}
 
 
 def _format_number(value: float) -> str:
@@ -55,34 +87,32 @@ def a1111_parameters(
     model_hash: str,
     model_name: str,
     hypernetwork_name: str | None = None,
-    hypernetwork_hash: str | None = None,
 ) -> str:
-    """The text A1111 stores in a PNG's ``parameters`` chunk.
+    """The text the current WebUI stores in a PNG's ``parameters`` chunk (§8b).
 
     Line 1 is the prompt, with the ``<hypernet:NAME:MULT>`` token appended when
     a hypernetwork is used (the WebUI removes the token before encoding, so
-    ``prompt`` is the text actually encoded). Line 2, left out when empty, is
-    the negative prompt. The last line holds ``Key: value`` pairs in the
-    WebUI's order; values with commas, colons or quotes are JSON-quoted.
+    ``prompt`` is the text actually encoded); the token is the only mention of
+    the hypernetwork, so a paste activates it once. Line 2, left out when
+    empty, is the negative prompt. The last line holds ``Key: value`` pairs in
+    the WebUI's order; values with commas, colons or quotes are JSON-quoted.
+    ``RNG: CPU`` tells a paste to draw the noise as we did.
     """
     first = prompt
     if hypernetwork_name is not None:
         first = f"{prompt} {hypernetwork_token(hypernetwork_name, settings.multiplier)}".lstrip()
+    sampler = WEBUI_SAMPLERS[settings.sampler]
     pairs: list[tuple[str, object]] = [
         ("Steps", settings.steps),
-        ("Sampler", settings.sampler_display_name),
+        ("Sampler", sampler.name),
+        ("Schedule type", sampler.schedule_type),
         ("CFG scale", _format_number(settings.cfg_scale)),
         ("Seed", int(seed)),
         ("Size", f"{settings.width}x{settings.height}"),
         ("Model hash", model_hash),
         ("Model", model_name),
+        ("RNG", RNG_SOURCE),
     ]
-    if hypernetwork_name is not None:
-        pairs += [
-            ("Hypernet", hypernetwork_name),
-            ("Hypernet hash", hypernetwork_hash),
-            ("Hypernet strength", float(settings.multiplier)),
-        ]
     lines = [first]
     if negative_prompt:
         lines.append(f"{NEGATIVE_PREFIX} {negative_prompt}")

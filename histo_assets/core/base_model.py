@@ -73,6 +73,7 @@ class BaseModel:
     ``sha256`` is the hash of the weights: of the file for ``single_file``; for
     a diffusers folder (``diffusers`` and ``tiny``) it is :func:`folder_weights_sha256`.
     ``short_hash`` is its first 10 hex digits, A1111's ``sd_checkpoint``.
+    ``name`` is the WebUI's model name: the file name without its extension.
     """
 
     pipeline: StableDiffusionPipeline
@@ -131,6 +132,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype not in names:
         raise BaseModelError(f"unsupported dtype {dtype!r}; use auto or one of {sorted(names)}")
     return names[dtype]
+
+
+def webui_model_name(name: str) -> str:
+    """What the WebUI calls a checkpoint (``Model:``, ``sd_checkpoint_name``): its file name without the extension."""
+    for suffix in SINGLE_FILE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def short_hash(sha256: str) -> str:
@@ -378,7 +387,9 @@ def load_base_model(
 
     ``expected_sha256`` is checked against :attr:`BaseModel.sha256` before the
     weights load. ``name`` is what hypernetwork files record as
-    ``sd_checkpoint_name``; by default the file or folder name.
+    ``sd_checkpoint_name`` and images as ``Model``; by default the file or
+    folder name of the model actually loaded. Either way it is kept without a
+    ``.safetensors``/``.ckpt`` extension, as the WebUI names checkpoints.
     """
     if source not in SOURCES:
         raise BaseModelError(f"unknown base model source {source!r}; use one of {', '.join(SOURCES)}")
@@ -452,5 +463,5 @@ def _finish(pipeline: StableDiffusionPipeline, sha256: str, name: str, source: s
     for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
         module.requires_grad_(False)
         module.eval()
-    return BaseModel(pipeline=pipeline, sha256=sha256, short_hash=short_hash(sha256), name=name, source=source,
-                     path=path, device=device, dtype=dtype)
+    return BaseModel(pipeline=pipeline, sha256=sha256, short_hash=short_hash(sha256), name=webui_model_name(name),
+                     source=source, path=path, device=device, dtype=dtype)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import re
+import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -96,7 +98,7 @@ class HypernetworkOptions:
     sizes: tuple[int, ...] = (768, 320, 640, 1280)
     layer_structure: tuple[float, ...] = (1.0, 2.0, 1.0)
     activation: str | None = "linear"
-    weight_init: str = "Normal"
+    weight_init: str | None = "Normal"
     layer_norm: bool = False
     use_dropout: bool = False
     dropout_structure: tuple[float, ...] | None = None
@@ -115,8 +117,9 @@ class HypernetworkOptions:
         if self.activation not in _NO_ACTIVATION and self.activation not in ACTIVATIONS:
             known = ", ".join(sorted(ACTIVATIONS))
             raise ValueError(f"unknown activation {self.activation!r}; use 'linear', None or one of: {known}")
-        if self.weight_init not in WEIGHT_INIT_SCHEMES:
-            raise ValueError(f"unknown weight_init {self.weight_init!r}; use one of {WEIGHT_INIT_SCHEMES}")
+        # §8: files created through the WebUI's API store None; the WebUI then initialises as Normal.
+        if self.weight_init is not None and self.weight_init not in WEIGHT_INIT_SCHEMES:
+            raise ValueError(f"unknown weight_init {self.weight_init!r}; use one of {WEIGHT_INIT_SCHEMES} or None")
         if self.dropout_structure is None:
             dropout = rebuilt_dropout_structure(len(structure), self.use_dropout, self.last_layer_dropout)
         else:
@@ -160,7 +163,7 @@ class HypernetworkModule(nn.Module):
         for layer in self.linear:
             if not isinstance(layer, (nn.Linear, nn.LayerNorm)):
                 continue
-            scheme = "Normal" if isinstance(layer, nn.LayerNorm) else options.weight_init
+            scheme = "Normal" if isinstance(layer, nn.LayerNorm) else options.weight_init or "Normal"
             if scheme == "Normal":
                 nn.init.normal_(layer.weight, mean=0.0, std=_NORMAL_INIT_STD, generator=generator)
             elif scheme == "XavierUniform":
@@ -242,12 +245,40 @@ def _file_dict(hn: Hypernetwork) -> dict[Any, Any]:
     return contents
 
 
-def _torch_save_bytes(obj: Any) -> bytes:
-    # Saving to a buffer keeps torch's internal archive name fixed ("archive"), so equal
-    # contents give equal bytes whatever temporary file name the atomic write uses.
+# §2: the only zip entries the WebUI's restricted loader accepts, after the archive's folder name.
+WEBUI_ZIP_ENTRY = re.compile(r"[^/]+/(data\.pkl|data/\d+|version|byteorder|\.data/serialization_id)")
+# torch aligns every record's data to this many bytes, so memory-mapped loads stay possible.
+_RECORD_ALIGNMENT = 64
+_PADDING_FIELD_ID = b"FB"  # the extra-field id torch's own writer pads with
+_LOCAL_HEADER_SIZE = 30
+
+
+def _aligned_info(name: str, offset: int) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    unpadded = offset + _LOCAL_HEADER_SIZE + len(name.encode()) + 4
+    padding = -unpadded % _RECORD_ALIGNMENT
+    info.extra = _PADDING_FIELD_ID + padding.to_bytes(2, "little") + b"Z" * padding
+    return info
+
+
+def webui_loadable_bytes(obj: Any) -> bytes:
+    """``torch.save`` output cut down to the zip entries the WebUI's loader allows (§2).
+
+    torch writes ``.format_version`` and ``.storage_alignment`` besides the
+    records the WebUI knows, and the WebUI refuses any file holding them with
+    "bad file inside". Both are optional for ``torch.load``, so they are left
+    out. Saving to a buffer keeps the archive name fixed ("archive") and the
+    entries are rewritten with a fixed date, so equal contents give equal bytes.
+    """
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    return buffer.getvalue()
+    out = io.BytesIO()
+    with zipfile.ZipFile(buffer) as source, zipfile.ZipFile(out, "w") as target:
+        for entry in source.infolist():
+            if WEBUI_ZIP_ENTRY.fullmatch(entry.filename):
+                target.writestr(_aligned_info(entry.filename, out.tell()), source.read(entry))
+    return out.getvalue()
 
 
 def short_hash(path: str | Path) -> str:
@@ -266,14 +297,14 @@ def save_hypernetwork(hn: Hypernetwork, path: str | Path, *, optimizer: torch.op
     The sidecar records the short hash of the ``.pt`` it belongs to, so a stale
     sidecar next to a rewritten file is ignored on resume (§2).
     """
-    path = atomic_write_bytes(path, _torch_save_bytes(_file_dict(hn)))
+    path = atomic_write_bytes(path, webui_loadable_bytes(_file_dict(hn)))
     if optimizer is not None:
         sidecar = {
             "optimizer_name": type(optimizer).__name__,
             "hash": short_hash(path),
             "optimizer_state_dict": optimizer.state_dict(),
         }
-        atomic_write_bytes(optimizer_sidecar_path(path), _torch_save_bytes(sidecar))
+        atomic_write_bytes(optimizer_sidecar_path(path), webui_loadable_bytes(sidecar))
     return path
 
 
@@ -289,17 +320,24 @@ def load_optimizer_state(path: str | Path) -> dict | None:
 
 
 def _options_from_file(contents: Mapping[Any, Any], sizes: tuple[int, ...]) -> HypernetworkOptions:
-    """§8 defaults for every metadata key a (possibly old) file may lack."""
+    """§8 defaults for every metadata key a (possibly old) file may lack.
+
+    A ``dropout_structure`` longer than ``layer_structure`` is cut to its length:
+    the WebUI only ever indexes its first entries, so the rest never take effect.
+    """
+    structure = tuple(contents.get("layer_structure") or (1.0, 2.0, 1.0))
     dropout = contents.get("dropout_structure")
+    if dropout is not None:
+        dropout = tuple(dropout)[: len(structure)]
     use_dropout = bool(contents.get("use_dropout", False)) or bool(dropout and any(dropout))
     return HypernetworkOptions(
         sizes=sizes,
-        layer_structure=tuple(contents.get("layer_structure") or (1.0, 2.0, 1.0)),
+        layer_structure=structure,
         activation=contents.get("activation_func"),
         weight_init=contents.get("weight_initialization", "Normal"),
         layer_norm=bool(contents.get("is_layer_norm", False)),
         use_dropout=use_dropout,
-        dropout_structure=None if dropout is None else tuple(dropout),
+        dropout_structure=dropout,
         activate_output=bool(contents.get("activate_output", True)),
         last_layer_dropout=bool(contents.get("last_layer_dropout", False)),
     )
@@ -316,7 +354,12 @@ def _renamed_legacy_keys(state: Mapping[str, Tensor]) -> OrderedDict[str, Tensor
 
 
 def load_hypernetwork(path: str | Path, *, map_location: str | torch.device = "cpu") -> Hypernetwork:
-    """Load an A1111 ``.pt`` hypernetwork, applying the §8 defaults and legacy renames."""
+    """Load an A1111 ``.pt`` hypernetwork, applying the §8 defaults and legacy renames.
+
+    The result is in eval mode, ready for inference as after the WebUI's load:
+    in training mode the multiplier would be ignored and dropout active (§5).
+    Call ``.train()`` to resume training.
+    """
     path = Path(path)
     try:
         contents = torch.load(path, map_location=map_location, weights_only=True)
@@ -352,7 +395,7 @@ def load_hypernetwork(path: str | Path, *, map_location: str | torch.device = "c
     hn.sd_checkpoint = contents.get("sd_checkpoint")
     hn.sd_checkpoint_name = contents.get("sd_checkpoint_name")
     hn.optional_info = contents.get("optional_info")
-    return hn.to(map_location)
+    return hn.to(map_location).eval()
 
 
 def export_safetensors(hn: Hypernetwork, path: str | Path) -> Path:

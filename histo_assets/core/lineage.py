@@ -24,7 +24,9 @@ import pandas as pd
 from PIL import Image
 
 from histo_assets.core.a1111_text import (
+    LEGACY_HYPERNET_KEYS,
     PARAMETERS_KEY,
+    RNG_SOURCE,
     SAMPLER_NAMES,
     SHORT_HASH_LENGTH,
     hypernetwork_token,
@@ -274,6 +276,41 @@ def _same(recorded: Any, written: str) -> bool:
     return written == str(recorded)
 
 
+def png_text_disagreements(parsed: dict[str, str], generation: dict, checkpoint: dict) -> list[str]:
+    """Where an image's ``parameters`` text contradicts its record, in the current format and the legacy one.
+
+    The WebUI names a hypernetwork by its file stem in the prompt's
+    ``<hypernet:...>`` token. Images written before the current format also
+    carry the legacy ``Hypernet`` keys; they are checked where present, so
+    those images still trace.
+    """
+    hypernet = Path(checkpoint["file"]).stem if checkpoint.get("file") else None
+    multiplier = generation.get("multiplier")
+    prompt = generation.get("prompt")
+    if hypernet and prompt is not None and multiplier is not None:
+        prompt = f"{prompt} {hypernetwork_token(hypernet, multiplier)}"
+    expected = {
+        "Prompt": prompt,
+        "Negative prompt": generation.get("negative_prompt"),
+        "Steps": generation.get("steps"),
+        "Sampler": SAMPLER_NAMES.get(generation.get("sampler"), generation.get("sampler")),
+        "CFG scale": generation.get("cfg_scale"),
+        "Seed": generation.get("seed"),
+        "Size": f"{generation.get('width')}x{generation.get('height')}",
+        "Model hash": checkpoint.get("base_model_short_hash"),
+    }
+    if "RNG" in parsed:
+        expected["RNG"] = RNG_SOURCE
+    if LEGACY_HYPERNET_KEYS[0] in parsed:
+        expected.update(zip(LEGACY_HYPERNET_KEYS, (
+            hypernet,
+            checkpoint["sha256"][:SHORT_HASH_LENGTH] if checkpoint.get("sha256") else None,
+            multiplier if hypernet else None,
+        )))
+    return [f"{key}: png {parsed.get(key)!r}, record {value!r}" for key, value in expected.items()
+            if value is not None and not _same(value, parsed.get(key, ""))]
+
+
 class _Tracer:
     """Assembles one report from the rows recording one image, so each section can draw on releases, data folder or both."""
 
@@ -387,27 +424,7 @@ class _Tracer:
         if parsed is None:
             self.checks.append(Check("PNG parameters chunk", False, f"{at_hand} has no {PARAMETERS_KEY!r} text chunk"))
             return None
-        # The WebUI names a hypernetwork by its file stem and appends its <hypernet:...> token to the prompt.
-        hypernet = Path(checkpoint["file"]).stem if checkpoint.get("file") else None
-        multiplier = generation.get("multiplier")
-        prompt = generation.get("prompt")
-        if hypernet and prompt is not None and multiplier is not None:
-            prompt = f"{prompt} {hypernetwork_token(hypernet, multiplier)}"
-        expected = {
-            "Prompt": prompt,
-            "Negative prompt": generation.get("negative_prompt"),
-            "Steps": generation.get("steps"),
-            "Sampler": SAMPLER_NAMES.get(generation.get("sampler"), generation.get("sampler")),
-            "CFG scale": generation.get("cfg_scale"),
-            "Seed": generation.get("seed"),
-            "Size": f"{generation.get('width')}x{generation.get('height')}",
-            "Model hash": checkpoint.get("base_model_short_hash"),
-            "Hypernet": hypernet,
-            "Hypernet hash": checkpoint["sha256"][:SHORT_HASH_LENGTH] if checkpoint.get("sha256") else None,
-            "Hypernet strength": multiplier if hypernet else None,
-        }
-        differ = [f"{key}: png {parsed.get(key)!r}, record {value!r}" for key, value in expected.items()
-                  if value is not None and not _same(value, parsed.get(key, ""))]
+        differ = png_text_disagreements(parsed, generation, checkpoint)
         self.checks.append(Check("PNG parameters chunk", not differ,
                                  "; ".join(differ) or f"{at_hand.name} says what the record says"))
         return parsed

@@ -5,6 +5,14 @@ records them the way the WebUI does, in a PNG ``parameters`` text chunk, so
 that every tile can be inspected in the WebUI's PNG Info tab and audited
 against the index without trusting file names.
 
+Sampling follows the WebUI's k-diffusion path so that a pasted PNG Info gives
+the same image there: its sigma schedules (log-sigma interpolation, §8b of
+``shared/reference/a1111-hypernetwork.md``), initial noise drawn per image as
+``torch.manual_seed(seed); torch.randn(shape)`` in fp32 on the CPU (the
+WebUI's ``RNG: CPU``), and latents kept in fp32 between U-Net calls whatever
+the U-Net's dtype. The loop is written out here rather than left to
+``StableDiffusionPipeline.__call__``, which offers neither.
+
 Each image has its own seed and its own ``torch.Generator``, so image ``i`` of
 a checkpoint is the same whatever the batch size, and any single image can be
 regenerated alone. "The same" means identical up to float rounding: CPU and
@@ -15,11 +23,13 @@ level in a few pixels; with equal batch sizes the PNG bytes are identical.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from diffusers import (
@@ -28,12 +38,13 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     LMSDiscreteScheduler,
-    StableDiffusionPipeline,
+    SchedulerMixin,
 )
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
-from histo_assets.core.a1111_text import PARAMETERS_KEY, SAMPLER_NAMES, SHORT_HASH_LENGTH, a1111_parameters
+from histo_assets.core.a1111_text import PARAMETERS_KEY, SHORT_HASH_LENGTH, WEBUI_SAMPLERS, a1111_parameters
 from histo_assets.core.base_model import BaseModel
 from histo_assets.core.hypernetwork import apply_hypernetwork, load_hypernetwork
 from histo_assets.core.io import atomic_save_png, atomic_write_parquet, sha256_file
@@ -46,29 +57,27 @@ Log = Callable[[str], None]
 SEED_MODULUS = 2**32
 # Latents are 1/8 of the image side in SD 1.x, so sides must be multiples of 8.
 VAE_SCALE = 8
-_MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# k-diffusion's Karras schedule exponent, as the WebUI uses it.
+KARRAS_RHO = 7.0
 
 
 @dataclass(frozen=True)
 class Sampler:
-    """The diffusers scheduler closest to an A1111 sampler.
+    """The diffusers scheduler that steps like an A1111 sampler.
 
-    ``overrides`` fix the timestep spacing to A1111's: its k-diffusion samplers
-    (Euler, Euler a, LMS, DPM++) spread sigmas evenly from t=999 to 0
-    ("linspace"), while its DDIM steps by ``1000 // steps`` from 1 ("leading").
-    Without them the spacing would be inherited from whatever scheduler the base
-    model folder ships (PNDM/"leading" for SD 1.5). A1111's (LDM's) DDIM neither
-    clips the predicted image nor uses alpha=1 for the last step, hence the two
-    DDIM flags. The images still differ from the WebUI's: k-diffusion
-    interpolates log-sigmas, and the WebUI draws its noise differently from the
-    same seed.
+    The sigma-based samplers get the WebUI's sigmas from :func:`webui_sigmas`
+    in place of the scheduler's own; ``overrides`` only matter for DDIM, which
+    steps by ``1000 // steps`` from 1 ("leading") as A1111's does, and, like
+    LDM's, neither clips the predicted image nor uses alpha=1 for the last step.
+    Without an override, settings would be inherited from whatever scheduler
+    the base model folder ships (PNDM/"leading" for SD 1.5).
     """
 
     scheduler: type
     overrides: Mapping[str, Any]
 
 
-# Keyed like SAMPLER_NAMES, which holds what A1111 calls each.
+# Keyed like WEBUI_SAMPLERS, which holds what A1111 calls each and its sigma schedule.
 SAMPLERS: dict[str, Sampler] = {
     "euler": Sampler(EulerDiscreteScheduler, {"timestep_spacing": "linspace"}),
     "euler_a": Sampler(EulerAncestralDiscreteScheduler, {"timestep_spacing": "linspace"}),
@@ -130,7 +139,7 @@ class GenerationSettings:
 
     @property
     def sampler_display_name(self) -> str:
-        return SAMPLER_NAMES[self.sampler]
+        return WEBUI_SAMPLERS[self.sampler].name
 
 
 @dataclass(frozen=True)
@@ -186,21 +195,71 @@ def render_generation_prompt(template: str, hypernetwork_name: str | None, tissu
     return template.replace("[filewords]", tissue_class.replace("_", " ")).replace("[name]", name)
 
 
-def a1111_model_name(name: str) -> str:
-    """The WebUI shows checkpoints without their file extension."""
-    for suffix in _MODEL_FILE_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+def _model_sigmas(scheduler: SchedulerMixin) -> torch.Tensor:
+    """The model's T discrete sigmas in float32, from ᾱ as LDM stores it for SD 1.x.
+
+    LDM computes ᾱ in float64 and keeps a float32 buffer, from which k-diffusion
+    derives float32 sigmas; diffusers computes ᾱ in float32 throughout, which
+    moves the smallest sigmas by about 1e-5. Both roundings are mirrored here,
+    because the WebUI's images come from its sigmas, not from exact ones.
+    """
+    config = scheduler.config
+    if config.get("beta_schedule") == "scaled_linear" and config.get("trained_betas") is None:
+        betas = np.linspace(config.beta_start**0.5, config.beta_end**0.5, config.num_train_timesteps,
+                            dtype=np.float64) ** 2
+        alphas_cumprod = torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32)
+    else:
+        alphas_cumprod = scheduler.alphas_cumprod.float()
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
 
 
-def _pipeline_for(base: BaseModel, sampler: str) -> StableDiffusionPipeline:
-    """A pipeline sharing the base model's modules, with its own scheduler, so the base stays untouched."""
-    spec = SAMPLERS[sampler]
+def webui_sigmas(scheduler: SchedulerMixin, steps: int, schedule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The WebUI's (k-diffusion's) float32 sigmas for ``steps`` steps, ending in 0, and the U-Net timestep of each.
+
+    ``uniform`` interpolates log σ at ``t = linspace(T-1, 0, steps)`` over the
+    model's T discrete sigmas; ``karras`` spaces σ^(1/ρ) evenly between the
+    model's smallest and largest sigma. A timestep is the fractional t whose
+    interpolated log σ is that sigma, as k-diffusion feeds the U-Net.
+    """
+    model_sigmas = _model_sigmas(scheduler)
+    log_sigmas = model_sigmas.log()
+    if schedule == "uniform":
+        t = torch.linspace(len(log_sigmas) - 1, 0, steps)
+        low, high, weight = t.floor().long(), t.ceil().long(), t.frac()
+        sigmas = ((1 - weight) * log_sigmas[low] + weight * log_sigmas[high]).exp()
+    elif schedule == "karras":
+        ramp = torch.linspace(0, 1, steps)
+        low_root = model_sigmas[0].item() ** (1 / KARRAS_RHO)
+        high_root = model_sigmas[-1].item() ** (1 / KARRAS_RHO)
+        sigmas = (high_root + ramp * (low_root - high_root)) ** KARRAS_RHO
+        indices = np.arange(len(log_sigmas), dtype=np.float64)
+        t = torch.from_numpy(np.interp(sigmas.log().double().numpy(), log_sigmas.double().numpy(), indices)).float()
+    else:
+        raise ValueError(f"unknown sigma schedule {schedule!r}")
+    return torch.cat([sigmas, sigmas.new_zeros(1)]), t
+
+
+def initial_noise(seeds: Sequence[int], shape: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Each image's noise as the WebUI draws it with ``RNG: CPU``: ``torch.manual_seed(seed); torch.randn(shape)``.
+
+    fp32 on the CPU whatever the device, so images do not depend on the
+    device's RNG or dtype. The generators are returned to draw the ancestral
+    samplers' later noise from the same per-image streams.
+    """
+    generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+    noise = torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in generators])
+    return noise, generators
+
+
+def _scheduler_for(base: BaseModel, sampler: str, steps: int) -> SchedulerMixin:
+    """A fresh scheduler for one batch, with the WebUI's sigmas where the sampler uses sigmas."""
+    spec, schedule = SAMPLERS[sampler], WEBUI_SAMPLERS[sampler].schedule
     scheduler = spec.scheduler.from_config(base.scheduler.config, **spec.overrides)
-    pipeline = StableDiffusionPipeline.from_pipe(base.pipeline, scheduler=scheduler)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    scheduler.set_timesteps(steps, device=base.device)
+    if schedule is not None:
+        scheduler.sigmas, timesteps = webui_sigmas(scheduler, steps, schedule)
+        scheduler.timesteps = timesteps.to(base.device)
+    return scheduler
 
 
 def generate_images(
@@ -230,7 +289,6 @@ def generate_images(
     if hypernetwork_path is not None:
         hypernetwork_path = Path(hypernetwork_path)
         hypernetwork = load_hypernetwork(hypernetwork_path, map_location=base.device)
-        hypernetwork.eval()  # the multiplier only applies in eval mode
         hypernetwork.requires_grad_(False)
         hn_name = hypernetwork.name
         hn_sha256 = sha256_file(hypernetwork_path)
@@ -240,8 +298,6 @@ def generate_images(
         hn_webui_name = hypernetwork_path.stem
     prompt = render_generation_prompt(settings.prompt, hn_name, tissue_class)
     negative = render_generation_prompt(settings.negative_prompt, hn_name, tissue_class)
-    model_name = a1111_model_name(base.name)
-    pipeline = _pipeline_for(base, settings.sampler)
     if log:
         source = hn_file or f"base model {base.name}"
         log(f"generating {count} images for {tissue_class} step {step} from {source}: {prompt!r}")
@@ -251,17 +307,15 @@ def generate_images(
     for start in tqdm(starts, desc=f"{tissue_class} s{step}", unit="batch", total=len(starts)):
         indices = list(range(start, min(start + settings.batch_size, count)))
         seeds = [image_seed(master_seed, tissue_class, step, index) for index in indices]
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        with torch.no_grad():
-            if hypernetwork is None:
-                images = _sample(pipeline, prompt, negative, settings, generators)
-            else:
-                with apply_hypernetwork(base.unet, hypernetwork, settings.multiplier):
-                    images = _sample(pipeline, prompt, negative, settings, generators)
+        if hypernetwork is None:
+            images = _sample(base, prompt, negative, settings, seeds)
+        else:
+            with apply_hypernetwork(base.unet, hypernetwork, settings.multiplier):
+                images = _sample(base, prompt, negative, settings, seeds)
         for index, seed, image in zip(indices, seeds, images):
             info = PngInfo()
             info.add_text(PARAMETERS_KEY, a1111_parameters(prompt, negative, settings, seed, base.short_hash,
-                                                           model_name, hn_webui_name, hn_short))
+                                                           base.name, hn_webui_name))
             name = image_file_name(tissue_class, step, index, seed)
             atomic_save_png(out_dir / name, image, pnginfo=info)
             records.append(GeneratedImage(
@@ -278,19 +332,29 @@ def generate_images(
     return records
 
 
-def _sample(pipeline: StableDiffusionPipeline, prompt: str, negative: str, settings: GenerationSettings,
-            generators: Sequence[torch.Generator]) -> list:
-    return pipeline(
-        prompt=prompt,
-        negative_prompt=negative or None,
-        num_images_per_prompt=len(generators),
-        generator=list(generators),
-        num_inference_steps=settings.steps,
-        guidance_scale=settings.cfg_scale,
-        width=settings.width,
-        height=settings.height,
-        output_type="pil",
-    ).images
+@torch.no_grad()
+def _sample(base: BaseModel, prompt: str, negative: str, settings: GenerationSettings,
+            seeds: Sequence[int]) -> list[Image.Image]:
+    """txt2img for one batch: k-diffusion's loop, with classifier-free guidance as diffusers applies it."""
+    pipeline, unet = base.pipeline, base.unet
+    guided = settings.cfg_scale > 1
+    cond, uncond = pipeline.encode_prompt(prompt, base.device, len(seeds), guided, negative_prompt=negative or None)
+    context = torch.cat([uncond, cond]) if guided else cond
+    latent_shape = (unet.config.in_channels, settings.height // VAE_SCALE, settings.width // VAE_SCALE)
+    noise, generators = initial_noise(seeds, latent_shape)
+    scheduler = _scheduler_for(base, settings.sampler, settings.steps)
+    step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    latents = noise.to(base.device) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_input = torch.cat([latents] * 2) if guided else latents
+        model_input = scheduler.scale_model_input(model_input, t).to(unet.dtype)
+        eps = unet(model_input, t, encoder_hidden_states=context).sample.float()
+        if guided:
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps = eps_uncond + settings.cfg_scale * (eps_cond - eps_uncond)
+        latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample.float()
+    decoded = base.vae.decode((latents / base.vae.config.scaling_factor).to(base.vae.dtype)).sample
+    return pipeline.image_processor.postprocess(decoded, output_type="pil")
 
 
 def write_generation_index(records: Sequence[GeneratedImage], path: Path) -> Path:
