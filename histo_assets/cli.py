@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
+import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 from histo_assets.core.object_store import STORE_URL_ENV
@@ -42,6 +46,53 @@ def _fetch_sample_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# How long `histo-assets ui` lets `dagster dev` and its children stop after SIGINT before killing them.
+UI_STOP_SECONDS = 20
+# How often `histo-assets ui` looks up from waiting on dagster dev, so that a stop request is acted on.
+UI_POLL_SECONDS = 0.5
+# Exit codes of a command stopped by SIGINT / SIGTERM, as a shell reports them.
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class StopSignals:
+    """Makes SIGTERM stop the command as Ctrl-C does, and tells afterwards which of the two arrived.
+
+    Outside a run, both raise KeyboardInterrupt. Inside one, Dagster's own
+    handler takes both and ends the run as interrupted (any other exception in
+    a step would only fail that step); it replaces ours, so the signals are
+    also counted through Python's wakeup file descriptor, which sees every
+    signal whatever handler runs. Installing handlers also undoes a shell's
+    SIG_IGN for a background job. Nothing is blocked, so child processes (such
+    as the log tailers Dagster starts and stops) keep default signal handling.
+    """
+
+    def __init__(self) -> None:
+        for signum in SIGNAL_EXIT:
+            signal.signal(signum, self._interrupt)
+        self._read, write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(write, False)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        self._seen: list[int] = []
+
+    @staticmethod
+    def _interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    @property
+    def received(self) -> list[int]:
+        with contextlib.suppress(BlockingIOError):
+            self._seen += [signum for signum in os.read(self._read, 64) if signum in SIGNAL_EXIT]
+        return self._seen
+
+    def exit_code(self) -> int:
+        return SIGNAL_EXIT[self.received[0] if self.received else signal.SIGINT]
+
+
+def _job_pools(job) -> set[str]:
+    return {node.definition.pool for node in job.graph.node_dict.values() if getattr(node.definition, "pool", None)}
+
+
 def _partition_class(key) -> str:
     return key.keys_by_dimension["tissue_class"] if hasattr(key, "keys_by_dimension") else key
 
@@ -51,6 +102,7 @@ def _materialize(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance
 
     from histo_assets.definitions import defs, pipeline_jobs
+    from histo_assets.run_health import HOST_TAG, end_interrupted_run, this_host, wait_for_pools
 
     params = load_params(overrides=args.set)
     classes = args.partition or params.classes
@@ -63,6 +115,7 @@ def _materialize(args: argparse.Namespace) -> int:
         print(f"error: unknown job(s) {', '.join(unknown_jobs)}; choose from {', '.join(j.name for j in pipeline_jobs)}", file=sys.stderr)
         return 2
     instance = DagsterInstance.get()
+    stop = StopSignals()
     failed_classes: set[str] = set()
     failures = []
     selected = [job for job in pipeline_jobs if not args.job or job.name in args.job]
@@ -82,8 +135,19 @@ def _materialize(args: argparse.Namespace) -> int:
             if blocked:
                 print(f"{label}: skipped, upstream failed for {', '.join(sorted(blocked))}", flush=True)
                 continue
-            print(f"{label}: materialising", flush=True)
-            result = job.execute_in_process(partition_key=key, instance=instance, run_config=run_config, raise_on_error=False)
+            run_id = str(uuid.uuid4())
+            try:
+                wait_for_pools(instance, _job_pools(job), log=lambda line: print(f"{label}: {line}", flush=True))
+                print(f"{label}: materialising", flush=True)
+                result = job.execute_in_process(partition_key=key, instance=instance, run_config=run_config,
+                                                raise_on_error=False, run_id=run_id, tags={HOST_TAG: this_host()})
+            except KeyboardInterrupt:
+                result = None
+            if result is None or stop.received:
+                name = signal.Signals(stop.received[0] if stop.received else signal.SIGINT).name
+                end_interrupted_run(instance, run_id, f"stopped by {name} to histo-assets materialize")
+                print(f"{label}: stopped by {name}; run {run_id} ended, its pool slots freed", file=sys.stderr, flush=True)
+                return stop.exit_code()
             print(f"{label}: {'ok' if result.success else 'FAILED'} (run {result.run_id})", flush=True)
             if not result.success:
                 failures.append(label)
@@ -95,13 +159,55 @@ def _materialize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _restore_default_signals() -> None:
+    """In the child: default handling, not a shell's SIG_IGN, which dagster dev would copy onto SIGTERM."""
+    for signum in SIGNAL_EXIT:
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def _ui(args: argparse.Namespace) -> int:
+    """`dagster dev` in its own process group, stopped as a whole on SIGTERM or Ctrl-C.
+
+    dagster dev stops cleanly on SIGINT but ignores SIGTERM when it inherits an
+    ignored SIGINT, and its daemon and code servers outlive a killed parent; so
+    every stop signal becomes SIGINT to the group, and what is left after
+    UI_STOP_SECONDS is killed.
+    """
     home = ensure_dagster_home()
     dagster = Path(sys.executable).with_name("dagster")
     command = [str(dagster), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
     print(f"Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={home})", flush=True)
-    os.chdir(PROJECT_ROOT)
-    os.execv(command[0], command)
+    stop = StopSignals()
+    child = subprocess.Popen(command, cwd=PROJECT_ROOT, start_new_session=True, preexec_fn=_restore_default_signals)
+    try:
+        while True:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return child.wait(timeout=UI_POLL_SECONDS)
+    except KeyboardInterrupt:
+        pass
+    signum = stop.received[0] if stop.received else signal.SIGINT
+    print(f"stopping the Dagster UI ({signal.Signals(signum).name})", file=sys.stderr, flush=True)
+    _stop_group(child)
+    from dagster import DagsterInstance
+
+    from histo_assets.run_health import reap_dead_runs
+
+    with DagsterInstance.get() as instance:
+        reap_dead_runs(instance, log=lambda line: print(line, file=sys.stderr))
+    return stop.exit_code()
+
+
+def _stop_group(child: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGINT)
+    try:
+        child.wait(timeout=UI_STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        pass
+    # The daemon and code servers leave on losing dagster dev's heartbeat; whatever has not is killed.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
 
 
 def _lineage(args: argparse.Namespace) -> int:

@@ -8,7 +8,8 @@ Per tissue class x checkpoint step:
 Across everything:
     metrics_summary -> dataset_release (dvc add + push + git tag)
 
-Pool `gpu` (training, generation) runs one step at a time, so concurrent runs never share a GPU.
+Pool `gpu` (training, generation) runs one step at a time, so concurrent runs never share a GPU;
+`dead_run_reaper` gives the slots of runs whose process died back to the pool.
 """
 
 import os
@@ -19,6 +20,7 @@ from histo_assets.assets import evaluation, generation, ingest, release, trainin
 from histo_assets.automation import build_automation
 from histo_assets.core.object_store import STORE_URL_ENV
 from histo_assets.resources import BaseModelResource, DvcResource, ObjectStoreResource, ParamsResource
+from histo_assets.run_health import dead_run_sensor
 
 ingest_assets = [ingest.raw_slides, ingest.square_crops, ingest.augmented_crops]
 training_assets = [training.hypernetwork_checkpoints, training.imported_hypernetworks, generation.imported_synthetic_images]
@@ -52,7 +54,7 @@ def pipeline_definitions(object_store: ObjectStoreResource | None = None, execut
     return dg.Definitions(
         assets=[*ingest_assets, *training_assets, *per_checkpoint_assets, *summary_assets, *release_assets],
         jobs=pipeline_jobs,
-        sensors=[raw_slides_sensor],
+        sensors=[raw_slides_sensor, dead_run_sensor],
         schedules=[weekly_refresh],
         resources={
             "params": ParamsResource(),

@@ -80,16 +80,29 @@ class Pipeline:
         data_dir, if any: git's ceiling (by default the pipeline root) keeps it
         from finding one above.
         """
+        return subprocess.run(self.command(*args), env=self.environment(store_url, env, git_ceiling), cwd=PROJECT_ROOT,
+                              capture_output=True, text=True, timeout=600)
+
+    def popen(self, *args: str, output: Path) -> subprocess.Popen:
+        """`histo-assets materialize` left running in its own process group, printing to ``output``, to be signalled."""
+        with output.open("w") as sink:
+            return subprocess.Popen(self.command(*args), env=self.environment(), cwd=PROJECT_ROOT, stdout=sink,
+                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    @staticmethod
+    def command(*args: str) -> list[str]:
+        return [sys.executable, "-m", "histo_assets.cli", "materialize", "--log-level", "INFO", *args]
+
+    def environment(self, store_url: str | None = None, env: Mapping[str, str] | None = None,
+                    git_ceiling: Path | None = None) -> dict[str, str]:
         base = {k: v for k, v in (os.environ if env is None else env).items() if k != STORE_URL_ENV}
-        env = base | ({STORE_URL_ENV: store_url} if store_url else {}) | {
+        return base | ({STORE_URL_ENV: store_url} if store_url else {}) | {
             "HISTO_ASSETS_PARAMS": str(self.params),
             "DAGSTER_HOME": str(self.home),
             "HF_HUB_OFFLINE": "1",
             "CUDA_VISIBLE_DEVICES": "",
             "GIT_CEILING_DIRECTORIES": str(git_ceiling or self.root),
         }
-        command = [sys.executable, "-m", "histo_assets.cli", "materialize", "--log-level", "INFO", *args]
-        return subprocess.run(command, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
 
     def instance(self) -> dg.DagsterInstance:
         return dg.DagsterInstance.from_config(str(self.home))
