@@ -21,7 +21,7 @@ from histo_assets.resources import ObjectStoreResource, ParamsResource, StageCon
 
 GROUP = "ingest"
 RAW_SLIDES_VERSION = "1"
-SQUARE_CROPS_VERSION = "1"
+SQUARE_CROPS_VERSION = "2"
 AUGMENTED_CROPS_VERSION = "2"
 
 
@@ -134,7 +134,9 @@ def square_crops(context: dg.AssetExecutionContext, config: StageConfig, params:
     inventory = pd.read_parquet(layout.raw_slides(tissue_class) / INVENTORY)
     sources = sorted(zip(inventory["path"], inventory["sha256"]))
     crops, ingest = p["crops"], p["ingest"]
-    stage_fingerprint = fingerprint(sources=sources, crops=crops, ingest=ingest, resolution=p.resolution, code=SQUARE_CROPS_VERSION)
+    # The worker count cannot change a byte of the output, so changing it must not rebuild the crops.
+    output_params = {key: value for key, value in crops.items() if key != "workers"}
+    stage_fingerprint = fingerprint(sources=sources, crops=output_params, ingest=ingest, resolution=p.resolution, code=SQUARE_CROPS_VERSION)
     summary = current_summary(out, stage_fingerprint)
     reused = summary is not None
     if reused:
@@ -147,9 +149,12 @@ def square_crops(context: dg.AssetExecutionContext, config: StageConfig, params:
             max_image_pixels=int(ingest["max_image_pixels"]),
             max_file_bytes=int(ingest["max_file_bytes"]),
             tiles=TileSettings(**crops["tiles"]),
+            png_compress_level=int(crops["png_compress_level"]),
         )
         with atomic_directory(out) as staging:
-            records, problems = crop_class(sources, p.data_dir, staging / IMAGES, settings, log=context.log.info)
+            records, problems = crop_class(
+                sources, p.data_dir, staging / IMAGES, settings, log=context.log.info, workers=int(crops["workers"])
+            )
             _report_problems(context, problems)
             if not records:
                 raise dg.Failure(

@@ -3,11 +3,19 @@
 Crop file names encode the source file's hash prefix, the pyramid level and
 level-0 coordinates, so a crop can always be traced back to the exact pixels
 it came from, and re-running on unchanged input gives identical names.
+
+Crops can be cut by several processes: PNG encoding dominates tiling, and
+one process uses one core. Which process cuts a window never changes its
+bytes or its place in the index.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import math
+import multiprocessing
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +30,8 @@ from histo_assets.core.slides import Problem, SlideSource, UnusableFileError, op
 
 MASK_MAX_SIDE = 1024
 SMALL_IMAGE_POLICIES = ("skip", "upscale")
+CROP_MODES = ("center", "tiles")
+CHUNK_MAX = 32
 
 
 @dataclass(frozen=True)
@@ -143,61 +153,154 @@ def tile_windows(source: SlideSource, settings: TileSettings, small_image_policy
     return windows
 
 
-def write_crops(
-    source: SlideSource,
-    source_rel: str,
-    source_sha256: str,
-    out_dir: Path,
-    *,
-    mode: str,
-    resolution: int,
-    small_image_policy: str,
-    tiles: TileSettings | None = None,
-) -> list[CropRecord]:
-    """Cut one source into square PNG crops of side ``resolution`` in ``out_dir``."""
-    if small_image_policy not in SMALL_IMAGE_POLICIES:
-        raise ValueError(f"small_image_policy must be one of {SMALL_IMAGE_POLICIES}, not {small_image_policy!r}")
-    if mode == "center":
-        window = center_window(source, resolution, small_image_policy)
-        region = source.read_region(window.x, window.y, window.level, (window.read_size, window.read_size))
-        windows = [(window, round(float(tissue_mask(region).mean()), 4))]
-    elif mode == "tiles":
-        if tiles is None:
-            raise ValueError("mode 'tiles' needs TileSettings")
-        windows = tile_windows(source, tiles, small_image_policy, resolution)
-    else:
-        raise ValueError(f"crop mode must be 'center' or 'tiles', not {mode!r}")
-    records = []
-    stem = Path(source_rel).stem
-    for window, fraction in windows:
-        crop = source.read_region(window.x, window.y, window.level, (window.read_size, window.read_size))
-        name = crop_name(source_sha256, stem, window)
-        path = atomic_save_png(out_dir / name, _resize_square(crop, resolution))
-        records.append(
-            CropRecord(
-                crop_file=name,
-                crop_sha256=sha256_file(path),
-                source_path=source_rel,
-                source_sha256=source_sha256,
-                level=window.level,
-                x=window.x,
-                y=window.y,
-                size=window.size,
-                read_size=window.read_size,
-                tissue_fraction=fraction,
-            )
-        )
-    return records
-
 
 @dataclass(frozen=True)
 class CropSettings:
+    """Everything that decides a crop's bytes; the pipeline builds it from params' ``crops`` and ``ingest``."""
+
     mode: str
     resolution: int
     small_image_policy: str
     max_image_pixels: int
     max_file_bytes: int
     tiles: TileSettings | None = None
+    # zlib level of the PNGs; -1 is Pillow's own default (zlib's 6), what crops were written with before params chose one.
+    png_compress_level: int = -1
+
+    def __post_init__(self) -> None:
+        """Refuse bad settings here, in the caller, rather than once per file inside worker processes."""
+        if self.mode not in CROP_MODES:
+            raise ValueError(f"crop mode must be one of {CROP_MODES}, not {self.mode!r}")
+        if self.mode == "tiles" and self.tiles is None:
+            raise ValueError("mode 'tiles' needs TileSettings")
+        if self.small_image_policy not in SMALL_IMAGE_POLICIES:
+            raise ValueError(f"small_image_policy must be one of {SMALL_IMAGE_POLICIES}, not {self.small_image_policy!r}")
+        if not -1 <= self.png_compress_level <= 9:
+            raise ValueError(f"png_compress_level must be 0-9 (or -1, zlib's default), not {self.png_compress_level}")
+
+
+def plan_windows(source: SlideSource, settings: CropSettings) -> list[tuple[Window, float | None]]:
+    """The windows to cut from one source, each with its tissue fraction.
+
+    A centre crop's fraction is None here: it is measured on the pixels read
+    to cut it, so that the region is read once.
+    """
+    if settings.mode == "center":
+        return [(center_window(source, settings.resolution, settings.small_image_policy), None)]
+    return tile_windows(source, settings.tiles, settings.small_image_policy, settings.resolution)
+
+
+def _cut(
+    source: SlideSource, stem: str, source_sha256: str, windows: list[tuple[Window, float | None]], out_dir: Path, settings: CropSettings
+) -> list[tuple[str, str, float]]:
+    """Write each window's crop; (name, crop sha256, tissue fraction) per window, in window order.
+
+    Each crop depends only on its window, which is what lets any process cut
+    any window. On an error the crops this call wrote are removed, so a bad
+    tile never leaves part of its slide behind.
+    """
+    written: list[tuple[str, str, float]] = []
+    try:
+        for window, fraction in windows:
+            region = source.read_region(window.x, window.y, window.level, (window.read_size, window.read_size))
+            if fraction is None:
+                fraction = round(float(tissue_mask(region).mean()), 4)
+            name = crop_name(source_sha256, stem, window)
+            crop = _resize_square(region, settings.resolution)
+            path = atomic_save_png(out_dir / name, crop, compress_level=settings.png_compress_level)
+            written.append((name, sha256_file(path), fraction))
+    except BaseException:
+        _remove(out_dir, written)
+        raise
+    return written
+
+
+def _remove(out_dir: Path, crops: list[tuple[str, str, float]]) -> None:
+    for name, _, _ in crops:
+        (out_dir / name).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One validated source: its real path, its windows, and its crops if they were cut while it was open."""
+
+    path: Path
+    windows: list[tuple[Window, float | None]]
+    cut: list[tuple[str, str, float]] | None
+
+
+def _plan_source(rel: str, sha: str, data_root: Path, out_dir: Path, settings: CropSettings) -> _Plan:
+    """Open, verify and plan one source (a worker task).
+
+    A plain image is decoded whole on opening, so its crops are cut right
+    away by the process that decoded it; a pyramid reads only the tiles a
+    window touches, so its windows are handed back to be spread over workers.
+    """
+    with open_source(data_root / rel, data_root, settings.max_image_pixels, settings.max_file_bytes) as source:
+        if sha256_file(source.path) != sha:
+            raise UnusableFileError("file changed since it was inventoried; re-materialise raw_slides")
+        windows = plan_windows(source, settings)
+        if source.reader == "tiffslide":
+            return _Plan(source.path, windows, None)
+        return _Plan(source.path, windows, _cut(source, Path(rel).stem, sha, windows, out_dir, settings))
+
+
+def _cut_pyramid_chunk(
+    path: Path, rel: str, sha: str, windows: list[tuple[Window, float | None]], out_dir: Path, settings: CropSettings
+) -> list[tuple[str, str, float]]:
+    """Cut some windows of a pyramid that ``_plan_source`` already validated (a worker task)."""
+    with SlideSource(path, settings.max_image_pixels) as source:
+        return _cut(source, Path(rel).stem, sha, windows, out_dir, settings)
+
+
+def _chunks(windows: list, workers: int) -> list[list]:
+    """Consecutive runs of a pyramid's windows, one worker task each.
+
+    About four per worker keeps every worker busy until the slide is done;
+    at most CHUNK_MAX keeps reopening the slide for each run (about 8 ms on
+    benchmarks/make_pyramidal_slide.py's slide) near 2 % of cutting it
+    (about 12 ms per 512 px window).
+    """
+    size = max(1, min(CHUNK_MAX, math.ceil(len(windows) / (4 * workers))))
+    return [windows[start : start + size] for start in range(0, len(windows), size)]
+
+
+@contextlib.contextmanager
+def _executor(workers: int) -> Iterator[Executor]:
+    """One background thread (work in this process, one crop at a time) or ``workers`` processes.
+
+    Processes are spawned, not forked: the caller may be a Dagster run with
+    torch's thread pools and locks in memory, which fork would copy in
+    whatever state they are in; a spawned worker imports only this module
+    and its imports (Pillow, numpy, scikit-image, tiffslide), never torch. Pending tasks are cancelled and
+    running ones awaited before any error leaves, so nothing is written after
+    the caller starts cleaning up.
+    """
+    if workers <= 1:
+        pool: Executor = ThreadPoolExecutor(max_workers=1)
+    else:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _gather(pieces: list[tuple[Future, int]], out_dir: Path, bar: tqdm) -> list[tuple[str, str, float]]:
+    """A pyramid's crops in window order; if any piece failed, the crops of the others are removed too."""
+    crops: list[tuple[str, str, float]] = []
+    failure: BaseException | None = None
+    for piece, count in pieces:
+        error = piece.exception()
+        bar.update(count)
+        if error is None:
+            crops.extend(piece.result())
+        elif failure is None:
+            failure = error
+    if failure is not None:
+        _remove(out_dir, crops)
+        raise failure
+    return crops
 
 
 def crop_class(
@@ -206,31 +309,62 @@ def crop_class(
     out_dir: Path,
     settings: CropSettings,
     log: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> tuple[list[CropRecord], list[Problem]]:
-    """Crop every (relative path, sha256) source of a class; one bad file never stops the rest."""
+    """Crop every (relative path, sha256) source of a class; one bad file never stops the rest.
+
+    Sources are planned and cut by ``workers`` processes (one means this
+    process), whatever finishes first; records and problems are still listed
+    in source then window order, and each crop's bytes depend only on its
+    window, so the output is the same for any number of workers. A source
+    that fails part-way leaves no crop behind.
+    """
     records: list[CropRecord] = []
     problems: list[Problem] = []
-    for rel, sha in tqdm(sources, desc="square crops", unit="slide", disable=None):
-        try:
-            with open_source(data_root / rel, data_root, settings.max_image_pixels, settings.max_file_bytes) as source:
-                if sha256_file(source.path) != sha:
-                    raise UnusableFileError("file changed since it was inventoried; re-materialise raw_slides")
-                written = write_crops(
-                    source,
-                    rel,
-                    sha,
-                    out_dir,
-                    mode=settings.mode,
-                    resolution=settings.resolution,
-                    small_image_policy=settings.small_image_policy,
-                    tiles=settings.tiles,
+    with _executor(workers) as pool, tqdm(total=0, desc="square crops", unit="crop", disable=None) as bar:
+        planning = {pool.submit(_plan_source, rel, sha, data_root, out_dir, settings): index for index, (rel, sha) in enumerate(sources)}
+        outcomes: list[_Plan | UnusableFileError | None] = [None] * len(sources)
+        pieces: list[list[tuple[Future, int]]] = [[] for _ in sources]
+        for future in as_completed(planning):
+            index = planning[future]
+            try:
+                plan = future.result()
+            except UnusableFileError as error:
+                outcomes[index] = error
+                continue
+            outcomes[index] = plan
+            bar.total += len(plan.windows)
+            if plan.cut is not None:
+                bar.update(len(plan.cut))
+                continue
+            rel, sha = sources[index]
+            for chunk in _chunks(plan.windows, workers):
+                pieces[index].append((pool.submit(_cut_pyramid_chunk, plan.path, rel, sha, chunk, out_dir, settings), len(chunk)))
+        for (rel, sha), outcome, source_pieces in zip(sources, outcomes, pieces):
+            try:
+                if isinstance(outcome, UnusableFileError):
+                    raise outcome
+                cut = outcome.cut if outcome.cut is not None else _gather(source_pieces, out_dir, bar)
+            except UnusableFileError as error:
+                problems.append(Problem(rel, str(error)))
+                if log:
+                    log(f"skipped {rel}: {error}")
+                continue
+            records.extend(
+                CropRecord(
+                    crop_file=name,
+                    crop_sha256=crop_sha,
+                    source_path=rel,
+                    source_sha256=sha,
+                    level=window.level,
+                    x=window.x,
+                    y=window.y,
+                    size=window.size,
+                    read_size=window.read_size,
+                    tissue_fraction=fraction,
                 )
-        except UnusableFileError as error:
-            problems.append(Problem(rel, str(error)))
+                for (window, _), (name, crop_sha, fraction) in zip(outcome.windows, cut)
+            )
             if log:
-                log(f"skipped {rel}: {error}")
-            continue
-        records.extend(written)
-        if log:
-            log(f"{rel}: {len(written)} crop(s)")
+                log(f"{rel}: {len(cut)} crop(s)")
     return records, problems

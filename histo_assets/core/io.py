@@ -84,9 +84,10 @@ def atomic_write_parquet(path: str | os.PathLike, frame) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-def atomic_save_png(path: str | os.PathLike, image, pnginfo=None) -> Path:
+def atomic_save_png(path: str | os.PathLike, image, pnginfo=None, compress_level: int = -1) -> Path:
+    """``compress_level`` is zlib's 0-9; -1 (Pillow's own default) means zlib's default, level 6."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=pnginfo)
+    image.save(buffer, format="PNG", pnginfo=pnginfo, compress_level=compress_level)
     return atomic_write_bytes(path, buffer.getvalue())
 
 

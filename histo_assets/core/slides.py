@@ -118,7 +118,13 @@ class SlideSource:
         if size[0] * size[1] > self.max_image_pixels:
             raise UnusableFileError(f"region of {size[0]}x{size[1]} px exceeds the pixel limit {self.max_image_pixels}")
         if self._slide is not None:
-            return to_rgb8(self._slide.read_region((x, y), level, size))
+            try:
+                region = self._slide.read_region((x, y), level, size)
+            except Exception as error:  # a pyramid decodes tile by tile, so a corrupt tile surfaces only here, as any decoder's error type
+                raise UnusableFileError(
+                    f"corrupt pyramid: reading {size[0]}x{size[1]} px at level {level}, x={x}, y={y} failed: {type(error).__name__}: {error}"
+                ) from error
+            return to_rgb8(region)
         return to_rgb8(self._image.crop((x, y, x + size[0], y + size[1])))
 
     def largest_level_within(self, max_pixels: int) -> int:
