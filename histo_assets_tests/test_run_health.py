@@ -191,28 +191,54 @@ def alive(pids: set[int]) -> set[int]:
     return {pid for pid in pids if (fields := _stat(pid)) and fields[0] != "Z"}
 
 
-def test_ui_stops_on_sigterm_with_all_its_children(tmp_path):
-    port = free_port()
-    env = os.environ | {"DAGSTER_HOME": str(tmp_path / "home")}
-    # Started as a non-interactive shell starts a background job: SIGINT ignored, which dagster dev inherits.
+def start_ui(env: dict[str, str], port: int) -> subprocess.Popen:
+    """`histo-assets ui` as a non-interactive shell starts a background job: SIGINT ignored, which dagster dev inherits."""
     ui = subprocess.Popen([sys.executable, "-m", "histo_assets.cli", "ui", "--port", str(port)], env=env,
                           cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-
-    def answers() -> bool:
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2).status == 200
-        except OSError:
-            return False
-
     try:
-        wait_for(answers, 180, "the Dagster UI to answer")
+        wait_for(lambda: answers(port), 180, "the Dagster UI to answer")
+    except BaseException:
+        kill_group(ui)
+        raise
+    return ui
+
+
+def answers(port: int) -> bool:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2).status == 200
+    except OSError:
+        return False
+
+
+def test_ui_stops_on_sigterm_with_all_its_children(tmp_path):
+    port = free_port()
+    ui = start_ui(os.environ | {"DAGSTER_HOME": str(tmp_path / "home")}, port)
+    try:
         children = descendants(ui.pid)
         assert len(children) >= 3, "dagster dev, its webserver, daemon and code server run"
         ui.send_signal(signal.SIGTERM)
         assert ui.wait(timeout=60) == 143
         wait_for(lambda: not alive(children), 30, "every child of the UI to exit")
-        assert not answers()
+        assert not answers(port)
     finally:
         if ui.poll() is None:
             kill_group(ui)
+
+
+def test_the_daemon_of_dagster_dev_marks_a_killed_run_failed_and_frees_its_slot(fresh, tmp_path):
+    work = fresh("daemon")
+    ui = start_ui(work.environment(), free_port())
+    try:
+        holder = work.popen(*LONG_TRAINING, output=tmp_path / "holder.log")
+        wait_for(lambda: len(slot_holders(work)) == 1, 300, "the run to claim the gpu slot")
+        (dead,) = slot_holders(work)
+        kill_group(holder)
+        took = wait_for(lambda: not slot_holders(work), 120, "the daemon's dead_run_reaper sensor")
+        assert took < 120
+        with work.instance() as instance:
+            assert instance.get_run_by_id(dead).status == dg.DagsterRunStatus.FAILURE
+        assert "none of its processes" in failure_message(work, dead)
+    finally:
+        ui.send_signal(signal.SIGTERM)
+        ui.wait(timeout=60)
