@@ -13,6 +13,11 @@ from dagster_k8s import k8s_job_executor
 
 from histo_assets.definitions import pipeline_definitions
 from histo_assets.core.object_store import STORE_URL_ENV
-from histo_assets.resources import ObjectStoreResource
+from histo_assets.resources import BaseModelResource, ObjectStoreResource
 
-defs = pipeline_definitions(object_store=ObjectStoreResource(url=dg.EnvVar(STORE_URL_ENV)), executor=k8s_job_executor)
+# One step per pod: each step's torch threads get the pod's whole CPU quota (histo_assets.core.threads).
+defs = pipeline_definitions(
+    object_store=ObjectStoreResource(url=dg.EnvVar(STORE_URL_ENV)),
+    executor=k8s_job_executor,
+    base_model=BaseModelResource(concurrent_steps=1),
+)

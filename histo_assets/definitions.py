@@ -45,7 +45,8 @@ pipeline_jobs = [ingest_job, training_job, per_checkpoint_job, summary_job, rele
 raw_slides_sensor, weekly_refresh = build_automation(ingest_job)
 
 
-def pipeline_definitions(object_store: ObjectStoreResource | None = None, executor=None) -> dg.Definitions:
+def pipeline_definitions(object_store: ObjectStoreResource | None = None, executor=None,
+                         base_model: BaseModelResource | None = None) -> dg.Definitions:
     """The pipeline with deployment choices filled in: where stage folders live, and how steps run.
 
     Without an explicit store, $HISTO_ASSETS_STORE_URL names one, so `histo-assets materialize`
@@ -58,7 +59,7 @@ def pipeline_definitions(object_store: ObjectStoreResource | None = None, execut
         schedules=[weekly_refresh],
         resources={
             "params": ParamsResource(),
-            "base_model": BaseModelResource(),
+            "base_model": base_model or BaseModelResource(),
             "dvc": DvcResource(),
             "object_store": object_store or ObjectStoreResource(url=os.environ.get(STORE_URL_ENV) or None),
         },

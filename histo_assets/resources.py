@@ -33,14 +33,26 @@ class StageConfig(dg.Config):
 class BaseModelResource(dg.ConfigurableResource):
     """Stable Diffusion loaded offline from the `base_model` section of params, on a chosen device.
 
-    The device is a deployment choice, not a pipeline parameter, so it lives
-    here; everything about *which* model lives in params, where its hash is
-    part of every fingerprint.
+    The device and its CPU threads (histo_assets.core.threads) are deployment
+    choices, not pipeline parameters, so they live here; everything about
+    *which* model lives in params, where its hash is part of every fingerprint.
     """
 
     device: str = Field(default="auto", description="auto (CUDA when present), cpu or cuda[:N].")
+    threads: int | None = Field(
+        default=None, ge=1,
+        description="torch CPU threads for the step; None: $OMP_NUM_THREADS if set, else the cores available divided among concurrent_steps.",
+    )
+    concurrent_steps: int | None = Field(
+        default=None, ge=1, description="Steps that may run at once on this host (the executor's max_concurrent); None: one per core."
+    )
 
     def load(self, p: Params):
+        from histo_assets.core.threads import apply_threads, thread_count
+
+        # Every training and generation step loads its model here, so this is where each step's thread
+        # pools are sized; before base_model imports torch, in case nothing has yet.
+        apply_threads(thread_count(self.threads, self.concurrent_steps))
         from histo_assets.core.base_model import load_base_model
 
         section = p["base_model"]
