@@ -45,14 +45,19 @@ def build_automation(ingest_job):
         job=ingest_job,
         minimum_interval_seconds=SENSOR_INTERVAL_SECONDS,
         default_status=dg.DefaultSensorStatus.STOPPED,
-        description="Starts the ingest job for each tissue class whose raw folder gained, lost or changed files.",
+        description="Starts the ingest job for each tissue class whose raw folder gained, lost or changed files "
+        "since the sensor's previous tick. Its first tick only records the folders as they are.",
     )
     def raw_slides_sensor(context: dg.SensorEvaluationContext, params: ParamsResource, object_store: ObjectStoreResource):
         p = params.load()
-        previous = json.loads(context.cursor) if context.cursor else {}
+        previous_cursor = context.cursor
         current = raw_folder_signatures(p, object_store)
-        changed = [c for c, signature in current.items() if previous.get(c) != signature]
         context.update_cursor(json.dumps(current, sort_keys=True))
+        if not previous_cursor:
+            return dg.SkipReason(f"first tick: recorded the raw folders of {len(current)} classes; "
+                                 "later changes start ingest runs")
+        previous = json.loads(previous_cursor)
+        changed = [c for c, signature in current.items() if previous.get(c) != signature]
         if not changed:
             return dg.SkipReason("no raw slide folder changed")
         return [dg.RunRequest(partition_key=c, run_key=f"{c}-{current[c][:16]}") for c in changed]
@@ -68,3 +73,13 @@ def build_automation(ingest_job):
         return [dg.RunRequest(partition_key=c, run_key=f"weekly-{stamp}-{c}") for c in params.load().classes]
 
     return raw_slides_sensor, weekly_refresh
+
+
+# Dagster's own sensor for the assets' eager automation conditions ships stopped; this one ships
+# running, so the graph follows new ingests in `dagster dev` out of the box.
+automation_condition_sensor = dg.AutomationConditionSensorDefinition(
+    "default_automation_condition_sensor",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Materialises every asset whose eager automation condition says its upstream changed.",
+)

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 from histo_assets.core.object_store import STORE_URL_ENV
-from histo_assets.params import PROJECT_ROOT, load_params
+from histo_assets.params import PROJECT_ROOT, ParamsError, load_params
 
 DAGSTER_HOME_ENV = "DAGSTER_HOME"
 DEFAULT_DAGSTER_HOME = PROJECT_ROOT / ".dagster_home"
@@ -104,7 +104,11 @@ def _materialize(args: argparse.Namespace) -> int:
     from histo_assets.definitions import defs, pipeline_jobs
     from histo_assets.run_health import HOST_TAG, end_interrupted_run, this_host, wait_for_pools
 
-    params = load_params(overrides=args.set)
+    try:
+        params = load_params(overrides=args.set)
+    except ParamsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     classes = args.partition or params.classes
     unknown = sorted(set(classes) - set(params.classes))
     if unknown:

@@ -17,7 +17,7 @@ import os
 import dagster as dg
 
 from histo_assets.assets import evaluation, generation, ingest, release, training
-from histo_assets.automation import build_automation
+from histo_assets.automation import automation_condition_sensor, build_automation
 from histo_assets.core.object_store import STORE_URL_ENV
 from histo_assets.resources import BaseModelResource, DvcResource, ObjectStoreResource, ParamsResource
 from histo_assets.run_health import dead_run_sensor
@@ -55,7 +55,7 @@ def pipeline_definitions(object_store: ObjectStoreResource | None = None, execut
     return dg.Definitions(
         assets=[*ingest_assets, *training_assets, *per_checkpoint_assets, *summary_assets, *release_assets],
         jobs=pipeline_jobs,
-        sensors=[raw_slides_sensor, dead_run_sensor],
+        sensors=[raw_slides_sensor, automation_condition_sensor, dead_run_sensor],
         schedules=[weekly_refresh],
         resources={
             "params": ParamsResource(),

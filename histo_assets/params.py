@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,17 +61,49 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw)
 
 
+def _expected_type(current: Any) -> tuple[str, Callable[[Any], bool]] | None:
+    """What an override of a key must be, judged by the key's value in the params files; None: anything."""
+    if current is None:
+        return None  # an optional setting, off by default: its settings object checks the value
+    if isinstance(current, bool):
+        return "true or false", lambda value: isinstance(value, bool)
+    if isinstance(current, int):
+        return "a whole number", lambda value: isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(current, float):
+        return "a number", lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(current, str):
+        return "text", lambda value: isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    if isinstance(current, list):
+        return "a list, e.g. [1, 2]", lambda value: isinstance(value, list)
+    return "a mapping, e.g. {key: value}", lambda value: isinstance(value, Mapping)
+
+
 def apply_overrides(values: Mapping[str, Any], assignments: Iterable[str]) -> dict[str, Any]:
+    """``values`` with each ``section.key=value`` applied, each checked against the key's current type.
+
+    An unknown key, or a value of another type than the params files give
+    the key, raises :class:`ParamsError` naming the key, the value and what
+    was expected, before any work starts. A number given for a text key (a
+    learning-rate schedule, say) is kept as the text typed.
+    """
     result = copy.deepcopy(dict(values))
     for assignment in assignments:
         keys, value = parse_override(assignment)
+        dotted = ".".join(keys)
         node = result
         for depth, key in enumerate(keys[:-1]):
             if not isinstance(node.get(key), dict):
                 raise ParamsError(f"override {assignment!r}: {'.'.join(keys[: depth + 1])} is not a section")
             node = node[key]
         if keys[-1] not in node:
-            raise ParamsError(f"override {assignment!r}: unknown key {'.'.join(keys)}")
+            known = ", ".join(sorted(str(key) for key in node))
+            raise ParamsError(f"override {assignment!r}: unknown key {dotted}; known here: {known}")
+        expected = _expected_type(node[keys[-1]])
+        if expected is not None and not expected[1](value):
+            raise ParamsError(f"override {assignment!r}: {dotted} must be {expected[0]} "
+                              f"(params has {node[keys[-1]]!r}), not {value!r}")
+        if isinstance(node[keys[-1]], str) and not isinstance(value, str):
+            value = assignment.partition("=")[2].strip()
         node[keys[-1]] = value
     return result
 

@@ -47,12 +47,20 @@ class BaseModelResource(dg.ConfigurableResource):
         default=None, ge=1, description="Steps that may run at once on this host (the executor's max_concurrent); None: one per core."
     )
 
-    def load(self, p: Params):
+    def apply_threads(self) -> None:
+        """Size torch's thread pools for this step; every step that computes with torch calls it first.
+
+        Thread counts change float summation order, so a step whose pools were
+        left as an earlier step in the same process set them would not give the
+        same bytes as the step run alone.
+        """
         from histo_assets.core.threads import apply_threads, thread_count
 
-        # Every training and generation step loads its model here, so this is where each step's thread
-        # pools are sized; before base_model imports torch, in case nothing has yet.
         apply_threads(thread_count(self.threads, self.concurrent_steps))
+
+    def load(self, p: Params):
+        # Before base_model imports torch, in case nothing has yet.
+        self.apply_threads()
         from histo_assets.core.base_model import load_base_model
 
         section = p["base_model"]

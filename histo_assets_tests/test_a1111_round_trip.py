@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from histo_assets.core.a1111_text import PARAMETERS_KEY, WEBUI_SAMPLERS
-from histo_assets.core.base_model import TINY_HYPERNETWORK_SIZES, load_base_model, tiny_model_dir, webui_model_name
+from histo_assets.core.base_model import load_base_model, tiny_model_dir, webui_model_name
 from histo_assets.core.hypernetwork import (
     Hypernetwork,
     HypernetworkFormatError,
@@ -31,6 +31,7 @@ from histo_assets.core.hypernetwork import (
 )
 from histo_assets.core.sampling import GenerationSettings, generate_images, initial_noise, webui_sigmas
 from histo_assets_tests.conftest import TINY_MODEL_SEED
+from histo_assets_tests.hypernetworks import strong_hypernetwork
 from histo_assets_tests.webui_rules import (
     RefusedByWebui,
     check_loadable_by_webui,
@@ -42,15 +43,6 @@ from histo_assets_tests.webui_rules import (
 CLASS = "fibrocystic"
 SETTINGS = GenerationSettings(prompt="an H&E histology tile of [name]", negative_prompt="grainy, blurry",
                               steps=5, width=64, height=64, batch_size=1)
-
-
-def strong_hypernetwork(path: Path) -> Path:
-    hn = Hypernetwork(CLASS, HypernetworkOptions(sizes=TINY_HYPERNETWORK_SIZES), seed=1)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in hn.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    return save_hypernetwork(hn, path)
 
 
 def png_text(path: Path) -> str:
@@ -119,7 +111,7 @@ def test_same_weights_give_the_same_bytes_and_load_back(tmp_path):
 @pytest.fixture(scope="module")
 def hn_image(tiny_base, tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("png-info")
-    hn_path = strong_hypernetwork(folder / f"{CLASS}-5000.pt")
+    hn_path = strong_hypernetwork(folder / f"{CLASS}-5000.pt", CLASS)
     (record,) = generate_images(tiny_base, hn_path, folder / "out", tissue_class=CLASS, step=5000, count=1,
                                 settings=SETTINGS, master_seed=42)
     return folder / "out" / record.file, hn_path

@@ -15,8 +15,9 @@ from histo_assets.core.dvc import (
     DvcCli,
     DvcNotFoundError,
     TagConflictError,
-    git_commit_paths,
     git_head,
+    git_head_or_none,
+    md5_from_dvc_text,
     git_is_repo,
     git_push_tag,
     git_tag,
@@ -100,7 +101,17 @@ def make_extras(folder: Path) -> tuple[pd.DataFrame, list[Path]]:
 
 
 def commit_count(repo: Path) -> int:
-    return int(git(repo, "rev-list", "--count", "HEAD").strip())
+    return int(git(repo, "rev-list", "--count", "--all").strip())
+
+
+def working_copy_state(repo: Path) -> dict[str, str]:
+    """What a user sees of their checkout: branch, HEAD, index and working tree (`git status`)."""
+    return {
+        "branch": git(repo, "symbolic-ref", "HEAD").strip(),
+        "head": git(repo, "rev-parse", "HEAD").strip(),
+        "index": git(repo, "ls-files", "--stage"),
+        "status": git(repo, "status", "--porcelain", "--untracked-files=all"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +124,10 @@ def published(tmp_path_factory: pytest.TempPathFactory):
         repo = new_repo(root / "repo")
         dvc = DvcCli(executable, repo)
         assert dvc.init() is True
-        dvc.remote_add_default("store", root / "remote")
         (repo / "README.md").write_text("project\n")
-        git_commit_paths(repo, [repo / "README.md"], "Initial commit")
+        git(repo, "add", "README.md")
+        git(repo, "commit", "--quiet", "-m", "Initial commit")
+        before = working_copy_state(repo)
         metrics, plots = make_extras(root / "plots")
         info = build_release(
             make_images(root / "generated", seed=1),
@@ -126,8 +138,8 @@ def published(tmp_path_factory: pytest.TempPathFactory):
             repo_url=str(repo),
             repo_path=RELEASE_PATH,
         )
-        release = publish_release(dvc, repo, info.path, info.tag, f"Release {info.tag}")
-        yield {"root": root, "repo": repo, "dvc": dvc, "info": info, "release": release}
+        release = publish_release(dvc, repo, info.path, info.tag, f"Release {info.tag}", ("store", str(root / "remote")))
+        yield {"root": root, "repo": repo, "dvc": dvc, "info": info, "release": release, "before": before}
 
 
 def test_missing_dvc_executable_raises_with_setup_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -223,16 +235,24 @@ def test_build_rejects_ambiguous_or_unsafe_input(tmp_path: Path) -> None:
 
 
 def test_publish_records_md5_commit_and_tag(published) -> None:
-    repo, release, info, dvc = published["repo"], published["release"], published["info"], published["dvc"]
+    repo, release, info = published["repo"], published["release"], published["info"]
     assert release.new_commit and release.new_tag
     assert release.tag == info.tag
-    assert release.md5.endswith(".dir") and release.md5 == DvcCli.md5_of(repo / f"{RELEASE_PATH}.dvc")
-    assert release.commit == git_head(repo) == git_tag_target(repo, release.tag)
+    at_tag = git(repo, "show", f"{release.tag}:{RELEASE_PATH}.dvc")
+    assert release.md5.endswith(".dir") and release.md5 == md5_from_dvc_text(at_tag, "the tag's .dvc file")
+    assert release.commit == git_tag_target(repo, release.tag)
+    assert git(repo, "rev-parse", f"{release.commit}^").strip() == published["before"]["head"]
     assert git_is_repo(repo) and not git_is_repo(repo / "releases")
     committed = set(git(repo, "show", "--name-only", "--format=", release.commit).split())
-    assert committed == {f"{RELEASE_PATH}.dvc", "releases/.gitignore", ".dvc/config", ".dvc/.gitignore", ".dvcignore"}
-    assert dvc.status([release.dvc_file]) == {}
-    assert dvc.status([release.dvc_file], cloud=True) == {}
+    assert committed == {f"{RELEASE_PATH}.dvc", "releases/.gitignore", ".dvc/config"}, "only what the branch lacks"
+    assert "url = ../../remote" in git(repo, "show", f"{release.tag}:.dvc/config"), "the committed remote is portable"
+    md5 = release.md5
+    assert (published["root"] / "remote" / "files" / "md5" / md5[:2] / md5[2:]).is_file(), "pushed"
+
+
+def test_publishing_leaves_branch_index_and_working_tree_alone(published) -> None:
+    assert working_copy_state(published["repo"]) == published["before"]
+    assert git_head(published["repo"]) == published["before"]["head"]
 
 
 def test_clone_and_pull_gives_identical_files(published) -> None:
@@ -270,10 +290,10 @@ def test_card_python_snippet_fetches_the_release(published) -> None:
 def test_republishing_identical_content_makes_no_commit(published) -> None:
     repo, dvc, info, first = published["repo"], published["dvc"], published["info"], published["release"]
     before = commit_count(repo)
-    again = publish_release(dvc, repo, info.path, info.tag, f"Release {info.tag}")
+    again = publish_release(dvc, repo, info.path, info.tag, f"Release {info.tag}", ("store", str(published["root"] / "remote")))
     assert not again.new_commit and not again.new_tag
     assert (again.commit, again.md5) == (first.commit, first.md5)
-    assert commit_count(repo) == before and git_head(repo) == first.commit
+    assert commit_count(repo) == before and working_copy_state(repo) == published["before"]
 
 
 def test_new_content_needs_a_new_tag_and_old_tag_still_serves_old_data(
@@ -290,22 +310,24 @@ def test_new_content_needs_a_new_tag_and_old_tag_still_serves_old_data(
         dvc.add([ignored.path])
     assert failure.value.returncode != 0 and "git-ignored" in failure.value.stderr
     dvc.remote_add_default("store", tmp_path / "remote")
-    config = (repo / ".dvc" / "config").read_bytes()
+    config = (repo / ".dvc" / "config.local").read_bytes()
     dvc.remote_add_default("store", tmp_path / "remote")
-    assert (repo / ".dvc" / "config").read_bytes() == config
+    assert (repo / ".dvc" / "config.local").read_bytes() == config
+    remote = ("store", str(tmp_path / "remote"))
 
     v1 = build_release(make_images(tmp_path / "gen1", seed=1), repo / RELEASE_PATH, name="demo")
     snapshot = tree_hashes(v1.path)
-    first = publish_release(dvc, repo, v1.path, v1.tag, "v1")
+    head = git_head_or_none(repo)
+    first = publish_release(dvc, repo, v1.path, v1.tag, "v1", remote)
     v2 = build_release(make_images(tmp_path / "gen2", seed=2), repo / RELEASE_PATH, name="demo")
     assert v2.tag != v1.tag
-    assert dvc.status([first.dvc_file]) != {}, "dvc sees the rebuilt folder as modified"
 
+    tags_before = git(repo, "tag", "--list")
     with pytest.raises(TagConflictError, match=re.escape(v1.tag)):
-        publish_release(dvc, repo, v2.path, v1.tag, "v2 under the old tag")
-    assert git_head(repo) == first.commit, "a tag clash commits nothing"
+        publish_release(dvc, repo, v2.path, v1.tag, "v2 under the old tag", remote)
+    assert git(repo, "tag", "--list") == tags_before and git_head_or_none(repo) == head, "a tag clash commits nothing"
 
-    second = publish_release(dvc, repo, v2.path, v2.tag, "v2")
+    second = publish_release(dvc, repo, v2.path, v2.tag, "v2", remote)
     assert second.new_commit and second.new_tag and second.md5 != first.md5
     with pytest.raises(TagConflictError, match="never moved"):
         git_tag(repo, v1.tag, "move it", commit=second.commit)

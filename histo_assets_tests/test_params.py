@@ -42,6 +42,34 @@ def test_overrides_use_dvc_syntax_and_reject_unknown_keys():
         load_params(DEFAULT_PARAMS_FILE, ["augmentation.total"])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("augmentation.total=abc", "augmentation.total must be a whole number (params has 125), not 'abc'"),
+    ("augmentation.flip.enabled=1", "augmentation.flip.enabled must be true or false"),
+    ("generation.cfg_scale=high", "generation.cfg_scale must be a number"),
+    ("training.checkpoint_steps=5000", "training.checkpoint_steps must be a list"),
+    ("augmentation.totl=50", "unknown key augmentation.totl; known here: captions"),
+])
+def test_overrides_are_checked_against_the_params_types_naming_key_value_and_expectation(override, message):
+    with pytest.raises(ParamsError) as error:
+        load_params(DEFAULT_PARAMS_FILE, [override])
+    assert message in str(error.value)
+
+
+def test_numbers_for_text_keys_keep_the_text_typed_and_optional_keys_take_any_value():
+    p = load_params(DEFAULT_PARAMS_FILE, ["training.learning_rate=0.00050", "crops.tiles.mpp=0.5", "generation.cfg_scale=7"])
+    assert p["training"]["learning_rate"] == "0.00050"
+    assert (p["crops"]["tiles"]["mpp"], p["generation"]["cfg_scale"]) == (0.5, 7)
+
+
+def test_materialize_refuses_a_bad_override_before_any_run(tmp_path):
+    env = {"DAGSTER_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    completed = subprocess.run([sys.executable, "-m", "histo_assets.cli", "materialize", "--set", "augmentation.total=abc"],
+                               capture_output=True, text=True, env=env, timeout=120)
+    assert completed.returncode == 2
+    assert "augmentation.total must be a whole number (params has 125), not 'abc'" in completed.stderr
+    assert "materialising" not in completed.stdout and not list((tmp_path / "home").glob("storage/*"))
+
+
 def test_bad_files_give_clear_errors(tmp_path):
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "missing.yaml")

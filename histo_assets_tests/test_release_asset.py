@@ -37,6 +37,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -106,6 +107,7 @@ class Published:
     tag: str
     record: dg.EventLogRecord
     output: str
+    checkout_before: dict[str, str]  # the lab's branch, HEAD, index and `git status` before the release job
 
     @property
     def release(self) -> Path:
@@ -132,6 +134,8 @@ def published(pipeline, tmp_path_factory) -> Published:
     dvc = str(dvc_executable())
     work = pipeline.copy(sandbox / "lab" / "project")
     section = load_params(work.params)["release"]
+    # A lab's checkout before its first release: the session pipeline's unversioned release folder goes.
+    shutil.rmtree(Layout(work.data).release(section["name"]))
     ignored = (PROJECT_ROOT / ".gitignore").read_text() + "/dagster_home/\n/first_run.log\n"
     (work.root / ".gitignore").write_text(ignored)
     run(["git", "init", "--quiet", "--initial-branch", "main"], work.root, env)
@@ -144,6 +148,7 @@ def published(pipeline, tmp_path_factory) -> Published:
     run(["git", "remote", "add", "origin", str(shared)], work.root, env)
     run(["git", "push", "--quiet", "origin", "main"], work.root, env)
     initial_commit = run(["git", "rev-parse", "HEAD"], work.root, env).stdout.strip()
+    checkout_before = checkout_state(work.root, env)
 
     output = materialize_release(work, env, "--set", "release.git_remote=origin")
 
@@ -153,19 +158,33 @@ def published(pipeline, tmp_path_factory) -> Published:
     assert len(tags) == 1, tags
     # release.remote.url is relative to the params file the run used.
     remote = (work.params.parent / section["remote"]["url"]).resolve()
-    return Published(work, shared, initial_commit, env, section["name"], remote, tags[0], record, output)
+    return Published(work, shared, initial_commit, env, section["name"], remote, tags[0], record, output,
+                     checkout_before)
+
+
+def checkout_state(repo: Path, env: dict[str, str]) -> dict[str, str]:
+    """What the user sees of their checkout: branch, HEAD, index and working tree."""
+    def git(*args: str) -> str:
+        return run(["git", *args], repo, env).stdout
+
+    return {"branch": git("symbolic-ref", "HEAD"), "head": git("rev-parse", "HEAD"), "index": git("ls-files", "--stage"),
+            "status": git("status", "--porcelain", "--untracked-files=all")}
 
 
 @pytest.fixture(scope="module")
 def clone(published) -> Path:
-    """A downstream user's copy: `git clone` of the shared repository, then the README's
-    `git checkout <tag> && dvc pull <release>.dvc`."""
+    """A downstream user's copy: `git clone` of the shared repository, then the dataset card's commands
+    (`git checkout <tag>`, pointing DVC at the local remote, `dvc pull <release>.dvc`)."""
     root = published.work.root.parent.parent / "downstream" / "project"
     root.parent.mkdir()
     published.git("clone", "--quiet", str(published.shared), str(root), repo=root.parent)
     assert not (root / published.release_path).exists(), "release data committed to git instead of DVC"
-    published.git("checkout", "--quiet", published.tag, repo=root)
-    published.dvc("pull", f"{published.release_path}.dvc", repo=root)
+    card = (published.release / CARD).read_text()
+    commands = re.search(r"In a clone of the repository.*?```sh\n(.*?)```", card, re.DOTALL).group(1).splitlines()
+    assert commands[0] == f"git checkout {published.tag}" and commands[-1] == f"dvc pull {published.release_path}.dvc"
+    for command in commands:
+        tool, *args = shlex.split(command)
+        (published.git if tool == "git" else published.dvc)(*args, repo=root)
     return root
 
 
@@ -238,7 +257,8 @@ def test_release_asset_pushes_and_tags_and_records_the_dvc_md5_and_tag_in_dagste
     dvc_file = yaml.safe_load(published.git("show", f"{tag}:{published.release_path}.dvc"))
     md5 = dvc_file["outs"][0]["md5"]
     assert md5.endswith(".dir") and shown["dvc_md5"] == md5 == data_version(published.record)
-    assert shown["git_commit"] == published.git("rev-parse", f"{tag}^{{commit}}").strip() == published.git("rev-parse", "HEAD").strip()
+    assert shown["git_commit"] == published.git("rev-parse", f"{tag}^{{commit}}").strip()
+    assert published.git("rev-parse", f"{tag}^{{commit}}^").strip() == published.initial_commit
     assert shown["new_commit"] is True
     # The tag and its commit reached the shared repository; no branch was moved there.
     assert published.git("rev-parse", f"{tag}^{{commit}}", repo=published.shared).strip() == shown["git_commit"]
@@ -254,11 +274,18 @@ def test_release_asset_pushes_and_tags_and_records_the_dvc_md5_and_tag_in_dagste
 
     # The remote is the local directory params name, set as the tag's default remote, and it holds the data.
     config = published.git("show", f"{tag}:.dvc/config")
-    assert str(published.remote) in config and published.remote.is_relative_to(published.work.root)
+    assert "url = ../.dvc-remote" in config and str(published.work.root) not in config, "the committed remote is portable"
+    assert published.remote == published.work.root / ".dvc-remote"
     stored = [path for path in published.remote.rglob("*") if path.is_file()]
     assert stored, f"nothing was pushed to {published.remote}"
     assert (published.remote / "files" / "md5" / md5[:2] / md5[2:]).is_file(), "the folder's .dir object was not pushed"
     assert len(stored) >= len(set(tree_hashes(published.release).values())) + 1
+
+
+def test_the_release_leaves_the_users_branch_index_and_working_tree_as_they_were(published):
+    assert checkout_state(published.work.root, published.env) == published.checkout_before
+    assert published.git("rev-parse", "main").strip() == published.initial_commit
+    assert published.git("log", "-1", "--format=%H %s").startswith(published.initial_commit)
 
 
 def test_release_holds_the_best_checkpoint_images_of_every_class_with_their_provenance(published):

@@ -8,6 +8,7 @@ ends a process (SIGKILL to the whole process group), or stopped the way
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -110,58 +111,54 @@ def test_a_sigkilled_training_run_frees_the_pool_and_the_next_run_resumes_to_ide
         assert (work.data / name).read_bytes() == (reference.data / name).read_bytes(), step
 
 
-def test_a_waiting_run_sleeps_takes_over_from_a_killed_one_and_stops_on_sigterm(fresh, tmp_path):
-    work = fresh("contended")
-    holder = work.popen(*LONG_TRAINING, output=tmp_path / "holder.log")
-    waiter_log = tmp_path / "waiter.log"
+@contextlib.contextmanager
+def holder_and_waiter(work: Pipeline, logs: Path) -> Iterator[tuple[subprocess.Popen, subprocess.Popen, str, Path]]:
+    """A long training run holding the gpu slot and a second one waiting for it; both killed at the end."""
+    holder = work.popen(*LONG_TRAINING, output=logs / "holder.log")
+    started = [holder]
     try:
         wait_for(lambda: len(slot_holders(work)) == 1, 300, "the first run to claim the gpu slot")
         (holding,) = slot_holders(work)
-        waiter = work.popen(*LONG_TRAINING, output=waiter_log)
-        try:
-            wait_for(lambda: "waiting for a free slot" in waiter_log.read_text(), 120, "the second run to wait")
-            before = cpu_seconds(waiter.pid)
-            time.sleep(4)
-            assert cpu_seconds(waiter.pid) - before < 0.4, "waiting for a slot must not spin"
-
-            kill_group(holder)
-            took_over = wait_for(lambda: slot_holders(work) - {holding}, 60, "the waiting run to take the slot")
-            assert took_over < 60
-            assert "none of its processes" in failure_message(work, holding)
-            (taking,) = slot_holders(work)
-
-            waiter.send_signal(signal.SIGTERM)
-            assert waiter.wait(timeout=60) == 143
-            assert slot_holders(work) == set()
-            with work.instance() as instance:
-                assert instance.get_run_by_id(taking).status in (dg.DagsterRunStatus.CANCELED,
-                                                                 dg.DagsterRunStatus.FAILURE)
-            assert "stopped by SIGTERM" in waiter_log.read_text()
-        finally:
-            if waiter.poll() is None:
-                kill_group(waiter)
+        waiter_log = logs / "waiter.log"
+        started.append(work.popen(*LONG_TRAINING, output=waiter_log))
+        wait_for(lambda: "waiting for a free slot" in waiter_log.read_text(), 120, "the second run to wait")
+        yield holder, started[1], holding, waiter_log
     finally:
-        if holder.poll() is None:
-            kill_group(holder)
+        for process in started:
+            if process.poll() is None:
+                kill_group(process)
+
+
+def test_a_waiting_run_sleeps_takes_over_from_a_killed_one_and_stops_on_sigterm(fresh, tmp_path):
+    work = fresh("contended")
+    with holder_and_waiter(work, tmp_path) as (holder, waiter, holding, waiter_log):
+        before = cpu_seconds(waiter.pid)
+        time.sleep(4)
+        assert cpu_seconds(waiter.pid) - before < 0.4, "waiting for a slot must not spin"
+
+        kill_group(holder)
+        took_over = wait_for(lambda: slot_holders(work) - {holding}, 60, "the waiting run to take the slot")
+        assert took_over < 60
+        assert "none of its processes" in failure_message(work, holding)
+        (taking,) = slot_holders(work)
+
+        waiter.send_signal(signal.SIGTERM)
+        assert waiter.wait(timeout=60) == 143
+        assert slot_holders(work) == set()
+        with work.instance() as instance:
+            assert instance.get_run_by_id(taking).status in (dg.DagsterRunStatus.CANCELED, dg.DagsterRunStatus.FAILURE)
+        assert "stopped by SIGTERM" in waiter_log.read_text()
 
 
 def test_materialize_stops_on_sigterm_while_waiting_for_a_slot(fresh, tmp_path):
     work = fresh("waiting")
-    holder = work.popen(*LONG_TRAINING, output=tmp_path / "holder.log")
-    log = tmp_path / "waiter.log"
-    try:
-        wait_for(lambda: len(slot_holders(work)) == 1, 300, "the first run to claim the gpu slot")
+    with holder_and_waiter(work, tmp_path) as (_, waiter, holding, waiter_log):
         runs_before = {run.run_id for run in training_runs(work)}
-        waiter = work.popen(*LONG_TRAINING, output=log)
-        wait_for(lambda: "waiting for a free slot" in log.read_text(), 120, "the second run to wait")
         waiter.send_signal(signal.SIGTERM)
         assert waiter.wait(timeout=30) == 143
-        assert "stopped by SIGTERM" in log.read_text()
+        assert "stopped by SIGTERM" in waiter_log.read_text()
         assert {run.run_id for run in training_runs(work)} == runs_before, "a run stopped while waiting never started"
-        assert len(slot_holders(work)) == 1, "the running one keeps its slot"
-    finally:
-        if holder.poll() is None:
-            kill_group(holder)
+        assert slot_holders(work) == {holding}, "the running one keeps its slot"
 
 
 def free_port() -> int:

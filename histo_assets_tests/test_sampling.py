@@ -17,7 +17,7 @@ from PIL import Image
 
 from histo_assets.core.a1111_text import PARAMETERS_KEY, SAMPLER_NAMES, a1111_parameters, parse_a1111_parameters
 from histo_assets.core.base_model import TINY_HYPERNETWORK_SIZES
-from histo_assets.core.hypernetwork import Hypernetwork, HypernetworkOptions, save_hypernetwork, short_hash
+from histo_assets.core.hypernetwork import short_hash
 from histo_assets.core.io import sha256_file
 from histo_assets.core.sampling import (
     SAMPLERS,
@@ -29,6 +29,7 @@ from histo_assets.core.sampling import (
     write_generation_index,
 )
 from histo_assets.params import DEFAULT_PARAMS_FILE, load_params
+from histo_assets_tests.hypernetworks import strong_hypernetwork
 
 CLASS = "fibrocystic"
 STEP = 5000
@@ -59,16 +60,6 @@ def generate(base, out: Path, hypernetwork: Path | None = None, count: int = COU
                            settings=replace(SETTINGS, **changes), master_seed=MASTER_SEED)
 
 
-def strong_hypernetwork(path: Path, name: str = CLASS) -> Path:
-    """Weights far from the near-zero default init, so the hypernetwork visibly changes the U-Net."""
-    hn = Hypernetwork(name, HypernetworkOptions(sizes=TINY_HYPERNETWORK_SIZES), seed=1)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in hn.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    return save_hypernetwork(hn, path)
-
-
 @pytest.fixture(scope="module")
 def base_run(tiny_base, tmp_path_factory) -> tuple[Path, list[GeneratedImage]]:
     out = tmp_path_factory.mktemp("base-run")
@@ -77,7 +68,7 @@ def base_run(tiny_base, tmp_path_factory) -> tuple[Path, list[GeneratedImage]]:
 
 @pytest.fixture(scope="module")
 def strong_hn(tmp_path_factory) -> Path:
-    return strong_hypernetwork(tmp_path_factory.mktemp("hn") / f"{CLASS}-{STEP}.pt")
+    return strong_hypernetwork(tmp_path_factory.mktemp("hn") / f"{CLASS}-{STEP}.pt", CLASS)
 
 
 @pytest.fixture(scope="module")

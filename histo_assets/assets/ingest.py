@@ -14,7 +14,7 @@ from histo_assets.core.io import atomic_directory, atomic_write_json, atomic_wri
 from histo_assets.core.previews import markdown_png_file, markdown_table, write_preview
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.slides import Problem, inventory_class
-from histo_assets.core.stage import current_summary, fingerprint
+from histo_assets.core.stage import current_summary, fingerprint, output_settings
 from histo_assets.layout import HOLDOUT, IMAGES, INDEX, INVENTORY, PREVIEW, SUMMARY, Layout
 from histo_assets.partitions import tissue_class_partitions
 from histo_assets.resources import ObjectStoreResource, ParamsResource, StageConfig
@@ -134,9 +134,8 @@ def square_crops(context: dg.AssetExecutionContext, config: StageConfig, params:
     inventory = pd.read_parquet(layout.raw_slides(tissue_class) / INVENTORY)
     sources = sorted(zip(inventory["path"], inventory["sha256"]))
     crops, ingest = p["crops"], p["ingest"]
-    # The worker count cannot change a byte of the output, so changing it must not rebuild the crops.
-    output_params = {key: value for key, value in crops.items() if key != "workers"}
-    stage_fingerprint = fingerprint(sources=sources, crops=output_params, ingest=ingest, resolution=p.resolution, code=SQUARE_CROPS_VERSION)
+    stage_fingerprint = fingerprint(sources=sources, crops=output_settings(crops), ingest=ingest, resolution=p.resolution,
+                                    code=SQUARE_CROPS_VERSION)
     summary = current_summary(out, stage_fingerprint)
     reused = summary is not None
     if reused:
@@ -227,7 +226,8 @@ def augmented_crops(context: dg.AssetExecutionContext, config: StageConfig, para
     section = p["augmentation"]
     holdout_fraction = float(p["split"]["holdout_fraction"])
     seed = derive_seed(p.seed, "augmented_crops", tissue_class)
-    stage_fingerprint = fingerprint(crops=sorted(hashes.items()), augmentation=section, split=p["split"], seed=seed, code=AUGMENTED_CROPS_VERSION)
+    stage_fingerprint = fingerprint(crops=sorted(hashes.items()), augmentation=output_settings(section), split=p["split"],
+                                    seed=seed, code=AUGMENTED_CROPS_VERSION)
     summary = current_summary(out, stage_fingerprint)
     reused = summary is not None
     if reused:

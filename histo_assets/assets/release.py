@@ -132,10 +132,13 @@ def dataset_release(
     plots = sorted(layout.metrics_details.glob("*.png"))
     out = layout.release(section["name"])
     relative = os.path.relpath(out, repo) if repo is not None else None
+    remote = section["remote"]
+    local_remote = (p.source.parent / remote["url"]).resolve() if is_local_url(remote["url"]) else None
     info = build_release(
         images, out, name=section["name"], metrics_table=metrics, lineage=pd.concat(lineage, ignore_index=True),
         plots=plots, card_extra=f"Checkpoints: {section['checkpoints']} (by {summary['best_by']}). {summary['extractor_note']}",
         repo_url=release_repo_url(section, repo), repo_path=relative,
+        local_remote=(remote["name"], str(local_remote)) if local_remote else None,
     )
     metadata = {
         "path": dg.MetadataValue.path(str(out)),
@@ -151,10 +154,9 @@ def dataset_release(
     ensure_git_identity(repo, *PIPELINE_AUTHOR)
     cli = dvc.cli(repo)
     cli.init()
-    remote = section["remote"]
-    url = remote["url"]
-    cli.remote_add_default(remote["name"], (p.source.parent / url).resolve() if is_local_url(url) else url)
-    published = publish_release(cli, repo, out, info.tag, f"Release {section['name']} ({info.tag})")
+    url = os.path.relpath(local_remote, repo) if local_remote else remote["url"]
+    published = publish_release(cli, repo, out, info.tag, f"Release {section['name']} ({info.tag})",
+                                (remote["name"], url))
     if section["git_remote"]:
         git_push_tag(repo, section["git_remote"], info.tag)
         context.log.info(f"pushed tag {info.tag} to git remote {section['git_remote']}")

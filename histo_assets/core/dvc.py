@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from histo_assets.core.io import atomic_write_bytes
+
 DVC_ENV_VAR = "HISTO_ASSETS_DVC"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DVC = PROJECT_ROOT / ".venv-dvc" / "bin" / "dvc"
@@ -173,30 +175,53 @@ class DvcCli:
         output = self.run("status", "--json", *(["--cloud"] if cloud else []), *self._targets(targets))
         return json.loads(output) if output.strip() else {}
 
-    def remote_add_default(self, name: str, url: str | os.PathLike) -> None:
-        """Make ``name`` the default remote at ``url``, changing only what differs.
+    def remote_add_default(self, name: str, url: str | os.PathLike, level: str = "local") -> None:
+        """Make ``name`` the default remote at ``url`` in one config level, changing only what differs.
 
-        A relative local path is taken relative to the repo root and stored
-        absolute, so the comparison with the stored URL is stable.
+        ``local`` (``.dvc/config.local``, never committed) serves this working
+        copy and keeps a local path absolute; ``project`` (``.dvc/config``, what
+        a clone reads) keeps it relative, so the committed config works on
+        every machine. A relative local path is taken relative to the repo root.
         """
         if not name or any(c.isspace() for c in name) or "." in name:
             raise ValueError(f"invalid DVC remote name {name!r}")
+        if level not in ("local", "project"):
+            raise ValueError(f"DVC config level must be local or project, not {level!r}")
         url = str(url)
-        if is_local_url(url) and not Path(url).is_absolute():
-            url = str((self.repo / url).resolve())
+        if is_local_url(url):
+            absolute = (self.repo / url).resolve()
+            # dvc stores a relative path given on its command line relative to the config file.
+            url = str(absolute) if level == "local" else os.path.relpath(absolute, self.repo)
         config = {}
-        for line in self.run("config", "--project", "--list").splitlines():
+        for line in self.run("config", f"--{level}", "--list").splitlines():
             key, sep, value = line.partition("=")
             if sep:
                 config[key.strip()] = value.strip()
         current = config.get(f"remote.{name}.url")
         if current is None:
-            self.run("remote", "add", "--project", "--default", name, url)
+            self.run("remote", "add", f"--{level}", "--default", name, url)
             return
-        if current != url:
-            self.run("remote", "modify", "--project", name, "url", url)
+        if current != url and os.path.normpath(self.repo / ".dvc" / current) != os.path.normpath(self.repo / url):
+            self.run("remote", "modify", f"--{level}", name, "url", url)
         if config.get("core.remote") != name:
-            self.run("remote", "default", "--project", name)
+            self.run("remote", "default", f"--{level}", name)
+
+    def committed_config(self, name: str, url: str | os.PathLike) -> bytes:
+        """``.dvc/config`` as a clone needs it, with ``name`` as its portable default remote.
+
+        Worked out with dvc itself, then the file is put back as it was: the
+        text only goes into a release commit, never into the user's working tree.
+        """
+        path = self.repo / ".dvc" / "config"
+        original = path.read_bytes() if path.exists() else None
+        try:
+            self.remote_add_default(name, url, level="project")
+            return path.read_bytes()
+        finally:
+            if original is None:
+                path.unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(path, original)
 
     def get(self, repo_url: str, path: str, rev: str, out: str | os.PathLike) -> Path:
         """Download ``path`` of a DVC repo at ``rev`` into ``out`` as a plain copy.
@@ -280,9 +305,21 @@ def ensure_git_identity(repo: str | os.PathLike, name: str, email: str) -> None:
             os.environ.setdefault(f"GIT_{role}_EMAIL", email)
 
 
+def git_path(repo: str | os.PathLike, name: str) -> Path:
+    """A path inside the repository's git directory (e.g. ``info/exclude``), wherever that directory is."""
+    return (Path(repo) / _git(repo, "rev-parse", "--git-path", name).strip()).resolve()
+
+
 def git_head(repo: str | os.PathLike) -> str:
     """The commit HEAD points to; fails clearly in a repo without commits."""
     return _git(repo, "rev-parse", "--verify", "HEAD^{commit}").strip()
+
+
+def git_head_or_none(repo: str | os.PathLike) -> str | None:
+    """The commit HEAD points to, or None in a repository without commits yet."""
+    result = subprocess.run(["git", "-C", str(repo), "rev-parse", "--quiet", "--verify", "HEAD^{commit}"],
+                            capture_output=True, text=True, check=False)
+    return result.stdout.strip() if result.returncode == 0 else None
 
 
 def git_tag_target(repo: str | os.PathLike, tag: str) -> str | None:
@@ -304,24 +341,30 @@ def git_file_at(repo: str | os.PathLike, rev: str, path: str | os.PathLike) -> b
     return result.stdout if result.returncode == 0 else None
 
 
-def git_commit_paths(repo: str | os.PathLike, paths: Sequence[str | os.PathLike], message: str) -> str | None:
-    """Commit exactly ``paths``; returns the new commit, or None when they match HEAD.
+def git_commit_beside_head(repo: str | os.PathLike, files: Mapping[str, bytes], message: str) -> str:
+    """A commit whose parent is HEAD and whose tree is HEAD's with ``files`` (repo-relative path -> content).
 
-    Other changes already staged by someone else stay staged and out of the
-    commit (``git commit --only``), so a release commit never sweeps up
-    unrelated work.
+    Made in a private index with git's plumbing, so HEAD, the checked-out
+    branch, the user's index and the working tree are all left as they were:
+    only a ref made afterwards (a release tag) points to the commit.
     """
-    if not paths:
-        raise ValueError("git_commit_paths needs at least one path")
+    if not files:
+        raise ValueError("git_commit_beside_head needs at least one file")
     if not message.strip():
         raise ValueError("a commit message is required")
     root = Path(repo).resolve()
-    relative = [str(_inside(root, path)) for path in paths]
-    _git(root, "add", "--", *relative)
-    if not _git(root, "status", "--porcelain", "--", *relative).strip():
-        return None
-    _git(root, "commit", "--quiet", "--only", "--message", message, "--", *relative)
-    return git_head(root)
+    parent = git_head_or_none(root)
+    with tempfile.TemporaryDirectory(prefix="histo-assets-index-") as private:
+        env = os.environ | {"GIT_INDEX_FILE": str(Path(private) / "index")}
+        if parent is not None:
+            _run(["git", "read-tree", parent], root, env)
+        for path, content in files.items():
+            relative = _inside(root, root / path).as_posix()
+            blob = subprocess.run(["git", "hash-object", "-w", "--stdin"], cwd=root, input=content,
+                                  capture_output=True, check=True).stdout.decode().strip()
+            _run(["git", "update-index", "--add", "--cacheinfo", f"100644,{blob},{relative}"], root, env)
+        tree = _run(["git", "write-tree"], root, env).stdout.strip()
+    return _git(root, "commit-tree", tree, *(["-p", parent] if parent else []), "-m", message).strip()
 
 
 def git_check_tag_name(tag: str) -> None:

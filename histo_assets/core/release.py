@@ -8,11 +8,12 @@ idempotent and lets downstream teams pull an exact dataset by tag.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,15 +24,17 @@ from histo_assets.core.dvc import (
     DvcCli,
     TagConflictError,
     git_check_tag_name,
-    git_commit_paths,
+    git_commit_beside_head,
     git_file_at,
     git_is_repo,
+    git_path,
     git_tag,
     git_tag_target,
     md5_from_dvc_text,
 )
 from histo_assets.core.io import (
     atomic_directory,
+    atomic_write_bytes,
     atomic_write_parquet,
     atomic_write_text,
     sha256_file,
@@ -257,7 +260,9 @@ def _card(
     card_extra: str,
     repo_url: str,
     repo_path: str,
+    local_remote: tuple[str, str] | None,
 ) -> str:
+    remote_name, remote_url = local_remote or (None, None)
     per_class = manifest.groupby("tissue_class", sort=True)["checkpoint_step"]
     count_rows = [
         [tissue_class, len(steps), ", ".join(str(s) for s in sorted(set(steps)))] for tissue_class, steps in per_class
@@ -309,13 +314,15 @@ def _card(
         "A plain copy of this folder, with DVC installed:",
         "",
         "```sh",
-        f"dvc get {repo_url} {repo_path} --rev {tag} -o {folder}",
+        f"dvc get {repo_url} {repo_path} --rev {tag} -o {folder}" + (f" --remote-config url={remote_url}"
+                                                                     if remote_url else ""),
         "```",
         "",
         "In a clone of the repository (naming the `.dvc` file pulls just this release):",
         "",
         "```sh",
         f"git checkout {tag}",
+        *([f"dvc remote modify --local {remote_name} url {remote_url}"] if remote_url else []),
         f"dvc pull {repo_path}.dvc",
         "```",
         "",
@@ -324,7 +331,8 @@ def _card(
         "```python",
         "import dvc.api",
         "",
-        f'fs = dvc.api.DVCFileSystem("{repo_url}", rev="{tag}")',
+        f'fs = dvc.api.DVCFileSystem("{repo_url}", rev="{tag}"'
+        + (f', remote_config={{"url": "{remote_url}"}})' if remote_url else ")"),
         f'fs.get("{repo_path}", "{folder}", recursive=True)',
         "```",
         "",
@@ -336,7 +344,8 @@ def _card(
         "import dvc.api",
         "import pandas",
         "",
-        f'raw = dvc.api.read("{repo_path}/{MANIFEST}", repo="{repo_url}", rev="{tag}", mode="rb")',
+        f'raw = dvc.api.read("{repo_path}/{MANIFEST}", repo="{repo_url}", rev="{tag}", mode="rb"'
+        + (f', remote_config={{"url": "{remote_url}"}})' if remote_url else ")"),
         "manifest = pandas.read_parquet(io.BytesIO(raw))",
         "```",
         "",
@@ -358,6 +367,7 @@ def build_release(
     card_extra: str = "",
     repo_url: str | None = None,
     repo_path: str | None = None,
+    local_remote: tuple[str, str] | None = None,
 ) -> ReleaseInfo:
     """Assemble a release folder at ``out_dir``, replacing any previous one atomically.
 
@@ -367,7 +377,10 @@ def build_release(
     dataset card ``README.md``.
     ``repo_url`` and ``repo_path`` (the folder's path inside the git repo)
     fill the card's pull instructions; placeholders stand in when they are
-    not known yet. The same inputs give a byte-identical folder.
+    not known yet. ``local_remote`` (name, absolute path) is a DVC remote on
+    this machine's disk: git records it relative to the repository, which
+    only a clone beside it resolves, so the card tells every other copy where
+    it is. The same inputs give a byte-identical folder.
     """
     _check_name(name, "release name")
     planned = _plan_images(images)
@@ -415,6 +428,7 @@ def build_release(
             card_extra=card_extra,
             repo_url=repo_url or "<repo-url>",
             repo_path=repo_path or "<path-in-repo>",
+            local_remote=local_remote,
         )
         atomic_write_text(staging / CARD, card)
     counts = {str(k): int(v) for k, v in manifest["tissue_class"].value_counts().sort_index().items()}
@@ -444,17 +458,21 @@ def read_manifest(path_or_release_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 def publish_release(
-    dvc: DvcCli, repo: str | os.PathLike, release_dir: str | os.PathLike, tag: str, message: str
+    dvc: DvcCli, repo: str | os.PathLike, release_dir: str | os.PathLike, tag: str, message: str,
+    remote: tuple[str, str],
 ) -> PublishedRelease:
-    """Version a release folder: dvc add, commit, dvc push, then tag.
+    """Version a release folder: dvc add, a commit beside the branch, dvc push, then tag.
 
-    The commit holds only the ``.dvc`` file, the ``.gitignore`` dvc writes
-    next to the folder and DVC's own config files (so a clone of the tag
-    knows the remote). The tag comes last, after the push, so a tag always
-    means "data on the remote". Publishing identical content again makes no
-    commit and reuses the tag; a tag that already names other content raises
-    :class:`TagConflictError` before anything is committed. Git pushes of the
-    commit and tag are left to the caller.
+    The commit's parent is HEAD and it holds only the ``.dvc`` file, the
+    ``.gitignore`` dvc writes next to the folder and ``.dvc/config`` naming
+    ``remote`` (name, url) portably, so a clone of the tag knows where to pull
+    from. It is made without touching the checked-out branch, the index or the
+    working tree, and only the tag points to it: the repository stays the
+    user's. The working copy pushes through ``.dvc/config.local``. The tag
+    comes last, after the push, so a tag always means "data on the remote".
+    Publishing identical content again makes no commit and reuses the tag; a
+    tag that already names other content raises :class:`TagConflictError`
+    before anything is committed. Git pushes of the tag are left to the caller.
     """
     root = Path(repo).resolve()
     if not git_is_repo(root):
@@ -470,24 +488,35 @@ def publish_release(
         raise ValueError(f"{folder} is not a release folder (no {MANIFEST}); build it with build_release")
     git_check_tag_name(tag)
     relative_dvc = folder.relative_to(root).with_name(folder.name + ".dvc")
+    relative_ignore = folder.relative_to(root).parent / ".gitignore"
     tagged = git_tag_target(root, tag)
 
-    (dvc_file,) = dvc.add([folder])
-    md5 = dvc.md5_of(dvc_file)
-    if tagged is not None:
-        previous = git_file_at(root, tagged, relative_dvc)
-        previous_md5 = None if previous is None else md5_from_dvc_text(previous.decode(), f"{relative_dvc} at {tag}")
-        if previous_md5 != md5:
-            raise TagConflictError(
-                f"git tag {tag!r} already marks commit {tagged}, where {relative_dvc} "
-                f"{'is absent' if previous_md5 is None else f'has md5 {previous_md5}'}; this content has md5 {md5}. "
-                "Tags are never moved: publish under another tag (release_tag() derives one from the content)."
-            )
-    dvc_setup = [root / ".dvc" / "config", root / ".dvc" / ".gitignore", root / ".dvcignore"]
-    tracked = [dvc_file, folder.parent / ".gitignore", *dvc_setup]
-    commit = git_commit_paths(root, [path for path in tracked if path.exists()], message)
-    dvc.push([dvc_file])
-    tag_commit = tagged if tagged is not None else git_tag(root, tag, message)
+    name, url = remote
+    dvc.remote_add_default(name, url, level="local")
+    with _left_as_found(root / relative_dvc, root / relative_ignore):
+        (dvc_file,) = dvc.add([folder])
+        md5 = dvc.md5_of(dvc_file)
+        if tagged is not None:
+            previous = git_file_at(root, tagged, relative_dvc)
+            previous_md5 = None if previous is None else md5_from_dvc_text(previous.decode(), f"{relative_dvc} at {tag}")
+            if previous_md5 != md5:
+                raise TagConflictError(
+                    f"git tag {tag!r} already marks commit {tagged}, where {relative_dvc} "
+                    f"{'is absent' if previous_md5 is None else f'has md5 {previous_md5}'}; this content has md5 "
+                    f"{md5}. Tags are never moved: publish under another tag (release_tag() derives one from the "
+                    "content)."
+                )
+            commit = None
+        else:
+            files = {relative_dvc.as_posix(): dvc_file.read_bytes(), ".dvc/config": dvc.committed_config(name, url)}
+            # DVC's own ignore files go in too where the branch lacks them, so a clone of the tag is a DVC repo.
+            for extra in (relative_ignore, Path(".dvc/.gitignore"), Path(".dvcignore")):
+                if (root / extra).is_file() and git_file_at(root, "HEAD", extra) != (root / extra).read_bytes():
+                    files[extra.as_posix()] = (root / extra).read_bytes()
+            commit = git_commit_beside_head(root, files, message)
+        dvc.push([dvc_file])
+    _exclude_locally(root, folder)
+    tag_commit = tagged if tagged is not None else git_tag(root, tag, message, commit)
     return PublishedRelease(
         tag=tag,
         commit=tag_commit,
@@ -496,3 +525,30 @@ def publish_release(
         new_commit=commit is not None,
         new_tag=tagged is None,
     )
+
+
+@contextlib.contextmanager
+def _left_as_found(*paths: Path) -> Iterator[None]:
+    """Put these working-tree files back as they were (or absent) afterwards, whatever dvc wrote to them."""
+    before = {path: path.read_bytes() if path.is_file() else None for path in paths}
+    try:
+        yield
+    finally:
+        for path, content in before.items():
+            if content is None:
+                path.unlink(missing_ok=True)
+            elif not path.is_file() or path.read_bytes() != content:
+                atomic_write_bytes(path, content)
+
+
+def _exclude_locally(root: Path, folder: Path) -> None:
+    """Keep the release folder out of ``git status`` through ``.git/info/exclude``, which is never committed.
+
+    The folder is DVC's; its ``.dvc`` file lives in the release commit only.
+    """
+    exclude = Path(git_path(root, "info/exclude"))
+    pattern = "/" + folder.relative_to(root).as_posix() + "/"
+    lines = exclude.read_text().splitlines() if exclude.is_file() else []
+    if pattern not in lines:
+        exclude.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(exclude, "\n".join([*lines, pattern]) + "\n")

@@ -19,8 +19,17 @@ SUMMARY_FILE = "summary.json"
 RUN_MARKER = "run.json"
 
 
+# Settings that decide how fast a stage runs, never what it writes: changing them must not rebuild it.
+SPEED_ONLY_SETTINGS = ("workers",)
+
+
 def fingerprint(**inputs: Any) -> str:
     return stable_hash(inputs)
+
+
+def output_settings(section: dict[str, Any]) -> dict[str, Any]:
+    """A params section without its speed-only settings, for fingerprints."""
+    return {key: value for key, value in section.items() if key not in SPEED_ONLY_SETTINGS}
 
 
 def read_summary(folder: Path) -> dict[str, Any] | None:
