@@ -31,7 +31,7 @@ from dagster._core.launcher import DefaultRunLauncher
 HOST_TAG = "histo-assets/host"
 IN_PROGRESS = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
 POOL_POLL_SECONDS = 2.0
-REAPER_INTERVAL_SECONDS = 30
+REAPER_INTERVAL_SECONDS = 20
 # A pid counts as the run's process only if that process is not younger than the event recording it.
 _START_TIME_SLACK_SECONDS = 2.0
 

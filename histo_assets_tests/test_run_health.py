@@ -231,8 +231,8 @@ def test_the_daemon_of_dagster_dev_marks_a_killed_run_failed_and_frees_its_slot(
         wait_for(lambda: len(slot_holders(work)) == 1, 300, "the run to claim the gpu slot")
         (dead,) = slot_holders(work)
         kill_group(holder)
-        took = wait_for(lambda: not slot_holders(work), 120, "the daemon's dead_run_reaper sensor")
-        assert took < 120
+        took = wait_for(lambda: not slot_holders(work), 60, "the daemon's dead_run_reaper sensor")
+        print(f"the daemon freed the dead run's slot {took:.1f} s after the kill")
         with work.instance() as instance:
             assert instance.get_run_by_id(dead).status == dg.DagsterRunStatus.FAILURE
         assert "none of its processes" in failure_message(work, dead)
