@@ -209,9 +209,8 @@ def test_every_job_in_its_own_empty_pod_gives_the_bytes_of_one_machine(pipeline,
     assert sorted(released["sha256"]) == sorted(reference["sha256"])
 
 
-def test_a_pod_lost_mid_training_leaves_checkpoints_the_next_pod_resumes_from(pipeline, tiny_model_cache, tmp_path):
-    url = f"file://{tmp_path / 'bucket'}"
-    store = ObjectStore(url)
+def resume_a_lost_pod(pipeline, tiny_model_cache, tmp_path, store: ObjectStore, url: str, env=None) -> None:
+    """A pod dies after pushing its step-3 checkpoint; the next pod, given only the store, resumes to the same weights."""
     first = CLASSES[0]
     store.push(pipeline.data / "augmented_crops" / first, f"augmented_crops/{first}")
     # What the step-3 checkpoint's push leaves in the store when the pod dies before step 6.
@@ -222,7 +221,7 @@ def test_a_pod_lost_mid_training_leaves_checkpoints_the_next_pod_resumes_from(pi
     store.push(partial, f"hypernetwork_checkpoints/{first}")
 
     pod = empty_pipeline(tmp_path / "next-pod", tiny_model_cache)
-    log = run_ok(pod.materialize("--job", "training_pipeline", "--partition", first, store_url=url))
+    log = run_ok(pod.materialize("--job", "training_pipeline", "--partition", first, store_url=url, env=env))
 
     assert f"resuming {first} from {first}-3.pt" in log
     assert log.count(f"pushed hypernetwork_checkpoints/{first}") == 2, "after the step-6 checkpoint, and at the end"
@@ -230,3 +229,8 @@ def test_a_pod_lost_mid_training_leaves_checkpoints_the_next_pod_resumes_from(pi
     reference = hashes(pipeline.data / "hypernetwork_checkpoints" / first)
     for name in (f"{first}-3.pt", f"{first}-6.pt", f"{first}.pt"):
         assert stored[name] == reference[name], f"{name} differs from the uninterrupted run's"
+
+
+def test_a_pod_lost_mid_training_leaves_checkpoints_the_next_pod_resumes_from(pipeline, tiny_model_cache, tmp_path):
+    url = f"file://{tmp_path / 'bucket'}"
+    resume_a_lost_pod(pipeline, tiny_model_cache, tmp_path, ObjectStore(url), url)

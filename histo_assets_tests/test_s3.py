@@ -28,7 +28,6 @@ from histo_assets.resources import ObjectStoreResource, ParamsResource
 from histo_assets_tests import test_object_store as on_every_store
 from histo_assets_tests.conftest import THESIS_CLASSES, dvc_executable, tissue_image, tree_hashes
 from histo_assets_tests.test_dvc_release import RELEASE_PATH, git, isolate, make_extras, make_images, new_repo
-from histo_assets_tests.tiny_pipeline import CLASSES, empty_pipeline, run_ok
 
 
 @pytest.fixture
@@ -138,26 +137,8 @@ def test_a_pod_lost_mid_training_resumes_from_s3(pipeline, tiny_model_cache, s3_
     """test_object_store.py's lost pod, with the store on S3: the next pod is a `histo-assets materialize`
     process given only HISTO_ASSETS_STORE_URL=s3://... and the endpoint in AWS_ENDPOINT_URL."""
     url = f"s3://{s3_bucket}/histo-assets"
-    store = ObjectStore(url, s3_server.storage_options)
-    first = CLASSES[0]
-    store.push(pipeline.data / "augmented_crops" / first, f"augmented_crops/{first}")
-    # What the step-3 checkpoint's push leaves in the store when the pod dies before step 6.
-    partial = tmp_path / "lost-pod" / first
-    shutil.copytree(pipeline.data / "hypernetwork_checkpoints" / first, partial)
-    for name in (f"{first}-6.pt", f"{first}-6.pt.optim", f"{first}.pt", f"{first}.pt.optim", "summary.json", "loss.png"):
-        (partial / name).unlink()
-    store.push(partial, f"hypernetwork_checkpoints/{first}")
-
-    pod = empty_pipeline(tmp_path / "next-pod", tiny_model_cache)
-    env = dict(os.environ) | s3_server.env()
-    log = run_ok(pod.materialize("--job", "training_pipeline", "--partition", first, store_url=url, env=env))
-
-    assert f"resuming {first} from {first}-3.pt" in log
-    assert log.count(f"pushed hypernetwork_checkpoints/{first}") == 2, "after the step-6 checkpoint, and at the end"
-    stored = {k: v["sha256"] for k, v in store.manifest(f"hypernetwork_checkpoints/{first}").items()}
-    reference = on_every_store.hashes(pipeline.data / "hypernetwork_checkpoints" / first)
-    for name in (f"{first}-3.pt", f"{first}-6.pt", f"{first}.pt"):
-        assert stored[name] == reference[name], f"{name} differs from the uninterrupted run's"
+    on_every_store.resume_a_lost_pod(pipeline, tiny_model_cache, tmp_path, ObjectStore(url, s3_server.storage_options),
+                                     url, env=dict(os.environ) | s3_server.env())
 
 
 def test_a_release_on_an_s3_dvc_remote_is_pulled_and_got_byte_for_byte(s3_server, tmp_path, monkeypatch):
