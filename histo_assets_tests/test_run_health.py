@@ -28,8 +28,9 @@ from histo_assets_tests.tiny_pipeline import FIRST, Pipeline, run_ok
 
 POOL = "gpu"
 # Long enough to be killed after its first checkpoint, short enough for a test.
+CHECKPOINT_STEPS = [30, 90, 150]
 TRAINING = ["--job", "training_pipeline", "--partition", FIRST,
-            "--set", "training.max_steps=90", "--set", "training.checkpoint_steps=[30, 60, 90]"]
+            "--set", f"training.max_steps={CHECKPOINT_STEPS[-1]}", "--set", f"training.checkpoint_steps={CHECKPOINT_STEPS}"]
 LONG_TRAINING = ["--job", "training_pipeline", "--partition", FIRST,
                  "--set", "training.max_steps=3000", "--set", "training.checkpoint_steps=[1500, 3000]"]
 
@@ -86,9 +87,12 @@ def test_a_sigkilled_training_run_frees_the_pool_and_the_next_run_resumes_to_ide
     work = fresh("killed")
     checkpoints = work.data / "hypernetwork_checkpoints" / FIRST
     process = work.popen(*TRAINING, output=tmp_path / "killed.log")
-    wait_for(lambda: (checkpoints / f"{FIRST}-30.pt").is_file(), 300, "the first checkpoint")
+    first = CHECKPOINT_STEPS[0]
+    wait_for(lambda: (checkpoints / f"{FIRST}-{first}.pt.optim").is_file(), 300, "the first checkpoint and its sidecar")
     kill_group(process)
-    assert not (checkpoints / f"{FIRST}-90.pt").is_file(), "the run was killed before it finished"
+    assert not (checkpoints / f"{FIRST}-{CHECKPOINT_STEPS[-1]}.pt").is_file(), "the run was killed before it finished"
+    # Resume takes the latest checkpoint whose optimizer sidecar was written too (a kill may fall between them).
+    resumable = max(step for step in CHECKPOINT_STEPS[:-1] if (checkpoints / f"{FIRST}-{step}.pt.optim").is_file())
 
     (dead,) = [run for run in training_runs(work) if run.status == dg.DagsterRunStatus.STARTED]
     assert slot_holders(work) == {dead.run_id}, "the dead run still holds the gpu slot"
@@ -104,9 +108,9 @@ def test_a_sigkilled_training_run_frees_the_pool_and_the_next_run_resumes_to_ide
     started = time.monotonic()
     output = run_ok(work.materialize(*TRAINING))
     assert time.monotonic() - started < 120
-    assert f"resuming {FIRST} from {FIRST}-30.pt at step 29" in output
+    assert f"resuming {FIRST} from {FIRST}-{resumable}.pt at step {resumable - 1}" in output
     assert (work.data / final).read_bytes() == (reference.data / final).read_bytes()
-    for step in (30, 60, 90):
+    for step in CHECKPOINT_STEPS:
         name = Path("hypernetwork_checkpoints") / FIRST / f"{FIRST}-{step}.pt"
         assert (work.data / name).read_bytes() == (reference.data / name).read_bytes(), step
 
