@@ -85,8 +85,12 @@ class StopSignals:
             self._seen += [signum for signum in os.read(self._read, 64) if signum in SIGNAL_EXIT]
         return self._seen
 
+    def first(self) -> signal.Signals:
+        """The signal that stopped the command; a KeyboardInterrupt with none counted was Ctrl-C."""
+        return signal.Signals(self.received[0] if self.received else signal.SIGINT)
+
     def exit_code(self) -> int:
-        return SIGNAL_EXIT[self.received[0] if self.received else signal.SIGINT]
+        return SIGNAL_EXIT[self.first()]
 
 
 def _job_pools(job) -> set[str]:
@@ -148,7 +152,7 @@ def _materialize(args: argparse.Namespace) -> int:
             except KeyboardInterrupt:
                 result = None
             if result is None or stop.received:
-                name = signal.Signals(stop.received[0] if stop.received else signal.SIGINT).name
+                name = stop.first().name
                 end_interrupted_run(instance, run_id, f"stopped by {name} to histo-assets materialize")
                 print(f"{label}: stopped by {name}; run {run_id} ended, its pool slots freed", file=sys.stderr, flush=True)
                 return stop.exit_code()
@@ -189,8 +193,7 @@ def _ui(args: argparse.Namespace) -> int:
                 return child.wait(timeout=UI_POLL_SECONDS)
     except KeyboardInterrupt:
         pass
-    signum = stop.received[0] if stop.received else signal.SIGINT
-    print(f"stopping the Dagster UI ({signal.Signals(signum).name})", file=sys.stderr, flush=True)
+    print(f"stopping the Dagster UI ({stop.first().name})", file=sys.stderr, flush=True)
     _stop_group(child)
     from dagster import DagsterInstance
 

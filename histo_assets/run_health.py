@@ -18,6 +18,7 @@ slot-claim loop spins at full CPU while a pool is full.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -42,6 +43,7 @@ def this_host() -> str:
     return socket.gethostname()
 
 
+@functools.cache
 def _boot_time() -> float:
     for line in Path("/proc/stat").read_text().splitlines():
         if line.startswith("btime "):
@@ -54,9 +56,7 @@ def process_start_time(pid: int) -> float | None:
     stat = Path(f"/proc/{pid}/stat")
     try:
         fields = stat.read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-    except OSError:
+    except (OSError, IndexError):
         return None
     if fields[0] == "Z":  # a zombie has finished; only its parent has not collected it
         return None
@@ -92,9 +92,11 @@ def reap_dead_runs(instance: dg.DagsterInstance, log: Log = print) -> list[str]:
     reaped = []
     for record in instance.get_run_records(dg.RunsFilter(statuses=IN_PROGRESS)):
         run = record.dagster_run
+        if not _runs_on_this_machine(instance, run):
+            continue  # not ours to judge
         processes = recorded_processes(instance, run.run_id)
-        if not processes or not _runs_on_this_machine(instance, run):
-            continue  # not started yet, or not ours to judge
+        if not processes:
+            continue  # not started yet
         if any(_is_alive(pid, recorded_at) for pid, recorded_at in processes):
             continue
         pids = ", ".join(sorted({str(pid) for pid, _ in processes}))

@@ -315,22 +315,20 @@ def git_head(repo: str | os.PathLike) -> str:
     return _git(repo, "rev-parse", "--verify", "HEAD^{commit}").strip()
 
 
-def git_head_or_none(repo: str | os.PathLike) -> str | None:
-    """The commit HEAD points to, or None in a repository without commits yet."""
-    result = subprocess.run(["git", "-C", str(repo), "rev-parse", "--quiet", "--verify", "HEAD^{commit}"],
+def _commit_or_none(repo: str | os.PathLike, rev: str) -> str | None:
+    result = subprocess.run(["git", "-C", str(repo), "rev-parse", "--quiet", "--verify", f"{rev}^{{commit}}"],
                             capture_output=True, text=True, check=False)
     return result.stdout.strip() if result.returncode == 0 else None
 
 
+def git_head_or_none(repo: str | os.PathLike) -> str | None:
+    """The commit HEAD points to, or None in a repository without commits yet."""
+    return _commit_or_none(repo, "HEAD")
+
+
 def git_tag_target(repo: str | os.PathLike, tag: str) -> str | None:
     """The commit a tag points to, or None when there is no such tag."""
-    result = subprocess.run(
-        ["git", "-C", str(repo), "rev-parse", "--quiet", "--verify", f"refs/tags/{tag}^{{commit}}"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return result.stdout.strip() if result.returncode == 0 else None
+    return _commit_or_none(repo, f"refs/tags/{tag}")
 
 
 def git_file_at(repo: str | os.PathLike, rev: str, path: str | os.PathLike) -> bytes | None:
