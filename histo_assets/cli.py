@@ -130,7 +130,7 @@ def _materialize(args: argparse.Namespace) -> int:
     for job_def in selected:
         job = defs.resolve_job_def(job_def.name)
         run_config = {
-            "ops": {node: {"config": {"overrides": list(args.set)}} for node in job.graph.node_dict},
+            "ops": {node: {"config": params.nested_overrides(args.set)} for node in job.graph.node_dict},
             "loggers": {"console": {"config": {"log_level": args.log_level}}},
         }
         if job.partitions_def is None:

@@ -61,21 +61,76 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw)
 
 
-def _expected_type(current: Any) -> tuple[str, Callable[[Any], bool]] | None:
-    """What an override of a key must be, judged by the key's value in the params files; None: anything."""
-    if current is None:
-        return None  # an optional setting, off by default: its settings object checks the value
+# Keys whose params value is one kind of several the key takes; their settings object checks the value.
+SEVERAL_KINDS = {"release.checkpoints": "best, all or a list of steps"}
+
+
+def value_kind(dotted: str, current: Any) -> str | None:
+    """What an override of a key must be, judged by the key's value in the params files; None: anything.
+
+    The CLI's checks and the Dagster run-config schema both follow it, so the
+    launchpad refuses what ``--set`` refuses.
+    """
+    if current is None or dotted in SEVERAL_KINDS:
+        return None  # an optional setting, off by default, or one of several kinds: its settings object checks the value
     if isinstance(current, bool):
-        return "true or false", lambda value: isinstance(value, bool)
+        return "bool"
     if isinstance(current, int):
-        return "a whole number", lambda value: isinstance(value, int) and not isinstance(value, bool)
+        return "int"
     if isinstance(current, float):
-        return "a number", lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)
+        return "float"
     if isinstance(current, str):
-        return "text", lambda value: isinstance(value, (str, int, float)) and not isinstance(value, bool)
+        return "text"
     if isinstance(current, list):
-        return "a list, e.g. [1, 2]", lambda value: isinstance(value, list)
-    return "a mapping, e.g. {key: value}", lambda value: isinstance(value, Mapping)
+        return "list"
+    return "mapping"
+
+
+def _is_whole(item: Any) -> bool:
+    return isinstance(item, int) and not isinstance(item, bool)
+
+
+_KIND_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "bool": ("true or false", lambda value: isinstance(value, bool)),
+    "int": ("a whole number", _is_whole),
+    "float": ("a number", lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)),
+    "text": ("text", lambda value: isinstance(value, (str, int, float)) and not isinstance(value, bool)),
+    "list": ("a list, e.g. [1, 2]", lambda value: isinstance(value, list)),
+    "mapping": ("a mapping, e.g. {key: value}", lambda value: isinstance(value, Mapping)),
+}
+
+
+def _whole_numbers_kept_whole(current: Any, value: Any) -> Any:
+    """A list of whole numbers given back as whole numbers when the params list is of whole numbers.
+
+    Dagster's Float config type turns 100 into 100.0; without this, a
+    launchpad override of checkpoint steps would change fingerprints and
+    partition names that the same override through ``--set`` leaves alone.
+    """
+    if (isinstance(current, list) and current and all(_is_whole(item) for item in current) and isinstance(value, list)
+            and all(isinstance(item, float) and item.is_integer() for item in value)):
+        return [int(item) for item in value]
+    return value
+
+
+def _assign(values: dict[str, Any], keys: list[str], value: Any, typed: str | None, shown: str) -> None:
+    """Set one key in place, checked against its kind; ``typed`` is the text as typed, kept for text keys."""
+    dotted = ".".join(keys)
+    node = values
+    for depth, key in enumerate(keys[:-1]):
+        if not isinstance(node.get(key), dict):
+            raise ParamsError(f"override {shown}: {'.'.join(keys[: depth + 1])} is not a section")
+        node = node[key]
+    if keys[-1] not in node:
+        known = ", ".join(sorted(str(key) for key in node))
+        raise ParamsError(f"override {shown}: unknown key {dotted}; known here: {known}")
+    current = node[keys[-1]]
+    kind = value_kind(dotted, current)
+    if kind is not None and not _KIND_CHECKS[kind][1](value):
+        raise ParamsError(f"override {shown}: {dotted} must be {_KIND_CHECKS[kind][0]} (params has {current!r}), not {value!r}")
+    if kind == "text" and not isinstance(value, str):
+        value = typed if typed is not None else str(value)
+    node[keys[-1]] = _whole_numbers_kept_whole(current, value)
 
 
 def apply_overrides(values: Mapping[str, Any], assignments: Iterable[str]) -> dict[str, Any]:
@@ -89,22 +144,25 @@ def apply_overrides(values: Mapping[str, Any], assignments: Iterable[str]) -> di
     result = copy.deepcopy(dict(values))
     for assignment in assignments:
         keys, value = parse_override(assignment)
-        dotted = ".".join(keys)
-        node = result
-        for depth, key in enumerate(keys[:-1]):
-            if not isinstance(node.get(key), dict):
-                raise ParamsError(f"override {assignment!r}: {'.'.join(keys[: depth + 1])} is not a section")
-            node = node[key]
-        if keys[-1] not in node:
-            known = ", ".join(sorted(str(key) for key in node))
-            raise ParamsError(f"override {assignment!r}: unknown key {dotted}; known here: {known}")
-        expected = _expected_type(node[keys[-1]])
-        if expected is not None and not expected[1](value):
-            raise ParamsError(f"override {assignment!r}: {dotted} must be {expected[0]} "
-                              f"(params has {node[keys[-1]]!r}), not {value!r}")
-        if isinstance(node[keys[-1]], str) and not isinstance(value, str):
-            value = assignment.partition("=")[2].strip()
-        node[keys[-1]] = value
+        _assign(result, keys, value, assignment.partition("=")[2].strip(), repr(assignment))
+    return result
+
+
+def override_leaves(values: Mapping[str, Any], nested: Mapping[str, Any], prefix: tuple[str, ...] = ()):
+    """(keys, value) of every setting in a nested override, descending only into the params' own sections."""
+    for key, value in nested.items():
+        keys = (*prefix, str(key))
+        if isinstance(value, Mapping) and isinstance(values.get(key), Mapping):
+            yield from override_leaves(values[key], value, keys)
+        else:
+            yield list(keys), value
+
+
+def apply_nested_overrides(values: Mapping[str, Any], nested: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with a nested override (Dagster run config's shape of params) applied, checked like ``--set``."""
+    result = copy.deepcopy(dict(values))
+    for keys, value in override_leaves(values, nested):
+        _assign(result, keys, value, None, repr(f"{'.'.join(keys)}={value!r}"))
     return result
 
 
@@ -146,6 +204,22 @@ class Params:
         if not assignments:
             return self
         return Params(apply_overrides(self.values, assignments), self.source)
+
+    def with_nested_overrides(self, nested: Mapping[str, Any]) -> Params:
+        return Params(apply_nested_overrides(self.values, nested), self.source) if nested else self
+
+    def nested_overrides(self, assignments: Iterable[str]) -> dict[str, Any]:
+        """``section.key=value`` overrides as the nested mapping Dagster's run config takes, with checked values."""
+        nested: dict[str, Any] = {}
+        for assignment in assignments:
+            keys, _ = parse_override(assignment)
+            node, value = nested, self.values
+            for key in keys:
+                value = value[key]
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+            node[keys[-1]] = copy.deepcopy(value)
+        return nested
 
 
 def params_path(path: str | os.PathLike | None = None) -> Path:

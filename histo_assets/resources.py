@@ -1,12 +1,45 @@
 """Dagster resources: thin, configurable handles on params and compute."""
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
 from histo_assets.layout import Layout
-from histo_assets.params import Params, load_params
+from histo_assets.params import Params, load_params, value_kind
+
+_SCALAR_CONFIG_TYPES = {"bool": dg.Bool, "int": dg.Int, "float": dg.Float, "text": dg.String, "mapping": dg.Permissive()}
+
+
+def _list_config_type(items: list) -> list:
+    if items and all(isinstance(item, bool) for item in items):
+        return [dg.Bool]
+    if items and all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in items):
+        return [dg.Float]
+    if items and all(isinstance(item, str) for item in items):
+        return [dg.String]
+    return [dg.Any]
+
+
+def params_config_schema(values: Mapping[str, Any], prefix: str = "") -> dict[str, dg.Field]:
+    """Dagster run config shaped like params, every key optional and typed by its params value.
+
+    The launchpad validates run config against this before a run starts, so a
+    misspelt key or a value of the wrong type is refused there, naming the
+    key's path, the value and the expected type, as ``--set`` refuses it.
+    """
+    schema = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            config_type: Any = params_config_schema(value, f"{dotted}.")
+        else:
+            kind = value_kind(dotted, value)
+            config_type = dg.Any if kind is None else _list_config_type(value) if kind == "list" else _SCALAR_CONFIG_TYPES[kind]
+        schema[str(key)] = dg.Field(config_type, is_required=False, description=f"params: {value!r}"[:200])
+    return schema
 
 
 class ParamsResource(dg.ConfigurableResource):
@@ -17,17 +50,16 @@ class ParamsResource(dg.ConfigurableResource):
     def load(self, overrides: list[str] | None = None) -> Params:
         return load_params(self.params_file, overrides or [])
 
+    def load_for(self, context) -> Params:
+        """Params with this step's run config applied: the same keys as params, checked like ``--set``."""
+        return load_params(self.params_file).with_nested_overrides(context.op_execution_context.op_config or {})
+
     def layout(self) -> Layout:
         return Layout(self.load().data_dir)
 
 
-class StageConfig(dg.Config):
-    """Run config for one asset: single-key overrides of params, like `dvc exp run -S`."""
-
-    overrides: list[str] = Field(
-        default_factory=list,
-        description='Overrides of params keys, e.g. ["augmentation.total=50", "crops.mode=tiles"].',
-    )
+# Every asset's run config: any params key, e.g. {augmentation: {total: 50}}, like `dvc exp run -S augmentation.total=50`.
+STAGE_CONFIG_SCHEMA = params_config_schema(load_params().values)
 
 
 class BaseModelResource(dg.ConfigurableResource):

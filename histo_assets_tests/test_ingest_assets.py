@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from histo_assets.assets.ingest import augmented_crops, raw_slides, square_crops
-from histo_assets.params import PROJECT_ROOT
+from histo_assets.params import PROJECT_ROOT, load_params
 from histo_assets.resources import ObjectStoreResource, ParamsResource
 from histo_assets_tests.conftest import THESIS_CLASSES, tissue_image, tree_hashes
 
@@ -18,7 +18,7 @@ FIRST, SECOND, THIRD = THESIS_CLASSES
 
 
 def materialize(params_file: Path, partition: str, instance=None, overrides: list[str] | None = None):
-    run_config = {"ops": {a.key.path[-1]: {"config": {"overrides": overrides or []}} for a in ASSETS}}
+    run_config = {"ops": {a.key.path[-1]: {"config": load_params(params_file, overrides or []).nested_overrides(overrides or [])} for a in ASSETS}}
     return dg.materialize(
         ASSETS,
         partition_key=partition,

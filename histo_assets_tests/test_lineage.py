@@ -130,7 +130,7 @@ def project(tmp_path_factory, tiny_model_cache, tiny_base) -> Project:
         assets, partition_key=CLASS, instance=dg.DagsterInstance.ephemeral(), raise_on_error=False,
         resources={"params": ParamsResource(params_file=str(built.params)), "base_model": BaseModelResource(device="cpu"),
                    "object_store": ObjectStoreResource()},
-        run_config={"ops": {a.key.path[-1]: {"config": {"overrides": []}} for a in assets}},
+        run_config={"ops": {a.key.path[-1]: {"config": {}} for a in assets}},
     )
     assert result.success
     p = load_params(built.params)

@@ -142,7 +142,7 @@ def materialize_in(params_file: Path, assets: list, store_url: str | None):
         partition_key=FIRST,
         resources={"params": ParamsResource(params_file=str(params_file)), "object_store": ObjectStoreResource(url=store_url)},
         instance=dg.DagsterInstance.ephemeral(),
-        run_config={"ops": {a.key.path[-1]: {"config": {"overrides": []}} for a in assets}},
+        run_config={"ops": {a.key.path[-1]: {"config": {}} for a in assets}},
     )
 
 

@@ -89,3 +89,105 @@ def test_env_var_points_the_project_at_another_file(tmp_path):
     code = "from histo_assets.partitions import tissue_class_partitions as p; print(p.get_partition_keys())"
     out = subprocess.run([sys.executable, "-c", code], env={PARAMS_ENV: str(other), "PATH": ""}, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "['x_one', 'x_two']"
+
+
+def _launch_errors(job_name: str, op_config: dict) -> list[str]:
+    """What the launchpad says about this config for every asset of a job, before any run exists."""
+    import dagster as dg
+
+    from histo_assets.definitions import defs
+
+    job = defs.resolve_job_def(job_name)
+    try:
+        dg.validate_run_config(job, {"ops": {node: {"config": op_config} for node in job.graph.node_dict}})
+    except dg.DagsterInvalidConfigError as error:
+        return [str(e.message) for e in error.errors]
+    return []
+
+
+@pytest.mark.parametrize("op_config, message", [
+    ({"augmentation": {"total": "abc"}}, 'config:augmentation:total. Value "abc" of type "<class \'str\'>" is not valid for expected type "Int"'),
+    ({"augmentation": {"totl": 50}}, 'unexpected config entry "totl" at path root:ops:augmented_crops:config:augmentation'),
+    ({"augmentation": {"flip": {"enabled": 1}}}, 'config:augmentation:flip:enabled. Value "1" of type "<class \'int\'>" is not valid for expected type "Bool"'),
+    ({"training": {"checkpoint_steps": 5000}}, "config:training:checkpoint_steps"),
+])
+def test_the_launchpad_refuses_bad_overrides_naming_key_value_and_expected_type(op_config, message):
+    errors = _launch_errors("ingest_pipeline", op_config)
+    assert errors and any(message in error for error in errors), errors
+
+
+def test_the_launchpad_accepts_every_key_of_params_with_its_own_value():
+    """Run config shaped like params.yaml itself is valid: the schema covers every key, of every kind."""
+    values = load_params(DEFAULT_PARAMS_FILE).values
+    assert _launch_errors("ingest_pipeline", values) == []
+    assert _launch_errors("release_pipeline", {"release": {"checkpoints": [100, 200]}}) == []
+
+
+def test_run_config_overrides_are_checked_like_set_and_give_the_same_params():
+    base = load_params(DEFAULT_PARAMS_FILE)
+    assignments = ["augmentation.total=50", "training.learning_rate=0.00050", "training.checkpoint_steps=[100, 200]"]
+    by_set = load_params(DEFAULT_PARAMS_FILE, assignments)
+    nested = by_set.nested_overrides(assignments)
+    assert nested == {"augmentation": {"total": 50}, "training": {"learning_rate": "0.00050", "checkpoint_steps": [100, 200]}}
+    assert base.with_nested_overrides(nested).values == by_set.values
+    as_dagster_gives_floats = {"training": {"checkpoint_steps": [100.0, 200.0]}}
+    assert base.with_nested_overrides(as_dagster_gives_floats)["training"]["checkpoint_steps"] == [100, 200]
+    with pytest.raises(ParamsError, match="augmentation.total must be a whole number"):
+        base.with_nested_overrides({"augmentation": {"total": "abc"}})
+
+
+def test_a_bad_launch_creates_no_run(tmp_path):
+    import dagster as dg
+
+    from histo_assets.definitions import defs
+
+    instance = dg.DagsterInstance.ephemeral()
+    job = defs.resolve_job_def("ingest_pipeline")
+    with pytest.raises(dg.DagsterInvalidConfigError, match="augmentation:total"):
+        job.execute_in_process(partition_key="fibrocystic", instance=instance,
+                               run_config={"ops": {"augmented_crops": {"config": {"augmentation": {"total": "abc"}}}}})
+    assert instance.get_runs() == []
+
+
+LAUNCHPAD_CHECK = """
+query ($selector: PipelineSelector!, $runConfigData: RunConfigData!) {
+  isPipelineConfigValid(pipeline: $selector, runConfigData: $runConfigData, mode: "default") {
+    __typename
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}"""
+
+
+def test_the_running_ui_flags_a_bad_override_as_the_launchpad_asks_it(tmp_path):
+    """The GraphQL query the launchpad sends while the user types, against `histo-assets ui`."""
+    import json
+    import os
+    import signal
+    import urllib.request
+
+    from histo_assets_tests.test_run_health import free_port, kill_group, start_ui
+
+    port = free_port()
+    ui = start_ui(os.environ | {"DAGSTER_HOME": str(tmp_path / "home")}, port)
+
+    def check(op_config: dict) -> dict:
+        variables = {"selector": {"repositoryLocationName": "histo_assets", "repositoryName": "__repository__",
+                                  "pipelineName": "ingest_pipeline"},
+                     "runConfigData": {"ops": {"augmented_crops": {"config": op_config}}}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", method="POST",
+                                         data=json.dumps({"query": LAUNCHPAD_CHECK, "variables": variables}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.load(response)["data"]["isPipelineConfigValid"]
+
+    try:
+        bad = check({"augmentation": {"total": "abc"}})
+        assert bad["__typename"] == "RunConfigValidationInvalid"
+        assert any('augmentation:total. Value "abc"' in error["message"] and '"Int"' in error["message"] for error in bad["errors"])
+        assert check({"augmentation": {"total": 50}})["__typename"] == "PipelineConfigValidationValid"
+    finally:
+        ui.send_signal(signal.SIGTERM)
+        try:
+            ui.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            kill_group(ui)

@@ -34,6 +34,7 @@ from histo_assets.core.hypernetwork import load_hypernetwork
 from histo_assets.core.io import sha256_file
 from histo_assets.core.sampling import image_seed
 from histo_assets.layout import Layout
+from histo_assets.params import load_params
 from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
 from histo_assets_tests.conftest import TINY_MODEL_SEED, write_params
 from histo_assets_tests.tiny_pipeline import (
@@ -105,7 +106,7 @@ def materialize_in_process(pipeline: Pipeline, assets: list, partition: str, ove
         partition_key=partition,
         resources={"params": ParamsResource(params_file=str(pipeline.params)), "base_model": BaseModelResource(device="cpu"),
                    "object_store": ObjectStoreResource()},
-        run_config={"ops": {a.key.path[-1]: {"config": {"overrides": overrides or []}} for a in assets}},
+        run_config={"ops": {a.key.path[-1]: {"config": load_params(pipeline.params, overrides or []).nested_overrides(overrides or [])} for a in assets}},
         instance=instance,
         raise_on_error=False,
     )

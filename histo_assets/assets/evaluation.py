@@ -17,7 +17,7 @@ from histo_assets.core.stage import current_summary, fingerprint, read_summary
 from histo_assets.layout import HOLDOUT, IMAGES, SUMMARY, Layout
 from histo_assets.params import Params
 from histo_assets.partitions import by_tissue_class, class_and_step, class_and_step_partitions
-from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource, StageConfig
+from histo_assets.resources import STAGE_CONFIG_SCHEMA, BaseModelResource, ObjectStoreResource, ParamsResource
 
 GROUP = "evaluation"
 CHECKPOINT_METRICS_VERSION = "1"
@@ -63,6 +63,7 @@ def generated_files(layout: Layout, tissue_class: str, step: int) -> list:
 
 
 @dg.asset(
+    config_schema=STAGE_CONFIG_SCHEMA,
     partitions_def=class_and_step_partitions,
     group_name=GROUP,
     code_version=CHECKPOINT_METRICS_VERSION,
@@ -77,10 +78,10 @@ def generated_files(layout: Layout, tissue_class: str, step: int) -> list:
     "crops (and FID against the training images), IS where Inception logits exist, k-NN precision/recall and "
     "the memorisation rate against training images. Real-set features are cached by content hash.",
 )
-def checkpoint_metrics(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource,
+def checkpoint_metrics(context: dg.AssetExecutionContext, params: ParamsResource,
                        object_store: ObjectStoreResource, base_model: BaseModelResource):
     base_model.apply_threads()
-    p = params.load(config.overrides)
+    p = params.load_for(context)
     tissue_class, step = class_and_step(context)
     layout = Layout(p.data_dir)
     out = layout.checkpoint_metrics(tissue_class, step)
@@ -176,6 +177,7 @@ def comparison_grid(layout: Layout, tissue_class: str, steps: list[int]) -> Imag
 
 
 @dg.asset(
+    config_schema=STAGE_CONFIG_SCHEMA,
     group_name=GROUP,
     code_version=METRICS_SUMMARY_VERSION,
     automation_condition=FOLLOW_UPSTREAM,
@@ -185,10 +187,10 @@ def comparison_grid(layout: Layout, tissue_class: str, steps: list[int]) -> Imag
     "thesis's Table 3.6); the best checkpoint per class by metrics.best_checkpoint_metric; FID/KID/IS-versus-step "
     "plots and originals-versus-generated grids. Written as DVC metrics (metrics.json) and plots (metrics.csv).",
 )
-def metrics_summary(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource,
+def metrics_summary(context: dg.AssetExecutionContext, params: ParamsResource,
                     object_store: ObjectStoreResource, base_model: BaseModelResource):
     base_model.apply_threads()
-    p = params.load(config.overrides)
+    p = params.load_for(context)
     layout = Layout(p.data_dir)
     steps = sorted(int(s) for s in p["training"]["checkpoint_steps"])
     for tissue_class in p.classes:

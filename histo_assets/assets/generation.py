@@ -15,7 +15,7 @@ from histo_assets.core.stage import current_summary, fingerprint, read_summary
 from histo_assets.layout import IMAGES, INDEX, PREVIEW, SUMMARY, Layout
 from histo_assets.params import Params
 from histo_assets.partitions import by_tissue_class, class_and_step, class_and_step_partitions, tissue_class_partitions
-from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource, StageConfig
+from histo_assets.resources import STAGE_CONFIG_SCHEMA, BaseModelResource, ObjectStoreResource, ParamsResource
 
 GROUP = "generation"
 SYNTHETIC_IMAGES_VERSION = "2"
@@ -33,6 +33,7 @@ def checkpoint_entry(p: Params, tissue_class: str, step: int) -> dict:
 
 
 @dg.asset(
+    config_schema=STAGE_CONFIG_SCHEMA,
     partitions_def=class_and_step_partitions,
     group_name=GROUP,
     code_version=SYNTHETIC_IMAGES_VERSION,
@@ -48,12 +49,11 @@ def checkpoint_entry(p: Params, tissue_class: str, step: int) -> dict:
 )
 def synthetic_images(
     context: dg.AssetExecutionContext,
-    config: StageConfig,
     params: ParamsResource,
     base_model: BaseModelResource,
     object_store: ObjectStoreResource,
 ):
-    p = params.load(config.overrides)
+    p = params.load_for(context)
     tissue_class, step = class_and_step(context)
     layout = Layout(p.data_dir)
     out = layout.synthetic_images(tissue_class, step)
@@ -110,6 +110,7 @@ def synthetic_images(
 
 
 @dg.asset(
+    config_schema=STAGE_CONFIG_SCHEMA,
     partitions_def=tissue_class_partitions,
     group_name=GROUP,
     code_version=IMPORTED_SYNTHETIC_IMAGES_VERSION,
@@ -123,12 +124,11 @@ def synthetic_images(
 )
 def imported_synthetic_images(
     context: dg.AssetExecutionContext,
-    config: StageConfig,
     params: ParamsResource,
     base_model: BaseModelResource,
     object_store: ObjectStoreResource,
 ):
-    p = params.load(config.overrides)
+    p = params.load_for(context)
     tissue_class = context.partition_key
     layout = Layout(p.data_dir)
     out = layout.imported_synthetic_images(tissue_class)

@@ -17,7 +17,7 @@ from histo_assets.core.slides import Problem, inventory_class
 from histo_assets.core.stage import current_summary, fingerprint, output_settings
 from histo_assets.layout import HOLDOUT, IMAGES, INDEX, INVENTORY, PREVIEW, SUMMARY, Layout
 from histo_assets.partitions import tissue_class_partitions
-from histo_assets.resources import ObjectStoreResource, ParamsResource, StageConfig
+from histo_assets.resources import STAGE_CONFIG_SCHEMA, ObjectStoreResource, ParamsResource
 
 GROUP = "ingest"
 RAW_SLIDES_VERSION = "1"
@@ -59,6 +59,7 @@ def _unknown_class_folders(layout: Layout, classes: list[str]) -> list[str]:
 
 
 @dg.asset(
+    config_schema=STAGE_CONFIG_SCHEMA,
     partitions_def=tissue_class_partitions,
     group_name=GROUP,
     code_version=RAW_SLIDES_VERSION,
@@ -68,9 +69,9 @@ def _unknown_class_folders(layout: Layout, classes: list[str]) -> list[str]:
     "version is the hash of the content hashes, so unchanged classes are not recomputed downstream.",
 )
 def raw_slides(
-    context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource, object_store: ObjectStoreResource
+    context: dg.AssetExecutionContext, params: ParamsResource, object_store: ObjectStoreResource
 ) -> dg.MaterializeResult:
-    p = params.load(config.overrides)
+    p = params.load_for(context)
     tissue_class = context.partition_key
     layout = Layout(p.data_dir)
     unknown = _unknown_class_folders(layout, p.classes)
@@ -114,6 +115,7 @@ def raw_slides(
 
 
 @dg.asset(
+    config_schema=STAGE_CONFIG_SCHEMA,
     partitions_def=tissue_class_partitions,
     group_name=GROUP,
     code_version=SQUARE_CROPS_VERSION,
@@ -125,8 +127,8 @@ def raw_slides(
     "'center', the thesis way) or a tissue-masked grid of tiles at a chosen level or mpp (mode 'tiles'). "
     "Names encode the source hash, level and level-0 coordinates; index.parquet records provenance.",
 )
-def square_crops(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource, object_store: ObjectStoreResource):
-    p = params.load(config.overrides)
+def square_crops(context: dg.AssetExecutionContext, params: ParamsResource, object_store: ObjectStoreResource):
+    p = params.load_for(context)
     tissue_class = context.partition_key
     layout = Layout(p.data_dir)
     out = layout.square_crops(tissue_class)
@@ -202,6 +204,7 @@ def write_captions(folder: Path, files: list[str], tissue_class: str, mode: str)
 
 
 @dg.asset(
+    config_schema=STAGE_CONFIG_SCHEMA,
     partitions_def=tissue_class_partitions,
     group_name=GROUP,
     code_version=AUGMENTED_CROPS_VERSION,
@@ -214,8 +217,8 @@ def write_captions(folder: Path, files: list[str], tissue_class: str, mode: str)
     "alongside. Held-out crops (holdout.parquet) are never augmented or trained on: they are the metric "
     "reference set. Deterministic for a seed, stable names, index.parquet maps outputs to sources and operations.",
 )
-def augmented_crops(context: dg.AssetExecutionContext, config: StageConfig, params: ParamsResource, object_store: ObjectStoreResource):
-    p = params.load(config.overrides)
+def augmented_crops(context: dg.AssetExecutionContext, params: ParamsResource, object_store: ObjectStoreResource):
+    p = params.load_for(context)
     tissue_class = context.partition_key
     layout = Layout(p.data_dir)
     crops_dir = layout.square_crops(tissue_class)

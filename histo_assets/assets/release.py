@@ -24,7 +24,7 @@ from histo_assets.core.release import ReleaseImage, build_release, publish_relea
 from histo_assets.core.stage import read_summary
 from histo_assets.layout import INDEX, Layout
 from histo_assets.params import PROJECT_ROOT, Params
-from histo_assets.resources import DvcResource, ObjectStoreResource, ParamsResource, StageConfig
+from histo_assets.resources import STAGE_CONFIG_SCHEMA, DvcResource, ObjectStoreResource, ParamsResource
 
 GROUP = "release"
 CODE_VERSION = (
@@ -63,6 +63,7 @@ def release_repo_url(section: dict, repo) -> str | None:
 
 
 @dg.asset(
+    config_schema=STAGE_CONFIG_SCHEMA,
     group_name=GROUP,
     automation_condition=FOLLOW_UPSTREAM,
     deps=[metrics_summary, checkpoint_metrics],
@@ -74,12 +75,11 @@ def release_repo_url(section: dict, repo) -> str | None:
 )
 def dataset_release(
     context: dg.AssetExecutionContext,
-    config: StageConfig,
     params: ParamsResource,
     dvc: DvcResource,
     object_store: ObjectStoreResource,
 ):
-    p = params.load(config.overrides)
+    p = params.load_for(context)
     layout = Layout(p.data_dir)
     section = p["release"]
     object_store.pull(p.data_dir, layout.metrics_summary, log=context.log.info)

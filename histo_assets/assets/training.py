@@ -19,7 +19,7 @@ from histo_assets.core.training import train_hypernetwork
 from histo_assets.layout import IMAGES, INDEX, LOSS_PLOT, SUMMARY, Layout
 from histo_assets.params import Params
 from histo_assets.partitions import tissue_class_partitions
-from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource, StageConfig
+from histo_assets.resources import STAGE_CONFIG_SCHEMA, BaseModelResource, ObjectStoreResource, ParamsResource
 
 GROUP = "training"
 HYPERNETWORK_CHECKPOINTS_VERSION = "2"
@@ -64,6 +64,7 @@ def checkpoint_rows(summary: dict) -> pd.DataFrame:
 
 
 @dg.asset(
+    config_schema=STAGE_CONFIG_SCHEMA,
     partitions_def=tissue_class_partitions,
     group_name=GROUP,
     code_version=HYPERNETWORK_CHECKPOINTS_VERSION,
@@ -82,12 +83,11 @@ def checkpoint_rows(summary: dict) -> pd.DataFrame:
 )
 def hypernetwork_checkpoints(
     context: dg.AssetExecutionContext,
-    config: StageConfig,
     params: ParamsResource,
     base_model: BaseModelResource,
     object_store: ObjectStoreResource,
 ):
-    p = params.load(config.overrides)
+    p = params.load_for(context)
     tissue_class = context.partition_key
     layout = Layout(p.data_dir)
     crops_dir = layout.augmented_crops(tissue_class)
@@ -194,6 +194,7 @@ def _checkpoints_check(p: Params, out, rows: pd.DataFrame) -> dg.AssetCheckResul
 
 
 @dg.asset(
+    config_schema=STAGE_CONFIG_SCHEMA,
     partitions_def=tissue_class_partitions,
     group_name=GROUP,
     code_version=IMPORTED_HYPERNETWORKS_VERSION,
@@ -204,12 +205,11 @@ def _checkpoints_check(p: Params, out, rows: pd.DataFrame) -> dg.AssetCheckResul
 )
 def imported_hypernetworks(
     context: dg.AssetExecutionContext,
-    config: StageConfig,
     params: ParamsResource,
     base_model: BaseModelResource,
     object_store: ObjectStoreResource,
 ):
-    p = params.load(config.overrides)
+    p = params.load_for(context)
     tissue_class = context.partition_key
     layout = Layout(p.data_dir)
     inbox = layout.imported_hypernetworks_inbox(tissue_class)
