@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.io import stable_hash
 
 PARAMS_ENV = "HISTO_ASSETS_PARAMS"
@@ -25,7 +26,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PARAMS_FILE = PROJECT_ROOT / "params.yaml"
 
 
-class ParamsError(ValueError):
+class ParamsError(HistoAssetsError, ValueError):
     """A params file or override that cannot be used."""
 
 

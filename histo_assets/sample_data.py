@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.io import atomic_write_bytes, atomic_write_text, sha256_bytes, sha256_file
 
 
@@ -64,7 +65,7 @@ SAMPLES = (
 )
 
 
-class SampleDataError(RuntimeError):
+class SampleDataError(HistoAssetsError, RuntimeError):
     """A sample image could not be obtained or failed verification."""
 
 

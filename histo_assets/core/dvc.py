@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.io import atomic_write_bytes
 
 DVC_ENV_VAR = "HISTO_ASSETS_DVC"
@@ -31,7 +32,7 @@ SETUP_HINT = (
 )
 
 
-class CommandError(RuntimeError):
+class CommandError(HistoAssetsError, RuntimeError):
     """A git or dvc command exited non-zero; the message names the command and its stderr."""
 
     def __init__(self, command: Sequence[str], returncode: int, stdout: str, stderr: str) -> None:
@@ -43,11 +44,11 @@ class CommandError(RuntimeError):
         super().__init__(f"`{shlex.join(self.command)}` failed with exit code {returncode}:\n{detail}")
 
 
-class DvcNotFoundError(FileNotFoundError):
+class DvcNotFoundError(HistoAssetsError, FileNotFoundError):
     """No usable dvc executable; raised before any work so a run fails with the fix in hand."""
 
 
-class TagConflictError(RuntimeError):
+class TagConflictError(HistoAssetsError, RuntimeError):
     """A release tag already names different content; tags are never moved."""
 
 

@@ -27,6 +27,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from histo_assets.core.a1111_text import SHORT_HASH_LENGTH
+from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.io import atomic_write_bytes, sha256_file
 
 OPTIMIZER_SUFFIX = ".optim"
@@ -40,7 +41,7 @@ _LEGACY_RENAMES = (("linear1.", "linear.0."), ("linear2.", "linear.1."))
 _EXTENSION_KEYS = ("skip_connection", "upsample_linear")
 
 
-class HypernetworkFormatError(ValueError):
+class HypernetworkFormatError(HistoAssetsError, ValueError):
     """A hypernetwork file that cannot be loaded as an A1111 hypernetwork."""
 
 

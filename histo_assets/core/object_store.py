@@ -42,6 +42,7 @@ from pathlib import Path, PurePosixPath
 import fsspec
 import fsspec.asyn
 
+from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.io import atomic_directory, sha256_file
 
 MANIFEST_VERSION = 1
@@ -53,7 +54,7 @@ ATOMIC_WRITE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abf
 CONCURRENT_REQUESTS = 32
 
 
-class ObjectStoreError(RuntimeError):
+class ObjectStoreError(HistoAssetsError, RuntimeError):
     """The store is missing an object, holds wrong bytes, or names an unsafe path."""
 
 

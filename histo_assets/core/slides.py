@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.io import sha256_file
 
 PYRAMID_SUFFIXES = {".svs", ".tif", ".tiff"}
 
 
-class UnusableFileError(ValueError):
+class UnusableFileError(HistoAssetsError, ValueError):
     """A raw file that cannot be used; the message is the reason shown to the user."""
 
 

@@ -32,6 +32,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from histo_assets.core.base_model import BaseModel, check_hypernetwork_sizes
+from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.hypernetwork import (
     Hypernetwork,
     HypernetworkOptions,
@@ -68,11 +69,11 @@ _RESUMABLE_CHANGES = ("max_steps", "checkpoint_steps", "loss_log_every")
 Log = Callable[[str], None]
 
 
-class TrainingError(ValueError):
+class TrainingError(HistoAssetsError, ValueError):
     """A training setting or output folder that cannot be used."""
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(HistoAssetsError, RuntimeError):
     """The loss (or the weights) became NaN or infinite.
 
     ``step`` is the 1-based number of the update being computed, as in the
