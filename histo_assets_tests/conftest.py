@@ -170,3 +170,14 @@ def s3_server(tmp_path_factory) -> S3Server:
 def s3_bucket(s3_server: S3Server) -> str:
     """A new, empty bucket on the module's S3 server."""
     return s3_server.new_bucket()
+
+
+# Fixtures that run the whole tiny pipeline or start a real server: their tests are end-to-end, marked
+# `slow`, so `pytest -m "not slow"` runs the fast ones alone. Tests that start the UI mark themselves.
+END_TO_END_FIXTURES = {"pipeline", "postgres_server", "s3_server"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

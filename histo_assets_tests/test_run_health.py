@@ -212,6 +212,7 @@ def answers(port: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_ui_stops_on_sigterm_with_all_its_children(tmp_path):
     port = free_port()
     ui = start_ui(os.environ | {"DAGSTER_HOME": str(tmp_path / "home")}, port)

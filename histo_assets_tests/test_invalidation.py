@@ -1,0 +1,100 @@
+"""dvc.yaml's deps cover every core module each stage runs, so `dvc repro` reruns a stage whose code changed.
+
+Each dvc.yaml stage materialises one Dagster job (`--job <name>`). The modules a
+stage runs are the asset modules of that job's assets plus every
+``histo_assets.core`` module they import, directly or through each other
+(imports inside functions count: torch-heavy modules are imported lazily).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from histo_assets.params import PROJECT_ROOT
+
+PACKAGE = "histo_assets"
+CORE = f"{PACKAGE}.core"
+
+
+def module_path(module: str) -> Path:
+    path = PROJECT_ROOT / Path(*module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def imported_modules(module: str) -> set[str]:
+    """The project modules one module imports anywhere in its body."""
+    tree = ast.parse(module_path(module).read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(PACKAGE):
+            for alias in node.names:
+                candidate = f"{node.module}.{alias.name}"
+                found.add(candidate if module_path(candidate).is_file() else node.module)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith(PACKAGE)}
+    return found
+
+
+def core_closure(modules: set[str]) -> set[str]:
+    """Every core module reachable from these modules by imports."""
+    seen, frontier = set(), set(modules)
+    while frontier:
+        module = frontier.pop()
+        for imported in imported_modules(module):
+            if imported.startswith(CORE) and imported not in seen:
+                seen.add(imported)
+                frontier.add(imported)
+    return seen
+
+
+def stage_modules(job_name: str) -> set[str]:
+    from histo_assets.definitions import defs
+
+    job = defs.resolve_job_def(job_name)
+    asset_modules = {inspect.getmodule(node.definition.compute_fn.decorated_fn).__name__
+                     for node in job.graph.node_dict.values()}
+    return asset_modules | core_closure(asset_modules)
+
+
+def missing_deps(dvc_yaml: dict) -> dict[str, list[str]]:
+    """Per stage that runs a job, the project modules it runs that its deps do not list."""
+    missing = {}
+    for name, stage in dvc_yaml["stages"].items():
+        job = re.search(r"--job (\S+)", stage["cmd"])
+        if job is None:
+            continue
+        deps = {Path(dep).as_posix() for dep in stage.get("deps", []) if isinstance(dep, str)}
+        wanted = {module_path(module).relative_to(PROJECT_ROOT).as_posix() for module in stage_modules(job.group(1))}
+        wanted.discard(f"{PACKAGE}/core/__init__.py")
+        if wanted - deps:
+            missing[name] = sorted(wanted - deps)
+    return missing
+
+
+@pytest.fixture(scope="module")
+def dvc_yaml() -> dict:
+    return yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
+
+
+def test_every_stage_lists_every_module_it_runs(dvc_yaml):
+    assert missing_deps(dvc_yaml) == {}
+
+
+def test_a_dvc_yaml_missing_a_dependency_is_caught(dvc_yaml):
+    training = dvc_yaml["stages"]["training"]
+    training["deps"] = [dep for dep in training["deps"] if dep != "histo_assets/core/hypernetwork.py"]
+    assert missing_deps(dvc_yaml) == {"training": ["histo_assets/core/hypernetwork.py"]}
+
+
+def test_every_job_but_the_release_has_a_stage(dvc_yaml):
+    """The release is no stage: the dataset_release asset records its folder with `dvc add` itself."""
+    from histo_assets.definitions import pipeline_jobs, release_job
+
+    staged = {re.search(r"--job (\S+)", stage["cmd"]).group(1) for stage in dvc_yaml["stages"].values() if "--job" in stage["cmd"]}
+    assert staged == {job.name for job in pipeline_jobs if job is not release_job}
