@@ -31,6 +31,7 @@ from torch import Tensor
 
 from histo_assets.core.evaluation import FeatureCache, FeatureSet, MetricSettings, score_checkpoint
 from histo_assets.core.features import WEIGHTS_ENV, ImageFeatureExtractor, build_extractor, extract_features
+from histo_assets.params import DEFAULT_PARAMS_FILE, load_params
 
 
 class CountingExtractor(ImageFeatureExtractor):
@@ -72,8 +73,7 @@ def main() -> None:
     os.environ.pop(WEIGHTS_ENV, None)  # force the random-conv fallback
     extractor, info = build_extractor(None, seed=0)
     counter = CountingExtractor(extractor)
-    settings = MetricSettings(kid_subset_size=50, kid_subsets=100, pr_k=3, memorisation_threshold=0.95,
-                              is_splits=10, batch_size=32, seed=0)
+    settings = MetricSettings.from_params(load_params(DEFAULT_PARAMS_FILE)["metrics"], seed=0)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

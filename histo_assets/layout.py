@@ -24,6 +24,11 @@ class Layout:
     def raw_slides(self, tissue_class: str) -> Path:
         return self.data_dir / "raw_slides" / tissue_class
 
+    @property
+    def base_model(self) -> Path:
+        """The base_model asset: its summary, and for base_model.source `trained` the model it trained."""
+        return self.data_dir / BASE_MODEL_ASSET
+
     def square_crops(self, tissue_class: str) -> Path:
         return self.data_dir / "square_crops" / tissue_class
 
@@ -66,6 +71,8 @@ class Layout:
         return self.data_dir / ".cache"
 
 
+# The base model's asset name, and its folder under the data root.
+BASE_MODEL_ASSET = "base_model"
 IMAGES = "images"
 INDEX = "index.parquet"
 INVENTORY = "inventory.parquet"

@@ -2,19 +2,21 @@
 
 Per-class assets are partitioned by tissue class; per-checkpoint assets by
 tissue class x checkpoint step, so every checkpoint of every class is its own
-partition in the UI, as in the thesis's per-checkpoint tables.
+partition in the UI, as in the thesis's per-checkpoint tables; step 0 is the
+base model without a hypernetwork (core/steps.py).
 """
 
 import warnings
 
 import dagster as dg
 
+from histo_assets.core.steps import evaluated_steps
 from histo_assets.params import load_params
 
 _params = load_params()
 
 tissue_class_partitions = dg.StaticPartitionsDefinition(_params.classes)
-checkpoint_step_partitions = dg.StaticPartitionsDefinition([str(int(s)) for s in _params["training"]["checkpoint_steps"]])
+checkpoint_step_partitions = dg.StaticPartitionsDefinition([str(step) for step in evaluated_steps(_params["training"]["checkpoint_steps"])])
 class_and_step_partitions = dg.MultiPartitionsDefinition({"tissue_class": tissue_class_partitions, "step": checkpoint_step_partitions})
 
 with warnings.catch_warnings():

@@ -10,6 +10,16 @@ from pydantic import Field
 from histo_assets.layout import Layout
 from histo_assets.params import Params, load_params, value_kind
 
+# base_model.source for a model the base_model asset trains on the training crops (core/base_model_training.py).
+TRAINED_SOURCE = "trained"
+# Its diffusers folder under the base_model asset's folder; the folder name is the WebUI's model name by default.
+TRAINED_MODEL_FOLDER = "histo-sd"
+
+
+def trained_model_dir(p: Params) -> Path:
+    return Layout(p.data_dir).base_model / TRAINED_MODEL_FOLDER
+
+
 _SCALAR_CONFIG_TYPES = {"bool": dg.Bool, "int": dg.Int, "float": dg.Float, "text": dg.String, "mapping": dg.Permissive()}
 
 
@@ -96,6 +106,9 @@ class BaseModelResource(dg.ConfigurableResource):
         from histo_assets.core.base_model import load_base_model
 
         section = p["base_model"]
+        if section["source"] == TRAINED_SOURCE:
+            return load_base_model("diffusers", trained_model_dir(p), expected_sha256=self._trained_sha256(p),
+                                   name=section["name"], device=self.device)
 
         def local(value):
             return None if value is None else str((p.source.parent / value).resolve())
@@ -110,6 +123,29 @@ class BaseModelResource(dg.ConfigurableResource):
             seed=int(section["tiny_seed"]),
             device=self.device,
         )
+
+    def identity(self, p: Params) -> dict:
+        """What fingerprints downstream of the base model know of it, without loading it.
+
+        A file or folder named in params is known by its params; a model the
+        base_model asset trained is known by the weights it wrote, since the
+        same params on new crops train a different model.
+        """
+        section = p["base_model"]
+        if section["source"] != TRAINED_SOURCE:
+            return section
+        return {**section, "weights_sha256": self._trained_sha256(p)}
+
+    @staticmethod
+    def _trained_sha256(p: Params) -> str:
+        from histo_assets.core.base_model import BaseModelError
+        from histo_assets.core.stage import read_summary
+
+        summary = read_summary(Layout(p.data_dir).base_model)
+        if summary is None or summary.get("source") != TRAINED_SOURCE:
+            raise BaseModelError(f"base_model.source is {TRAINED_SOURCE!r}: materialise the base_model asset first; "
+                                 f"{Layout(p.data_dir).base_model} holds no trained model")
+        return summary["sha256"]
 
 
 class DvcResource(dg.ConfigurableResource):

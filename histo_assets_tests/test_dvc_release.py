@@ -188,7 +188,8 @@ def test_manifest_and_card_describe_the_images(tmp_path: Path) -> None:
     images = make_images(tmp_path / "generated", seed=3)
     metrics, plots = make_extras(tmp_path / "plots")
     info = build_release(
-        images, tmp_path / "release", name="demo", metrics_table=metrics, plots=plots, card_extra="Made by the tests."
+        images, tmp_path / "release", name="demo", metrics_table=metrics, plots=plots, card_extra="Made by the tests.",
+        metrics_notes="Flags in `flags`: none.",
     )
     manifest = read_manifest(info.path)
 
@@ -208,6 +209,7 @@ def test_manifest_and_card_describe_the_images(tmp_path: Path) -> None:
     assert f"Release tag: `{info.tag}`" in card
     assert "| fibrocystic | 3 | 1000 |" in card and "| **total** | 6 |  |" in card
     assert "| fibrocystic | 1000 | 123.457 | 0.0312 |" in card
+    assert card.index("| fibrocystic | 1000 |") < card.index("Flags in `flags`: none.") < card.index("## Plots")
     assert "![fid_by_step](plots/fid_by_step.png)" in card
     assert f"dvc get <repo-url> <path-in-repo> --rev {info.tag}" in card
     assert "not diagnoses" in card and "Made by the tests." in card

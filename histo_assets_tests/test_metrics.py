@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.linalg
 import torch
@@ -11,6 +12,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from histo_assets.core.features import (
+    COMPARABLE_NONE,
     FALLBACK_NAME,
     INCEPTION_NAME,
     WEIGHTS_ENV,
@@ -19,9 +21,28 @@ from histo_assets.core.features import (
     build_extractor,
     extract_features,
 )
+from histo_assets.core import features as features_module
+from histo_assets.core.evaluation import (
+    FID_RANK_DEFICIENT,
+    IS_SPLIT_ABOVE_N,
+    KID_SUBSET_ABOVE_N,
+    PR_K_ABOVE_N,
+    SMALL_REFERENCE,
+    TABLE_COLUMNS,
+    FeatureSet,
+    MetricSettings,
+    best_checkpoints,
+    dvc_metrics,
+    metrics_notes,
+    overlapping_steps,
+    score_checkpoint,
+)
 from histo_assets.core.io import atomic_path, sha256_file
 from histo_assets.core.metrics import (
+    bootstrap_fid_kid,
+    centred_interval,
     draw_kid_subsets,
+    fid_kid_of_resamples,
     frechet_distance,
     frechet_distance_from_stats,
     inception_score,
@@ -29,6 +50,7 @@ from histo_assets.core.metrics import (
     memorisation,
     precision_recall,
 )
+from histo_assets.params import DEFAULT_PARAMS_FILE, load_params
 
 
 def _correlated_features(seed: int, n: int, dim: int, shift: float = 0.0, sample: int = 0) -> np.ndarray:
@@ -161,7 +183,7 @@ def test_kid_is_seeded_and_refuses_oversized_subsets():
 
 
 def test_inception_score_of_uniform_logits_is_one():
-    mean, std = inception_score(np.zeros((40, 1008)), splits=4, seed=0)
+    mean, std = inception_score(np.zeros((40, 1008)), images_per_split=10, seed=0)
     assert mean == pytest.approx(1.0, abs=1e-12)
     assert std == pytest.approx(0.0, abs=1e-12)
 
@@ -170,17 +192,224 @@ def test_inception_score_of_n_distinct_confident_classes_is_n():
     n = 10
     logits = np.zeros((n, 1008))
     logits[np.arange(n), np.arange(0, 5 * n, 5)] = 1e4
-    mean, std = inception_score(logits, splits=1, seed=0)
+    mean, std = inception_score(logits, images_per_split=n, seed=0)
     assert mean == pytest.approx(float(n), rel=1e-9)
     assert std == 0.0
 
 
 def test_inception_score_splits_are_seeded():
     logits = np.random.default_rng(0).normal(scale=3.0, size=(60, 20))
-    assert inception_score(logits, splits=3, seed=1) == inception_score(logits, splits=3, seed=1)
-    assert inception_score(logits, splits=3, seed=1) != inception_score(logits, splits=3, seed=2)
-    with pytest.raises(ValueError, match="splits"):
-        inception_score(logits, splits=61, seed=1)
+    assert inception_score(logits, images_per_split=20, seed=1) == inception_score(logits, images_per_split=20, seed=1)
+    assert inception_score(logits, images_per_split=20, seed=1) != inception_score(logits, images_per_split=20, seed=2)
+    with pytest.raises(ValueError, match="images_per_split"):
+        inception_score(logits, images_per_split=61, seed=1)
+
+
+def test_inception_score_uses_whole_splits_of_the_given_size():
+    logits = np.random.default_rng(4).normal(scale=3.0, size=(47, 20))
+    mean, std = inception_score(logits, images_per_split=15, seed=9)
+    order = np.random.default_rng(9).permutation(47)[:45]
+    probabilities = np.exp(logits[order]) / np.exp(logits[order]).sum(axis=1, keepdims=True)
+    per_split = []
+    for part in probabilities.reshape(3, 15, 20):
+        marginal = part.mean(axis=0)
+        per_split.append(np.exp((part * (np.log(part) - np.log(marginal))).sum(axis=1).mean()))
+    assert mean == pytest.approx(np.mean(per_split), rel=1e-9)
+    assert std == pytest.approx(np.std(per_split), rel=1e-9)
+
+
+# ---- bootstrap intervals ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_a, n_b, dim", [(8, 60, 128), (60, 60, 16), (40, 30, 16), (90, 8, 4)])
+def test_resample_formula_without_resampling_is_fid_and_full_set_kid(n_a, n_b, dim):
+    a = _correlated_features(100, n=n_a, dim=dim)
+    b = _correlated_features(101, n=n_b, dim=dim, shift=0.3)
+    fid, kid = fid_kid_of_resamples(a, b, np.arange(n_a)[None], np.arange(n_b)[None])
+    assert fid[0] == pytest.approx(frechet_distance(a, b), rel=1e-6)
+    kernel = lambda u, v: (u @ v.T / dim + 1.0) ** 3  # noqa: E731
+    within = [(kernel(x, x).sum() - np.trace(kernel(x, x))) / (len(x) * (len(x) - 1)) for x in (a, b)]
+    assert kid[0] == pytest.approx(sum(within) - 2 * kernel(a, b).mean(), rel=1e-9)
+    if n_a == n_b:
+        assert kid[0] == pytest.approx(_unbiased_poly_mmd2(a, b), rel=1e-9)
+
+
+def test_resampled_kid_never_pairs_a_repeated_sample_with_itself():
+    a = _correlated_features(102, n=5, dim=8)
+    b = _correlated_features(103, n=6, dim=8, shift=0.2)
+    rows_a, rows_b = np.array([[0, 0, 1, 3, 3]]), np.array([[2, 2, 2, 4, 5, 5]])
+    _, kid = fid_kid_of_resamples(a, b, rows_a, rows_b)
+    kernel = lambda u, v: (u @ v.T / 8 + 1.0) ** 3  # noqa: E731
+
+    def within(x: np.ndarray, rows: np.ndarray) -> float:
+        pairs = [(i, j) for i in rows for j in rows if i != j]
+        return float(np.mean([kernel(x[i : i + 1], x[j : j + 1])[0, 0] for i, j in pairs]))
+
+    expected = within(a, rows_a[0]) + within(b, rows_b[0]) - 2 * kernel(a[rows_a[0]], b[rows_b[0]]).mean()
+    assert kid[0] == pytest.approx(expected, rel=1e-9)
+    _, single = fid_kid_of_resamples(a, b, np.zeros((1, 5), dtype=int), rows_b)
+    assert np.isnan(single[0]), "a resample of one distinct sample has no within-set pairs"
+
+
+def test_bootstrap_is_seeded_and_its_centred_interval_contains_the_point_estimate():
+    a = _correlated_features(104, n=12, dim=32)
+    b = _correlated_features(104, n=80, dim=32, sample=1)
+    first, again, other = (bootstrap_fid_kid(a, b, resamples=200, seed=s) for s in (1, 1, 2))
+    assert all(np.array_equal(x, y) for x, y in zip(first, again))
+    assert not np.array_equal(first[0], other[0])
+    fid, (fid_reps, kid_reps) = frechet_distance(a, b), first
+    low, high = centred_interval(fid, fid_reps, 0.95, floor=0.0)
+    assert 0.0 <= low < fid < high
+    # FID's small-N bias moves the replicates up: the uncentred percentile interval would miss the estimate.
+    assert np.quantile(fid_reps, 0.025) > fid
+    kid, _ = kernel_distance(a, b, subset_size=12, subsets=50, seed=0)
+    kid_low, kid_high = centred_interval(kid, kid_reps, 0.95)
+    assert kid_low < kid < kid_high
+    narrow = centred_interval(kid, kid_reps, 0.5)
+    assert kid_low < narrow[0] < narrow[1] < kid_high
+    assert centred_interval(1.0, [np.nan, 2.0], 0.95) is None
+    with pytest.raises(ValueError, match="level"):
+        centred_interval(1.0, kid_reps, 1.5)
+
+
+def test_intervals_narrow_as_both_sets_grow():
+    def width(n: int) -> float:
+        a = _correlated_features(105, n=n, dim=16)
+        b = _correlated_features(105, n=n, dim=16, sample=1)
+        _, kid_reps = bootstrap_fid_kid(a, b, resamples=200, seed=0)
+        low, high = centred_interval(0.0, kid_reps, 0.9)
+        return high - low
+
+    assert width(200) < width(50) / 2 < width(12) / 4
+
+
+# ---- rows: sizes, flags and labels --------------------------------------------------------
+
+
+def _info(dim: int, logits: bool = False) -> features_module.FeatureExtractorInfo:
+    return features_module.FeatureExtractorInfo(
+        name="test-features", feature_dim=dim, input_size=64, resize_mode="bilinear", antialias=False,
+        weights_path=None, weights_sha256=None, comparable_with=COMPARABLE_NONE,
+        preprocessing=features_module.preprocessing_label(64, "bilinear", False), inception_score_available=logits,
+        note="test features",
+    )
+
+
+def _settings(seed: int = 11, **changes) -> MetricSettings:
+    """params.yaml's metrics section, with fewer resamples to stay fast."""
+    section = load_params(DEFAULT_PARAMS_FILE)["metrics"] | {"bootstrap_resamples": 200} | changes
+    return MetricSettings.from_params(section, seed=seed)
+
+
+def _gaussian(n: int, seed: int, scale: float = 1.0, dim: int = 32) -> np.ndarray:
+    mixing = np.random.default_rng(0).normal(size=(dim, dim)) / np.sqrt(dim)
+    return np.random.default_rng(seed).normal(size=(n, dim)) * scale @ mixing
+
+
+def test_params_defaults_select_by_kid_with_bootstrap_intervals():
+    section = load_params(DEFAULT_PARAMS_FILE)["metrics"]
+    assert section["best_checkpoint_metric"] == "kid" and section["best_checkpoint_tie"] == "lowest"
+    assert "is_splits" not in section and section["is_images_per_split"] == 15
+    settings = MetricSettings.from_params(section, seed=0)
+    assert settings.bootstrap_resamples >= 200 and 0 < settings.confidence_level < 1 and settings.min_reference > 2
+
+
+def test_a_row_is_deterministic_and_carries_sizes_intervals_and_labels():
+    generated, reference, train = (FeatureSet(_gaussian(n, seed), None) for n, seed in ((150, 1), (60, 2), (40, 3)))
+    row = score_checkpoint(generated, reference, train, _info(32), _settings(min_reference=50))
+    assert row == score_checkpoint(generated, reference, train, _info(32), _settings(min_reference=50))
+    assert (row["n_generated"], row["n_reference"], row["feature_dim"]) == (150, 60, 32)
+    assert row["fid_ci_low"] < row["fid"] < row["fid_ci_high"]
+    assert row["kid_ci_low"] < row["kid_mean"] < row["kid_ci_high"]
+    assert (row["confidence_level"], row["bootstrap_resamples"]) == (0.95, 200)
+    assert row["flags"] == "" and row["kid_subset_size"] == 50 and row["pr_k"] == 3
+    assert row["comparable_with"] == "none" and "299" not in row["preprocessing"] and "64x64" in row["preprocessing"]
+    assert set(TABLE_COLUMNS) - {"tissue_class", "step", "overlapping_steps"} <= set(row)
+    assert score_checkpoint(generated, reference, train, _info(32), _settings(seed=12)) != row
+
+
+def test_kid_subset_above_n_uses_the_smaller_set_and_says_so():
+    generated, reference, train = (FeatureSet(_gaussian(n, seed), None) for n, seed in ((40, 4), (9, 5), (20, 6)))
+    row = score_checkpoint(generated, reference, train, _info(32), _settings(kid_subset_size=50))
+    assert row["kid_subset_size"] == 9
+    assert row["flags"].split(";") == [SMALL_REFERENCE, FID_RANK_DEFICIENT, KID_SUBSET_ABOVE_N]
+    assert row["kid_mean"] == kernel_distance(reference.features, generated.features, 9, 100, seed=11)[0]
+    within = score_checkpoint(generated, reference, train, _info(32), _settings(kid_subset_size=9, min_reference=9))
+    assert within["flags"] == FID_RANK_DEFICIENT and within["kid_mean"] == row["kid_mean"]
+
+
+def test_inception_score_split_size_is_fixed_and_recorded():
+    logits = np.random.default_rng(7).normal(scale=3.0, size=(40, 20))
+    features = _gaussian(40, 8)
+    generated = FeatureSet(features, logits)
+    real = FeatureSet(_gaussian(60, 9), None)
+    row = score_checkpoint(generated, real, real, _info(32, logits=True), _settings(is_images_per_split=15))
+    assert row["is_images_per_split"] == 15 and row["is_note"] == "2 splits of 15 images (10 left out)"
+    assert (row["is_mean"], row["is_std"]) == inception_score(logits, 15, seed=11)
+    assert IS_SPLIT_ABOVE_N not in row["flags"]
+    few = score_checkpoint(FeatureSet(features[:10], logits[:10]), real, real, _info(32, logits=True), _settings())
+    assert few["is_images_per_split"] == 10 and IS_SPLIT_ABOVE_N in few["flags"].split(";")
+
+
+def test_precision_recall_keep_k_or_are_left_out_with_a_flag():
+    generated, train = FeatureSet(_gaussian(30, 10), None), FeatureSet(_gaussian(20, 11), None)
+    row = score_checkpoint(generated, FeatureSet(_gaussian(3, 12), None), train, _info(32), _settings(pr_k=3))
+    assert row["pr_k"] == 3 and row["precision"] is None and row["recall"] is None
+    assert PR_K_ABOVE_N in row["flags"].split(";")
+    enough = score_checkpoint(generated, FeatureSet(_gaussian(4, 12), None), train, _info(32), _settings(pr_k=3))
+    assert enough["pr_k"] == 3 and enough["precision"] is not None and PR_K_ABOVE_N not in enough["flags"]
+
+
+def _collapse_table(n_reference: int) -> pd.DataFrame:
+    """Step 1 generates from the true distribution, step 2 from a collapsed one (half the variance)."""
+    reference, train = FeatureSet(_gaussian(n_reference, 20), None), FeatureSet(_gaussian(50, 21), None)
+    rows = []
+    for step, scale in ((1, 1.0), (2, 0.5**0.5)):
+        generated = FeatureSet(_gaussian(150, 21 + step, scale), None)
+        row = score_checkpoint(generated, reference, train, _info(32), _settings(kid_subset_size=50, min_reference=50))
+        rows.append({"tissue_class": "c", "step": step} | row)
+    table = pd.DataFrame(rows)
+    table["overlapping_steps"] = overlapping_steps(table, "kid")
+    return table
+
+
+def test_a_collapsed_generator_is_flagged_and_indistinguishable_against_a_tiny_reference():
+    table = _collapse_table(n_reference=8)
+    assert (table["flags"] == ";".join([SMALL_REFERENCE, FID_RANK_DEFICIENT, KID_SUBSET_ABOVE_N])).all()
+    assert table["fid"].iloc[1] < table["fid"].iloc[0], "at this size FID prefers the collapsed generator"
+    assert table["overlapping_steps"].tolist() == ["2", "1"]
+    for metric in ("kid", "fid"):
+        choice = best_checkpoints(table, metric, "lowest")["c"]
+        assert choice.indistinguishable == [1, 2] and choice.decisive is False
+    assert best_checkpoints(table, "kid", "earliest")["c"].step == 1
+    notes = metrics_notes(table, best_checkpoints(table, "kid", "lowest"), "kid", "lowest")
+    assert f"`{SMALL_REFERENCE}`" in notes and "cannot be told apart" in notes
+
+
+def test_with_a_large_reference_kid_picks_the_true_distribution_decisively():
+    table = _collapse_table(n_reference=400)
+    assert (table["flags"] == "").all()
+    choice = best_checkpoints(table, "kid", "lowest")["c"]
+    assert (choice.step, choice.indistinguishable, choice.decisive) == (1, [1], True)
+    assert table["overlapping_steps"].tolist() == ["", ""]
+    assert best_checkpoints(table, "kid", "earliest")["c"].step == 1
+
+
+def test_selection_keeps_other_metrics_and_reports_labels_in_dvc_metrics():
+    table = _collapse_table(n_reference=8)
+    recall = best_checkpoints(table, "recall", "lowest")["c"]
+    assert recall.decisive is None and recall.indistinguishable == [recall.step]
+    assert best_checkpoints(table, "kid_mean", "lowest") == best_checkpoints(table, "kid", "lowest")
+    with pytest.raises(ValueError, match="best_checkpoint_metric"):
+        best_checkpoints(table, "kid_std", "lowest")
+    with pytest.raises(ValueError, match="best_checkpoint_tie"):
+        best_checkpoints(table, "kid", "median")
+    metrics = dvc_metrics(table, best_checkpoints(table, "kid", "lowest"), "kid", "lowest")
+    assert (metrics["best_by"], metrics["tie_rule"], metrics["comparable_with"]) == ("kid", "lowest", "none")
+    entry = metrics["classes"]["c"]
+    assert entry["indistinguishable_steps"] == "1;2" and entry["decisive"] is False
+    assert entry["flags"] == table["flags"].iloc[0] and entry["n_reference"] == 8
+    assert entry["kid_ci_low"] < entry["kid_mean"] < entry["kid_ci_high"]
 
 
 # ---- precision / recall -------------------------------------------------------------------
@@ -285,7 +514,7 @@ def test_build_extractor_without_weights_is_the_labelled_fallback(monkeypatch):
     assert info.name == FALLBACK_NAME
     assert info.feature_dim == 256
     assert info.weights_sha256 is None
-    assert info.comparable_with_published is False
+    assert info.comparable_with == COMPARABLE_NONE == "none"
     assert info.inception_score_available is False
     assert "not comparable with published FID" in info.note
     assert "Inception Score is not available" in info.note
@@ -372,7 +601,18 @@ def test_inception_weights_round_trip_through_a_file_reproduce_features(inceptio
     assert (info.input_size, info.resize_mode, info.antialias) == (299, "bilinear", False)
     assert info.weights_sha256 == sha256_file(path)
     assert info.inception_score_available is True
-    assert info.comparable_with_published is False and "not comparable" in info.note
+    assert info.comparable_with == COMPARABLE_NONE and "not comparable" in info.note
+    assert info.preprocessing == "uint8 RGB /255, bilinear resize to 299x299 (align_corners=False, no antialias), 2x-1"
+
+
+def test_only_the_published_weights_are_labelled_comparable_with_pytorch_fid(inception_run, tmp_path, monkeypatch):
+    path = tmp_path / "inception.pth"
+    with atomic_path(path) as tmp:
+        torch.save(inception_run[0].state_dict(), tmp)
+    monkeypatch.setattr(features_module, "PUBLISHED_WEIGHTS_SHA256", sha256_file(path))
+    _, info = build_extractor(str(path), seed=0)
+    assert info.comparable_with == features_module.COMPARABLE_PYTORCH_FID == "pytorch-fid"
+    assert "pytorch-fid only" in info.note and "torch-fidelity" in info.note
 
 
 def test_missing_inception_weights_raise_and_never_download(tmp_path, monkeypatch):

@@ -158,6 +158,7 @@ query ($selector: PipelineSelector!, $runConfigData: RunConfigData!) {
 }"""
 
 
+@pytest.mark.slow
 def test_the_running_ui_flags_a_bad_override_as_the_launchpad_asks_it(tmp_path):
     """The GraphQL query the launchpad sends while the user types, against `histo-assets ui`."""
     import json

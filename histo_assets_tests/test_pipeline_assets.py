@@ -29,6 +29,7 @@ from histo_assets.assets.generation import imported_synthetic_images
 from histo_assets.assets.training import hypernetwork_checkpoints, imported_hypernetworks
 from histo_assets.core.a1111_text import parse_a1111_parameters
 from histo_assets.core.base_model import folder_weights_sha256, tiny_model_dir
+from histo_assets.core.evaluation import FID_RANK_DEFICIENT, SMALL_REFERENCE
 from histo_assets.core.features import FALLBACK_NAME
 from histo_assets.core.hypernetwork import load_hypernetwork
 from histo_assets.core.io import sha256_file
@@ -40,6 +41,7 @@ from histo_assets_tests.conftest import TINY_MODEL_SEED, write_params
 from histo_assets_tests.tiny_pipeline import (
     BASE_MODEL_NAME,
     CLASSES,
+    EVALUATED_STEPS,
     FIRST,
     IMAGES_PER_CHECKPOINT,
     SECOND,
@@ -72,7 +74,7 @@ def expected_partitions(spec: dg.AssetSpec) -> list[str | None]:
     if spec.partitions_def is None:
         return [None]
     if isinstance(spec.partitions_def, dg.MultiPartitionsDefinition):
-        return [dg.MultiPartitionKey({"tissue_class": c, "step": str(s)}) for c in CLASSES for s in STEPS]
+        return [dg.MultiPartitionKey({"tissue_class": c, "step": str(s)}) for c in CLASSES for s in EVALUATED_STEPS]
     return list(CLASSES)
 
 
@@ -183,40 +185,73 @@ def test_synthetic_images_carry_a1111_parameters_naming_hypernetwork_and_seed(pi
                 assert parameters["Negative prompt"] == "grainy, blurry, low quality"
 
 
+
+def test_step_0_is_the_base_model_with_the_same_prompt_scored_but_never_released(pipeline):
+    for tissue_class in CLASSES:
+        baseline = pd.read_parquet(pipeline.data / "synthetic_images" / tissue_class / "0" / "index.parquet")
+        trained = pd.read_parquet(pipeline.data / "synthetic_images" / tissue_class / str(STEPS[-1]) / "index.parquet")
+        assert len(baseline) == IMAGES_PER_CHECKPOINT and baseline["hypernetwork_sha256"].isna().all()
+        with Image.open(pipeline.data / "synthetic_images" / tissue_class / "0" / "images" / baseline["file"].iloc[0]) as image:
+            parameters = parse_a1111_parameters(image.text["parameters"])
+        assert "<hypernet:" not in parameters["Prompt"] and parameters["Prompt"] == baseline["prompt"].iloc[0]
+        assert baseline["prompt"].iloc[0] == trained["prompt"].iloc[0], "the same prompt as the checkpoints"
+    summary = json.loads((pipeline.data / "metrics_summary" / "details" / "summary.json").read_text())
+    assert set(summary["against_base_model"]) == set(CLASSES)
+    assert all(v["verdict"] in {"better", "worse", "indistinguishable", "unknown"} for v in summary["against_base_model"].values())
+    assert all(step != 0 for step in summary["best"].values())
+    metrics = json.loads((pipeline.data / "metrics_summary" / "metrics.json").read_text())
+    assert all("against_base_model" in metrics["classes"][c] for c in CLASSES)
+    csv = pd.read_csv(pipeline.data / "metrics_summary" / "metrics.csv")
+    assert {(c, 0) for c in CLASSES} <= set(zip(csv["tissue_class"], csv["step"]))
+
 def test_checkpoint_metrics_are_finite_and_labelled_as_fallback_features(pipeline):
     with pipeline.instance() as instance:
         for tissue_class in CLASSES:
-            for step in STEPS:
+            for step in EVALUATED_STEPS:
                 row = json.loads((pipeline.data / "checkpoint_metrics" / tissue_class / str(step) / "summary.json").read_text())["row"]
                 assert (row["tissue_class"], row["step"]) == (tissue_class, step)
                 assert math.isfinite(row["fid"]) and math.isfinite(row["kid_mean"]) and math.isfinite(row["fid_vs_train"])
                 assert row["extractor"] == FALLBACK_NAME == "random-conv-fallback"
-                assert row["comparable_with_published"] is False
+                assert row["comparable_with"] == "none" and "antialias" in row["preprocessing"]
                 assert "not comparable" in row["extractor_note"]
                 assert row["is_mean"] is None and row["is_std"] is None and "logits" in row["is_note"]
                 assert row["n_generated"] == IMAGES_PER_CHECKPOINT and row["n_reference"] >= 2
+                assert row["feature_dim"] == 256
+                assert row["fid_ci_low"] <= row["fid"] <= row["fid_ci_high"]
+                assert row["kid_ci_low"] <= row["kid_mean"] <= row["kid_ci_high"]
+                # A tiny reference set against 256-d features: every row says so.
+                assert {SMALL_REFERENCE, FID_RANK_DEFICIENT} <= set(row["flags"].split(";"))
                 shown = metadata(latest(instance, "checkpoint_metrics", dg.MultiPartitionKey({"tissue_class": tissue_class, "step": str(step)})))
                 assert shown["fid"] == row["fid"] and shown["extractor"] == FALLBACK_NAME
+                assert shown["flags"] == row["flags"] and shown["comparable_with"] == "none"
 
 
 def test_metrics_summary_has_every_class_and_step_plus_pooled_rows_and_its_files(pipeline):
     layout = Layout(pipeline.data)
     table = pd.read_parquet(layout.metrics_details / "metrics.parquet")
-    expected = {(c, s) for c in [*CLASSES, "all"] for s in STEPS}
+    expected = {(c, s) for c in [*CLASSES, "all"] for s in EVALUATED_STEPS}
     assert set(zip(table["tissue_class"], table["step"])) == expected and len(table) == len(expected)
     pooled = table[table["tissue_class"] == "all"]
     assert (pooled["n_generated"] == IMAGES_PER_CHECKPOINT * len(CLASSES)).all()
     assert pooled["fid"].map(math.isfinite).all()
-    csv = pd.read_csv(layout.metrics_summary / "metrics.csv")
+    csv = pd.read_csv(layout.metrics_summary / "metrics.csv", keep_default_na=False)
     assert list(csv.columns) == TABLE_COLUMNS and len(csv) == len(expected)
+    assert (csv["flags"] != "").all() and (csv["comparable_with"] == "none").all()
+    assert (csv["fid_ci_low"].astype(float) <= csv["fid"].astype(float)).all()
+    for name in [*CLASSES, "all"]:
+        plot = pd.read_csv(layout.metrics_summary / "plots" / f"{name}.csv")
+        assert list(plot.columns) == TABLE_COLUMNS[1:] and (plot["extractor"] == FALLBACK_NAME).all()
     dvc_metrics = json.loads((layout.metrics_summary / "metrics.json").read_text())
-    assert dvc_metrics["best_by"] == "fid" and dvc_metrics["extractor"] == FALLBACK_NAME
+    assert dvc_metrics["best_by"] == "kid" and dvc_metrics["extractor"] == FALLBACK_NAME
+    assert (dvc_metrics["comparable_with"], dvc_metrics["confidence_level"]) == ("none", 0.95)
     assert set(dvc_metrics["classes"]) == set(CLASSES)
     for tissue_class in CLASSES:
         rows = table[table["tissue_class"] == tissue_class]
-        best = int(rows.sort_values(["fid", "step"]).iloc[0]["step"])
-        assert dvc_metrics["classes"][tissue_class]["best_step"] == best
-        assert dvc_metrics["classes"][tissue_class]["fid"] == pytest.approx(float(rows[rows["step"] == best]["fid"].iloc[0]))
+        best = int(rows.sort_values(["kid_mean", "step"]).iloc[0]["step"])
+        entry = dvc_metrics["classes"][tissue_class]
+        assert entry["best_step"] == best and str(best) in entry["indistinguishable_steps"].split(";")
+        assert entry["kid_mean"] == pytest.approx(float(rows[rows["step"] == best]["kid_mean"].iloc[0]))
+        assert entry["kid_ci_low"] <= entry["kid_mean"] <= entry["kid_ci_high"] and entry["flags"]
     for name in ["curves.png", *(f"grid_{c}.png" for c in CLASSES)]:
         with Image.open(layout.metrics_details / name) as image:
             image.verify()
@@ -302,6 +337,9 @@ def test_changed_learning_rate_retrains_and_regenerates_but_reuses_ingest(pipeli
             partition = dg.MultiPartitionKey({"tissue_class": FIRST, "step": str(step)})
             assert metadata(latest(instance, "synthetic_images", partition))["reused_unchanged_output"] is False
             assert metadata(latest(instance, "checkpoint_metrics", partition))["reused_unchanged_output"] is False
+        baseline = dg.MultiPartitionKey({"tissue_class": FIRST, "step": "0"})
+        assert metadata(latest(instance, "synthetic_images", baseline))["reused_unchanged_output"] is True, \
+            "the base model's images do not depend on the hypernetwork's training"
         # The other class and the unpartitioned assets were not touched.
         for key, record in before.items():
             if key[1] is None or FIRST not in key[1]:

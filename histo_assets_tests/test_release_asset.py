@@ -50,6 +50,7 @@ import pytest
 import yaml
 
 from histo_assets.assets.release import PIPELINE_AUTHOR
+from histo_assets.core.evaluation import SMALL_REFERENCE, TABLE_COLUMNS
 from histo_assets.core.io import sha256_file
 from histo_assets.core.release import CARD, content_hash
 from histo_assets.core.sampling import image_seed
@@ -293,6 +294,9 @@ def test_release_holds_the_best_checkpoint_images_of_every_class_with_their_prov
     card = (published.release / CARD).read_text()
     assert f"Release tag: `{published.tag}`" in card
     assert f"dvc get {published.shared} " in card, "the card points downstream users at the shared repository"
+    metrics = pd.read_parquet(published.release / "metrics.parquet")
+    assert list(metrics.columns) == TABLE_COLUMNS and (metrics["comparable_with"] == "none").all()
+    assert "Comparable with: **none**" in card and "bootstrap intervals" in card and f"`{SMALL_REFERENCE}`:" in card
     for tissue_class, step in best_steps(published.work).items():
         folder = Layout(published.work.data).synthetic_images(tissue_class, step)
         index = pd.read_parquet(folder / INDEX)

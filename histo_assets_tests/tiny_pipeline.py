@@ -23,12 +23,15 @@ from pathlib import Path
 import dagster as dg
 
 from histo_assets.core.object_store import STORE_URL_ENV
+from histo_assets.core.steps import BASELINE_STEP
 from histo_assets.params import DEFAULT_PARAMS_FILE, PROJECT_ROOT, load_params
 from histo_assets_tests.conftest import THESIS_CLASSES, tissue_image, write_params
 
 CLASSES = THESIS_CLASSES[:2]
 FIRST, SECOND = CLASSES
 STEPS = [3, 6]
+# Generated and scored: the base model alone (step 0), then every checkpoint.
+EVALUATED_STEPS = [BASELINE_STEP, *STEPS]
 IMAGES_PER_CHECKPOINT = 4
 SEED = load_params(DEFAULT_PARAMS_FILE).seed
 TINY_SIZES = (48, 32, 64)
@@ -43,7 +46,8 @@ TINY = {
     "hypernetwork": {"sizes": list(TINY_SIZES)},
     "training": {"max_steps": 6, "checkpoint_steps": STEPS, "learning_rate": "0.0005", "loss_log_every": 2},
     "generation": {"images_per_checkpoint": IMAGES_PER_CHECKPOINT, "steps": 2, "batch_size": 2},
-    "metrics": {"kid_subset_size": 4, "kid_subsets": 5, "is_splits": 2, "batch_size": 8},
+    "metrics": {"kid_subset_size": 4, "kid_subsets": 5, "is_images_per_split": 2, "batch_size": 8,
+                "bootstrap_resamples": 50},
 }
 
 

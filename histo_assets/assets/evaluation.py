@@ -7,39 +7,41 @@ from PIL import Image
 from histo_assets.assets import FOLLOW_UPSTREAM
 from histo_assets.assets.generation import synthetic_images
 from histo_assets.assets.ingest import augmented_crops, square_crops
-from histo_assets.core.evaluation import FeatureCache, MetricSettings, score_checkpoint
+from histo_assets.core.evaluation import (
+    SUMMARY_ONLY_SETTINGS,
+    TABLE_COLUMNS,
+    FeatureCache,
+    MetricSettings,
+    baseline_notes,
+    baseline_verdicts,
+    best_checkpoints,
+    dvc_metrics,
+    metric_series,
+    metrics_notes,
+    overlapping_steps,
+    score_checkpoint,
+)
 from histo_assets.core.features import build_extractor
 from histo_assets.core.io import atomic_save_png, atomic_write_json, atomic_write_parquet, atomic_write_text, stable_hash
 from histo_assets.core.plots import metric_curves
 from histo_assets.core.previews import contact_sheet, markdown_image, markdown_table
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.stage import current_summary, fingerprint, read_summary
+from histo_assets.core.steps import BASELINE_STEP, evaluated_steps
 from histo_assets.layout import HOLDOUT, IMAGES, SUMMARY, Layout
 from histo_assets.params import Params
 from histo_assets.partitions import by_tissue_class, class_and_step, class_and_step_partitions
 from histo_assets.resources import STAGE_CONFIG_SCHEMA, BaseModelResource, ObjectStoreResource, ParamsResource
 
 GROUP = "evaluation"
-CHECKPOINT_METRICS_VERSION = "1"
-METRICS_SUMMARY_VERSION = "1"
+CHECKPOINT_METRICS_VERSION = "2"
+METRICS_SUMMARY_VERSION = "2"
 ALL_CLASSES = "all"
-TABLE_COLUMNS = ["tissue_class", "step", "fid", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall",
-                 "memorisation_rate", "n_generated", "n_reference"]
-LOWER_IS_BETTER = {"fid", "kid_mean", "memorisation_rate", "fid_vs_train"}
 GRID_IMAGES = 8
 
 
 def metric_settings(p: Params) -> MetricSettings:
-    section = p["metrics"]
-    return MetricSettings(
-        kid_subset_size=int(section["kid_subset_size"]),
-        kid_subsets=int(section["kid_subsets"]),
-        pr_k=int(section["pr_k"]),
-        memorisation_threshold=float(section["memorisation_threshold"]),
-        is_splits=int(section["is_splits"]),
-        batch_size=int(section["batch_size"]),
-        seed=derive_seed(p.seed, "metrics"),
-    )
+    return MetricSettings.from_params(p["metrics"], derive_seed(p.seed, "metrics"))
 
 
 def feature_cache(p: Params) -> FeatureCache:
@@ -95,7 +97,7 @@ def checkpoint_metrics(context: dg.AssetExecutionContext, params: ParamsResource
     stage_fingerprint = fingerprint(
         generated=read_summary(layout.synthetic_images(tissue_class, step))["data_version"],
         reference=cache.path_for(reference).name, train=cache.path_for(train).name,
-        metrics={k: v for k, v in p["metrics"].items() if k != "best_checkpoint_metric"}, seed=p.seed,
+        metrics={k: v for k, v in p["metrics"].items() if k not in SUMMARY_ONLY_SETTINGS}, seed=p.seed,
         code=CHECKPOINT_METRICS_VERSION,
     )
     summary = current_summary(out, stage_fingerprint)
@@ -110,7 +112,9 @@ def checkpoint_metrics(context: dg.AssetExecutionContext, params: ParamsResource
         atomic_write_json(out / SUMMARY, summary)
     object_store.push(p.data_dir, out, log=context.log.info)
     row = summary["row"]
-    context.log.info(f"{tissue_class} step {step}: FID {row['fid']}, KID {row['kid_mean']} ({row['extractor']})")
+    context.log.info(f"{tissue_class} step {step}: FID {row['fid']} [{row['fid_ci_low']}, {row['fid_ci_high']}], "
+                     f"KID {row['kid_mean']} [{row['kid_ci_low']}, {row['kid_ci_high']}] ({row['extractor']}; "
+                     f"flags: {row['flags'] or 'none'})")
     return dg.MaterializeResult(
         metadata={
             "fid": row["fid"] if row["fid"] is not None else float("nan"),
@@ -120,7 +124,14 @@ def checkpoint_metrics(context: dg.AssetExecutionContext, params: ParamsResource
             "recall": row["recall"] if row["recall"] is not None else float("nan"),
             "memorisation_rate": row["memorisation_rate"],
             "n_generated / n_reference": f"{row['n_generated']} / {row['n_reference']}",
+            "feature_dim": row["feature_dim"],
+            "intervals": dg.MetadataValue.json(
+                {k: row[k] for k in ("fid_ci_low", "fid_ci_high", "kid_ci_low", "kid_ci_high", "confidence_level")}
+            ),
+            "flags": row["flags"] or "none",
             "extractor": row["extractor"],
+            "comparable_with": row["comparable_with"],
+            "preprocessing": row["preprocessing"],
             "note": row["extractor_note"],
             "is_note": row["is_note"],
             "reused_unchanged_output": reused,
@@ -145,24 +156,6 @@ def combined_rows(p: Params, layout: Layout, cache: FeatureCache, steps: list[in
     return rows
 
 
-def best_checkpoints(table: pd.DataFrame, metric: str) -> dict[str, int]:
-    ascending = metric in LOWER_IS_BETTER
-    best = {}
-    for tissue_class, group in table.dropna(subset=[metric]).groupby("tissue_class"):
-        best[tissue_class] = int(group.sort_values([metric, "step"], ascending=[ascending, True]).iloc[0]["step"])
-    return best
-
-
-def dvc_metrics(table: pd.DataFrame, best: dict[str, int], metric: str) -> dict:
-    """metrics.json for `dvc metrics show`: each class's best checkpoint and its scores."""
-    classes = {}
-    for tissue_class, step in best.items():
-        row = table[(table["tissue_class"] == tissue_class) & (table["step"] == step)].iloc[0]
-        scores = {k: int(row[k]) if k.startswith("n_") else float(row[k]) for k in TABLE_COLUMNS[2:] if pd.notna(row[k])}
-        classes[tissue_class] = {"best_step": step} | scores
-    return {"best_by": metric, "extractor": str(table["extractor"].iloc[0]), "classes": classes}
-
-
 def comparison_grid(layout: Layout, tissue_class: str, steps: list[int]) -> Image.Image:
     """Originals above generated images at every step, like the thesis's Figure 3.5."""
     originals = sorted((layout.augmented_crops(tissue_class) / IMAGES).glob("orig-*.png"))[:GRID_IMAGES]
@@ -170,7 +163,7 @@ def comparison_grid(layout: Layout, tissue_class: str, steps: list[int]) -> Imag
     for step in steps:
         files = generated_files(layout, tissue_class, step)[:GRID_IMAGES]
         rows.append(files + [None] * (GRID_IMAGES - len(files)))
-        labels.append(f"step {step}")
+        labels.append("base model" if step == BASELINE_STEP else f"step {step}")
     blank = Image.new("RGB", (8, 8), (255, 255, 255))
     cells = [Image.open(f) if f is not None else blank for row in rows for f in row]
     return contact_sheet(cells, columns=GRID_IMAGES, thumb=96, row_labels=labels)
@@ -192,7 +185,7 @@ def metrics_summary(context: dg.AssetExecutionContext, params: ParamsResource,
     base_model.apply_threads()
     p = params.load_for(context)
     layout = Layout(p.data_dir)
-    steps = sorted(int(s) for s in p["training"]["checkpoint_steps"])
+    steps = evaluated_steps(p["training"]["checkpoint_steps"])
     for tissue_class in p.classes:
         object_store.pull(
             p.data_dir, layout.square_crops(tissue_class), layout.augmented_crops(tissue_class),
@@ -209,17 +202,20 @@ def metrics_summary(context: dg.AssetExecutionContext, params: ParamsResource,
     cache = feature_cache(p)
     rows += combined_rows(p, layout, cache, steps)
     table = pd.DataFrame(rows)
-    metric = p["metrics"]["best_checkpoint_metric"]
-    best = best_checkpoints(table[table["tissue_class"] != ALL_CLASSES], metric)
+    metric, tie = p["metrics"]["best_checkpoint_metric"], p["metrics"]["best_checkpoint_tie"]
+    table["overlapping_steps"] = overlapping_steps(table, metric)
+    # Step 0 is scored, never chosen: its images carry no class-specific training.
+    choices = best_checkpoints(table[(table["tissue_class"] != ALL_CLASSES) & (table["step"] != BASELINE_STEP)], metric, tie)
+    verdicts = baseline_verdicts(table, choices, metric)
+    best = {c: choice.step for c, choice in choices.items()}
+    indistinguishable = {c: choice.indistinguishable for c, choice in choices.items()}
+    notes = metrics_notes(table, choices, metric, tie) + "\n\n" + baseline_notes(verdicts, metric)
     out, details = layout.metrics_summary, layout.metrics_details
-    series = {
-        name: {c: [(int(r.step), float(getattr(r, name))) for r in table[table["tissue_class"] == c].itertuples() if pd.notna(getattr(r, name))]
-               for c in [*p.classes, ALL_CLASSES]}
-        for name in ("fid", "kid_mean", "is_mean")
-        if table[name].notna().any()
-    }
     extractor_note = table["extractor_note"].iloc[0]
-    curves = metric_curves(series, details / "curves.png", title=f"metrics vs training step ({table['extractor'].iloc[0]})")
+    curves = metric_curves(
+        metric_series(table, ("fid", "kid_mean", "is_mean")), details / "curves.png",
+        title=f"metrics vs training step ({table['extractor'].iloc[0]}, comparable with {table['comparable_with'].iloc[0]})",
+    )
     grids = {}
     for tissue_class in p.classes:
         grid = comparison_grid(layout, tissue_class, steps)
@@ -229,15 +225,20 @@ def metrics_summary(context: dg.AssetExecutionContext, params: ParamsResource,
     atomic_write_text(out / "metrics.csv", table[TABLE_COLUMNS].to_csv(index=False))
     for tissue_class, group in table.groupby("tissue_class"):
         atomic_write_text(out / "plots" / f"{tissue_class}.csv", group[TABLE_COLUMNS[1:]].sort_values("step").to_csv(index=False))
-    atomic_write_json(out / "metrics.json", dvc_metrics(table, best, metric))
-    atomic_write_json(details / SUMMARY, {"best": best, "best_by": metric, "steps": steps, "extractor_note": extractor_note})
+    atomic_write_json(out / "metrics.json", dvc_metrics(table, choices, metric, tie, verdicts))
+    atomic_write_json(details / SUMMARY, {"best": best, "best_by": metric, "tie_rule": tie, "indistinguishable": indistinguishable,
+                                          "steps": steps, "extractor_note": extractor_note, "metrics_notes": notes,
+                                          "against_base_model": verdicts})
     object_store.push(p.data_dir, out, log=context.log.info)
     shown = table[TABLE_COLUMNS].round(4)
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out)),
             "table": dg.MetadataValue.md(markdown_table(shown)),
-            "best_checkpoint": dg.MetadataValue.json({"metric": metric, "steps": best}),
+            "best_checkpoint": dg.MetadataValue.json({"metric": metric, "tie_rule": tie, "steps": best,
+                                                      "indistinguishable_steps": indistinguishable}),
+            "how_to_read": dg.MetadataValue.md(notes),
+            "against_base_model": dg.MetadataValue.json(verdicts),
             "extractor_note": extractor_note,
             "curves": dg.MetadataValue.md(markdown_image(curves, "metric curves")),
             **{f"grid_{c}": dg.MetadataValue.md(markdown_image(g, c)) for c, g in grids.items()},

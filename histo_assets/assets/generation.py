@@ -5,12 +5,14 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from histo_assets.assets import FOLLOW_UPSTREAM
+from histo_assets.assets import FOLLOW_UPSTREAM, GPU_TAGS
+from histo_assets.assets.base_model import base_model_asset
 from histo_assets.assets.checks import image_check_results, image_check_specs
-from histo_assets.assets.training import GPU_TAGS, hypernetwork_checkpoints, imported_hypernetworks
+from histo_assets.assets.training import hypernetwork_checkpoints, imported_hypernetworks
 from histo_assets.core.io import atomic_directory, atomic_write_json, stable_hash
 from histo_assets.core.previews import markdown_png_file, write_preview
 from histo_assets.core.sampling import GenerationSettings, generate_images, write_generation_index
+from histo_assets.core.steps import BASELINE_STEP
 from histo_assets.core.stage import current_summary, fingerprint, read_summary
 from histo_assets.layout import IMAGES, INDEX, PREVIEW, SUMMARY, Layout
 from histo_assets.params import Params
@@ -20,6 +22,10 @@ from histo_assets.resources import STAGE_CONFIG_SCHEMA, BaseModelResource, Objec
 GROUP = "generation"
 SYNTHETIC_IMAGES_VERSION = "2"
 IMPORTED_SYNTHETIC_IMAGES_VERSION = "2"
+
+
+# Step 0 is generated from the base model alone: no checkpoint file, and no training set behind it.
+BASELINE_CHECKPOINT = {"file": None, "sha256": None, "training_set": None}
 
 
 def checkpoint_entry(p: Params, tissue_class: str, step: int) -> dict:
@@ -38,7 +44,7 @@ def checkpoint_entry(p: Params, tissue_class: str, step: int) -> dict:
     group_name=GROUP,
     code_version=SYNTHETIC_IMAGES_VERSION,
     automation_condition=FOLLOW_UPSTREAM,
-    deps=[dg.AssetDep(hypernetwork_checkpoints, partition_mapping=by_tissue_class)],
+    deps=[dg.AssetDep(hypernetwork_checkpoints, partition_mapping=by_tissue_class), base_model_asset],
     pool="gpu",
     op_tags=GPU_TAGS,
     kinds={"diffusers", "png"},
@@ -58,12 +64,13 @@ def synthetic_images(
     layout = Layout(p.data_dir)
     out = layout.synthetic_images(tissue_class, step)
     object_store.pull(p.data_dir, layout.hypernetwork_checkpoints(tissue_class), out, log=context.log.info)
-    checkpoint = checkpoint_entry(p, tissue_class, step)
+    baseline = step == BASELINE_STEP
+    checkpoint = BASELINE_CHECKPOINT if baseline else checkpoint_entry(p, tissue_class, step)
     settings = GenerationSettings.from_params(p["generation"], p.resolution)
     count = int(p["generation"]["images_per_checkpoint"])
     stage_fingerprint = fingerprint(
         checkpoint=checkpoint["sha256"], generation=p["generation"], resolution=p.resolution,
-        base_model=p["base_model"], seed=p.seed, code=SYNTHETIC_IMAGES_VERSION,
+        base_model=base_model.identity(p), seed=p.seed, code=SYNTHETIC_IMAGES_VERSION,
     )
     summary = current_summary(out, stage_fingerprint)
     reused = summary is not None
@@ -73,7 +80,7 @@ def synthetic_images(
         base = base_model.load(p)
         with atomic_directory(out) as staging:
             records = generate_images(
-                base, layout.hypernetwork_checkpoints(tissue_class) / checkpoint["file"], staging / IMAGES,
+                base, None if baseline else layout.hypernetwork_checkpoints(tissue_class) / checkpoint["file"], staging / IMAGES,
                 tissue_class=tissue_class, step=step, count=count, settings=settings, master_seed=p.seed,
                 log=context.log.info,
             )
@@ -115,7 +122,7 @@ def synthetic_images(
     group_name=GROUP,
     code_version=IMPORTED_SYNTHETIC_IMAGES_VERSION,
     automation_condition=FOLLOW_UPSTREAM,
-    deps=[imported_hypernetworks],
+    deps=[imported_hypernetworks, base_model_asset],
     pool="gpu",
     op_tags=GPU_TAGS,
     kinds={"diffusers", "png"},
@@ -141,7 +148,7 @@ def imported_synthetic_images(
     count = int(p["generation"]["images_per_checkpoint"])
     stage_fingerprint = fingerprint(
         files=sorted(imported["sha256"]), generation=p["generation"], resolution=p.resolution,
-        base_model=p["base_model"], seed=p.seed, code=IMPORTED_SYNTHETIC_IMAGES_VERSION,
+        base_model=base_model.identity(p), seed=p.seed, code=IMPORTED_SYNTHETIC_IMAGES_VERSION,
     )
     summary = current_summary(out, stage_fingerprint)
     reused = summary is not None

@@ -1,6 +1,5 @@
 """Raw slides -> square crops -> augmented crops, one partition per tissue class."""
 
-import random
 from pathlib import Path
 
 import dagster as dg
@@ -10,6 +9,7 @@ from histo_assets.assets import FOLLOW_UPSTREAM
 from histo_assets.assets.checks import image_check_results, image_check_specs
 from histo_assets.core.augment import AugmentationRecipe, augment_class
 from histo_assets.core.crops import CropSettings, TileSettings, crop_class
+from histo_assets.core.holdout import BY_SOURCE_COLUMNS, RULE_NONE, SplitSettings, read_groups, source_groups, split_holdout
 from histo_assets.core.io import atomic_directory, atomic_write_json, atomic_write_parquet, atomic_write_text, stable_hash
 from histo_assets.core.previews import markdown_png_file, markdown_table, write_preview
 from histo_assets.core.seeding import derive_seed
@@ -22,7 +22,7 @@ from histo_assets.resources import STAGE_CONFIG_SCHEMA, ObjectStoreResource, Par
 GROUP = "ingest"
 RAW_SLIDES_VERSION = "1"
 SQUARE_CROPS_VERSION = "2"
-AUGMENTED_CROPS_VERSION = "2"
+AUGMENTED_CROPS_VERSION = "3"
 
 
 def _problems_markdown(problems: list[Problem]) -> str:
@@ -176,16 +176,6 @@ def square_crops(context: dg.AssetExecutionContext, params: ParamsResource, obje
     yield from image_check_results("square_crops", out / IMAGES, p.resolution, int(p["checks"]["min_square_crops"]))
 
 
-def split_holdout(crop_files: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Seeded train/held-out split of crop names; keeps at least one crop on each side when possible."""
-    names = sorted(crop_files)
-    random.Random(seed).shuffle(names)
-    count = round(len(names) * fraction)
-    if fraction > 0 and len(names) >= 2:
-        count = min(max(count, 1), len(names) - 1)
-    return sorted(names[count:]), sorted(names[:count])
-
-
 def write_captions(folder: Path, files: list[str], tissue_class: str, mode: str) -> None:
     """Caption sidecars for training: the class name, instead of A1111's file-name captions.
 
@@ -215,7 +205,9 @@ def write_captions(folder: Path, files: list[str], tissue_class: str, mode: str)
     description="The thesis's rudi/Augmentor recipe (rotate +-15, distortion grid 8 magnitude 5, skew 0.7, "
     "zoom 1-1.2, flip; p 0.7) applied to the training share of the square crops, with the originals kept "
     "alongside. Held-out crops (holdout.parquet) are never augmented or trained on: they are the metric "
-    "reference set. Deterministic for a seed, stable names, index.parquet maps outputs to sources and operations.",
+    "reference set, chosen by source slide (or the lab's groups), or where a class has too few, from a band of "
+    "a slide with a guard band of tiles dropped from training; the rule is recorded. Deterministic for a seed, "
+    "stable names, index.parquet maps outputs to sources and operations.",
 )
 def augmented_crops(context: dg.AssetExecutionContext, params: ParamsResource, object_store: ObjectStoreResource):
     p = params.load_for(context)
@@ -227,16 +219,23 @@ def augmented_crops(context: dg.AssetExecutionContext, params: ParamsResource, o
     index = pd.read_parquet(crops_dir / INDEX)
     hashes = dict(zip(index["crop_file"], index["crop_sha256"]))
     section = p["augmentation"]
-    holdout_fraction = float(p["split"]["holdout_fraction"])
+    split_settings = SplitSettings.from_params(p["split"])
+    groups_csv = p["split"]["groups_csv"]
+    groups = source_groups(index["source_path"], read_groups(p.source.parent / groups_csv) if groups_csv else None)
     seed = derive_seed(p.seed, "augmented_crops", tissue_class)
     stage_fingerprint = fingerprint(crops=sorted(hashes.items()), augmentation=output_settings(section), split=p["split"],
-                                    seed=seed, code=AUGMENTED_CROPS_VERSION)
+                                    groups=sorted(groups.items()), seed=seed, code=AUGMENTED_CROPS_VERSION)
     summary = current_summary(out, stage_fingerprint)
     reused = summary is not None
     if reused:
         context.log.info(f"{tissue_class}: inputs and params unchanged, reusing {out}")
     else:
-        train, held_out = split_holdout(list(hashes), holdout_fraction, derive_seed(seed, "holdout"))
+        split = split_holdout(index, split_settings, derive_seed(seed, "holdout"), groups)
+        train, held_out = split.train, split.held_out
+        if split.rule == RULE_NONE:
+            context.log.warning(f"{tissue_class}: {split.reason}; metrics will have no reference set")
+        else:
+            context.log.info(f"{tissue_class}: {split.rule} split, {split.reason}")
         with atomic_directory(out) as staging:
             records = augment_class(
                 [(crops_dir / IMAGES / name, hashes[name]) for name in train],
@@ -252,19 +251,30 @@ def augmented_crops(context: dg.AssetExecutionContext, params: ParamsResource, o
             index_frame = pd.DataFrame([r.as_row() for r in records])
             index_frame["seed"] = pd.array([r.seed for r in records], dtype="Int64")
             atomic_write_parquet(staging / INDEX, index_frame)
-            atomic_write_parquet(
-                staging / HOLDOUT, pd.DataFrame({"crop_file": held_out, "crop_sha256": [hashes[n] for n in held_out]})
-            )
+            atomic_write_parquet(staging / HOLDOUT, split.holdout_frame())
             write_preview(staging / IMAGES, staging / PREVIEW)
             summary = {
                 "fingerprint": stage_fingerprint,
                 "count": len(records),
                 "train_crops": len(train),
                 "held_out_crops": len(held_out),
+                "holdout_rule": split.rule,
+                "holdout_reason": split.reason,
+                "guard_crops": split.guard,
+                "holdout_by_source": split.by_source(),
                 "data_version": stable_hash(sorted((r.file, r.sha256) for r in records)),
             }
             atomic_write_json(staging / SUMMARY, summary)
     object_store.push(p.data_dir, out, log=context.log.info)
-    extra = {"train_crops": summary["train_crops"], "held_out_crops": summary["held_out_crops"]}
+    extra = {
+        "train_crops": summary["train_crops"],
+        "held_out_crops": summary["held_out_crops"],
+        "holdout_rule": summary["holdout_rule"],
+        "holdout_reason": summary["holdout_reason"],
+        "guard_crops": len(summary["guard_crops"]),
+        "holdout_by_source": dg.MetadataValue.md(
+            markdown_table(pd.DataFrame(summary["holdout_by_source"], columns=list(BY_SOURCE_COLUMNS)))
+        ),
+    }
     yield dg.MaterializeResult(metadata=_stage_result(summary, out, reused, extra), data_version=dg.DataVersion(summary["data_version"]))
     yield from image_check_results("augmented_crops", out / IMAGES, p.resolution, int(p["checks"]["min_augmented_crops"]))

@@ -128,14 +128,15 @@ def dataset_release(
                     },
                 ))
         lineage.append(training_lineage(layout, tissue_class))
-    metrics = pd.read_parquet(layout.metrics_details / "metrics.parquet")[[*TABLE_COLUMNS, "extractor"]]
+    metrics = pd.read_parquet(layout.metrics_details / "metrics.parquet")[TABLE_COLUMNS]
     plots = sorted(layout.metrics_details.glob("*.png"))
     out = layout.release(section["name"])
     relative = os.path.relpath(out, repo) if repo is not None else None
     remote = section["remote"]
     local_remote = (p.source.parent / remote["url"]).resolve() if is_local_url(remote["url"]) else None
     info = build_release(
-        images, out, name=section["name"], metrics_table=metrics, lineage=pd.concat(lineage, ignore_index=True),
+        images, out, name=section["name"], metrics_table=metrics, metrics_notes=summary["metrics_notes"],
+        lineage=pd.concat(lineage, ignore_index=True),
         plots=plots, card_extra=f"Checkpoints: {section['checkpoints']} (by {summary['best_by']}). {summary['extractor_note']}",
         repo_url=release_repo_url(section, repo), repo_path=relative,
         local_remote=(remote["name"], str(local_remote)) if local_remote else None,

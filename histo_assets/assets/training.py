@@ -6,7 +6,8 @@ import dagster as dg
 import pandas as pd
 import torch
 
-from histo_assets.assets import FOLLOW_UPSTREAM
+from histo_assets.assets import FOLLOW_UPSTREAM, GPU_TAGS
+from histo_assets.assets.base_model import base_model_asset
 from histo_assets.assets.ingest import augmented_crops
 from histo_assets.core.base_model import attention_context_widths, check_hypernetwork_sizes
 from histo_assets.core.hypernetwork import HypernetworkFormatError, HypernetworkOptions, load_hypernetwork, sanitize_name
@@ -24,9 +25,6 @@ from histo_assets.resources import STAGE_CONFIG_SCHEMA, BaseModelResource, Objec
 GROUP = "training"
 HYPERNETWORK_CHECKPOINTS_VERSION = "2"
 IMPORTED_HYPERNETWORKS_VERSION = "1"
-
-# On Kubernetes (dagster-k8s) these tags request one GPU for the step's pod; elsewhere they are inert.
-GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
 
 
 def hypernetwork_options(p: Params) -> HypernetworkOptions:
@@ -47,7 +45,7 @@ def hypernetwork_name(tissue_class: str) -> str:
     return sanitize_name(tissue_class)
 
 
-def resume_key(p: Params, training_set: str) -> str:
+def resume_key(p: Params, training_set: str, base_identity: dict) -> str:
     """What a partial run must share with this one to be continued rather than restarted.
 
     Training can be extended (more steps, more checkpoints) without starting
@@ -55,7 +53,7 @@ def resume_key(p: Params, training_set: str) -> str:
     """
     extendable = {"max_steps", "checkpoint_steps", "loss_log_every"}
     training = {k: v for k, v in p["training"].items() if k not in extendable}
-    return fingerprint(training_set=training_set, base_model=p["base_model"], hypernetwork=p["hypernetwork"],
+    return fingerprint(training_set=training_set, base_model=base_identity, hypernetwork=p["hypernetwork"],
                        training=training, resolution=p.resolution, seed=p.seed, code=HYPERNETWORK_CHECKPOINTS_VERSION)
 
 
@@ -69,7 +67,7 @@ def checkpoint_rows(summary: dict) -> pd.DataFrame:
     group_name=GROUP,
     code_version=HYPERNETWORK_CHECKPOINTS_VERSION,
     automation_condition=FOLLOW_UPSTREAM,
-    deps=[augmented_crops],
+    deps=[augmented_crops, base_model_asset],
     pool="gpu",
     op_tags=GPU_TAGS,
     kinds={"pytorch", "diffusers"},
@@ -95,7 +93,7 @@ def hypernetwork_checkpoints(
     object_store.pull(p.data_dir, crops_dir, out, log=context.log.info)
     training_set = read_summary(crops_dir)["data_version"]
     stage_fingerprint = fingerprint(
-        training_set=training_set, base_model=p["base_model"], hypernetwork=p["hypernetwork"], training=p["training"],
+        training_set=training_set, base_model=base_model.identity(p), hypernetwork=p["hypernetwork"], training=p["training"],
         resolution=p.resolution, seed=p.seed, code=HYPERNETWORK_CHECKPOINTS_VERSION,
     )
     summary = current_summary(out, stage_fingerprint)
@@ -106,7 +104,7 @@ def hypernetwork_checkpoints(
         base = base_model.load(p)
         options = hypernetwork_options(p)
         check_hypernetwork_sizes(options.sizes, base.unet)
-        if prepare_resumable(out, resume_key(p, training_set)):
+        if prepare_resumable(out, resume_key(p, training_set, base_model.identity(p))):
             context.log.info(f"{tissue_class}: continuing the training run in {out} (interrupted, extended or missing checkpoints)")
         training = p["training"]
         result = train_hypernetwork(

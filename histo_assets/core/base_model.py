@@ -10,6 +10,7 @@ inside diffusers.
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import tempfile
@@ -32,9 +33,11 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.models.attention_processor import Attention
+from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from histo_assets.core.a1111_text import SHORT_HASH_LENGTH
+from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.io import atomic_directory, sha256_file, stable_hash
 
 SOURCES = ("tiny", "diffusers", "single_file")
@@ -61,8 +64,36 @@ TINY_MAX_LENGTH = 77
 TINY_CROSS_ATTENTION_DIM = 48
 TINY_HYPERNETWORK_SIZES = (48, 32, 64)
 
+# The SD 1.x component configs shipped with the package, so that a lone
+# v1-5-pruned-emaonly.safetensors loads without a diffusers folder from a hub.
+# Its tokenizer/ holds only CLIP's BPE vocabulary; see clip_tokenizer().
+SD1_CONFIG_DIR = Path(__file__).with_name("sd1_config")
+CLIP_BPE_VOCABULARY = SD1_CONFIG_DIR / "tokenizer" / "bpe_simple_vocab_16e6.txt.gz"
+CLIP_MAX_LENGTH = 77
+# CLIP's vocabulary is 49,408 tokens: 512 byte tokens, then this many merges, then the two specials.
+CLIP_MERGE_COUNT = 49408 - 512 - 2
 
-class BaseModelError(ValueError):
+# Tensors whose shapes tell an SD 1.x checkpoint in the original (LDM/A1111) layout
+# from SD 2.x (1024-wide OpenCLIP context, linear projections), SDXL, inpainting
+# (9 input channels) and instruct-pix2pix (8) models, none of which the shipped
+# configs describe.
+SD1_SIGNATURE = {
+    "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+    "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320, 1, 1),
+    "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
+    "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight": (1280, 768),
+    "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
+    "model.diffusion_model.out.2.weight": (4, 320, 3, 3),
+    "first_stage_model.encoder.conv_in.weight": (128, 3, 3, 3),
+    "first_stage_model.decoder.conv_out.weight": (3, 128, 3, 3),
+    "first_stage_model.quant_conv.weight": (8, 8, 1, 1),
+    "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 768),
+    "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": (77, 768),
+    "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc1.weight": (3072, 768),
+}
+
+
+class BaseModelError(HistoAssetsError, ValueError):
     """A base-model setting that cannot be used; raised before any weights load."""
 
 
@@ -231,6 +262,59 @@ def tiny_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TINY_MAX_LENGTH)
 
 
+def clip_tokenizer() -> CLIPTokenizer:
+    """The tokenizer of SD 1.x (OpenAI CLIP ViT-L/14), built from the BPE vocabulary shipped in the package.
+
+    No released tokenizer file can be fetched offline, but the ids are fully
+    determined by CLIP's merge list: the vocabulary is the 256 byte symbols,
+    their end-of-word forms, one token per merge in rank order, then the two
+    specials, the order OpenAI's own tokenizer assigns.
+    """
+    with gzip.open(CLIP_BPE_VOCABULARY, "rt", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
+    # Line 0 is the file's version header.
+    merges = [tuple(line.split()) for line in lines[1:CLIP_MERGE_COUNT + 1]]
+    symbols = _byte_symbols()
+    tokens = [*symbols, *(symbol + "</w>" for symbol in symbols), *("".join(merge) for merge in merges),
+              "<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
+
+
+def checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape of a single-file checkpoint, without reading its weights.
+
+    Safetensors keep them in a small header; a ``.ckpt`` is unpickled onto the
+    meta device, so a 4 GB file costs no memory either way. Lightning
+    checkpoints nest the weights under ``state_dict``.
+    """
+    file = Path(path)
+    # The parsers fail on a damaged or foreign file in many ways (KeyError,
+    # UnpicklingError, SafetensorError...); all mean the same to the user.
+    try:
+        if file.name.endswith(".safetensors"):
+            with safe_open(str(file), framework="pt") as handle:
+                return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        state = torch.load(file, map_location="meta", weights_only=True)
+    except Exception as error:
+        raise BaseModelError(f"base model file {file} is not a readable checkpoint: {error}") from error
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        return {}
+    return {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
+
+
+def sd1_mismatch(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why a checkpoint is not SD 1.x in the original layout, or None when it is."""
+    for key, expected in SD1_SIGNATURE.items():
+        if key not in shapes:
+            return f"it has no tensor {key}"
+        if shapes[key] != expected:
+            return f"{key} has shape {list(shapes[key])} where SD 1.x has {list(expected)}"
+    return None
+
+
 def _tiny_pipeline(seed: int) -> StableDiffusionPipeline:
     tokenizer = tiny_tokenizer()
     # Diffusers and transformers initialise weights from the global RNG; fork it
@@ -380,10 +464,12 @@ def load_base_model(
       * ``tiny``: the miniature of :func:`build_tiny_model`, built once per seed
         under ``tiny_cache_dir`` and then loaded like a diffusers folder;
       * ``diffusers``: ``path`` is a ``save_pretrained`` folder;
-      * ``single_file``: ``path`` is an original (LDM) ``.safetensors``/``.ckpt``
-        and ``config`` a local diffusers folder giving every component's config
-        (weights there are not needed). That folder replaces the hub lookup
-        diffusers would otherwise do, so no original-config YAML is required.
+      * ``single_file``: ``path`` is an original (LDM/A1111) ``.safetensors``/``.ckpt``.
+        For SD 1.x ``config`` may be None: the component configs shipped in
+        :data:`SD1_CONFIG_DIR` and :func:`clip_tokenizer` stand in for the hub
+        lookup diffusers would otherwise do, once the file's tensor shapes show
+        it is SD 1.x. Any other architecture needs ``config``, a local diffusers
+        folder giving every component's config (weights there are not needed).
 
     ``expected_sha256`` is checked against :attr:`BaseModel.sha256` before the
     weights load. ``name`` is what hypernetwork files record as
@@ -420,13 +506,20 @@ def load_base_model(
     if not model_path.name.endswith(SINGLE_FILE_SUFFIXES):
         raise BaseModelError(f"base model file {model_path} must end in one of {', '.join(SINGLE_FILE_SUFFIXES)}")
     if config is None:
-        raise BaseModelError(
-            "source 'single_file' needs config: a local diffusers folder with model_index.json and the unet, vae, "
-            "text_encoder, tokenizer and scheduler configs (e.g. a copy of the stable-diffusion-v1-5 repo without "
-            "its weights), because the hub cannot be reached to fetch them"
-        )
-    config_dir = Path(config).expanduser()
-    _require_diffusers_folder(config_dir, "base model config folder", need_weights=False)
+        mismatch = sd1_mismatch(checkpoint_shapes(model_path))
+        if mismatch is not None:
+            raise BaseModelError(
+                f"base model file {model_path} is not an SD 1.x checkpoint in the original layout ({mismatch}); "
+                "only SD 1.x loads without a config folder, so for this file source 'single_file' needs config: "
+                "a local diffusers folder with model_index.json and the unet, vae, text_encoder, tokenizer and "
+                "scheduler configs, because the hub cannot be reached to fetch them"
+            )
+        config_dir = SD1_CONFIG_DIR
+        components = {"tokenizer": clip_tokenizer()}
+    else:
+        config_dir = Path(config).expanduser()
+        _require_diffusers_folder(config_dir, "base model config folder", need_weights=False)
+        components = {}
     sha256 = sha256_file(model_path)
     _verify_sha256(sha256, expected_sha256, model_path)
     pipeline = StableDiffusionPipeline.from_single_file(
@@ -437,6 +530,7 @@ def load_base_model(
         feature_extractor=None,
         requires_safety_checker=False,
         dtype=torch_dtype,
+        **components,
     )
     return _finish(pipeline, sha256, name or model_path.name, "single_file", model_path, torch_device, torch_dtype)
 
@@ -465,3 +559,20 @@ def _finish(pipeline: StableDiffusionPipeline, sha256: str, name: str, source: s
         module.eval()
     return BaseModel(pipeline=pipeline, sha256=sha256, short_hash=short_hash(sha256), name=webui_model_name(name),
                      source=source, path=path, device=device, dtype=dtype)
+
+
+def describe_architecture(base: BaseModel) -> dict:
+    """The facts an auditor needs to tell which Stable Diffusion family a base model is, and what a hypernetwork can act on."""
+    unet, vae, text_encoder = base.unet.config, base.vae.config, base.text_encoder.config
+    return {
+        "unet_block_out_channels": list(unet.block_out_channels),
+        "cross_attention_dim": int(unet.cross_attention_dim),
+        "attention_context_widths": attention_context_widths(base.unet),
+        "latent_channels": int(vae.latent_channels),
+        "vae_downsampling": 2 ** (len(vae.block_out_channels) - 1),
+        "text_encoder_hidden_size": int(text_encoder.hidden_size),
+        "text_encoder_layers": int(text_encoder.num_hidden_layers),
+        "vocabulary": len(base.tokenizer),
+        "parameters": {name: sum(t.numel() for t in module.parameters())
+                       for name, module in (("unet", base.unet), ("vae", base.vae), ("text_encoder", base.text_encoder))},
+    }

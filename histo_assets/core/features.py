@@ -51,6 +51,13 @@ FALLBACK_FEATURES = 256
 FALLBACK_RESIZE_MODE = "bilinear"
 FALLBACK_ANTIALIAS = True
 
+# The one implementation whose numbers ours may be compared with. The same Inception
+# weights in torch-fidelity, TensorFlow FID, torchmetrics >= 1.8 or clean-fid go
+# through other resizes and scalings, so their FIDs differ from ours on inputs that
+# are not 299x299 (reference doc §4, §5b).
+COMPARABLE_PYTORCH_FID = "pytorch-fid"
+COMPARABLE_NONE = "none"
+
 _IMAGE_LAYOUT = "uint8 tensor of shape [N, 3, H, W]"
 
 
@@ -63,6 +70,12 @@ def _unit_range(images: Tensor) -> Tensor:
 
 def _resize(images: Tensor, size: int, antialias: bool) -> Tensor:
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
+
+
+def preprocessing_label(size: int, resize_mode: str, antialias: bool) -> str:
+    """What happens to a uint8 image before the network, in words: FIDs differ when any step differs."""
+    smoothing = "with" if antialias else "no"
+    return f"uint8 RGB /255, {resize_mode} resize to {size}x{size} (align_corners=False, {smoothing} antialias), 2x-1"
 
 
 class ImageFeatureExtractor(nn.Module):
@@ -365,7 +378,9 @@ class FeatureExtractorInfo:
     antialias: bool
     weights_path: str | None
     weights_sha256: str | None
-    comparable_with_published: bool
+    # COMPARABLE_PYTORCH_FID only for the published weights; never a claim about other FID libraries.
+    comparable_with: str
+    preprocessing: str
     inception_score_available: bool
     note: str
 
@@ -388,7 +403,8 @@ def build_extractor(weights_path: str | None, seed: int) -> tuple[ImageFeatureEx
             antialias=FALLBACK_ANTIALIAS,
             weights_path=None,
             weights_sha256=None,
-            comparable_with_published=False,
+            comparable_with=COMPARABLE_NONE,
+            preprocessing=preprocessing_label(FALLBACK_INPUT_SIZE, FALLBACK_RESIZE_MODE, FALLBACK_ANTIALIAS),
             inception_score_available=False,
             note=(
                 f"No Inception weights given: features come from a random CNN (seed {seed}). FID/KID values "
@@ -400,7 +416,9 @@ def build_extractor(weights_path: str | None, seed: int) -> tuple[ImageFeatureEx
     digest = sha256_file(path)
     published = digest == PUBLISHED_WEIGHTS_SHA256
     note = (
-        "Published FID Inception weights, pytorch-fid preprocessing (bilinear resize without antialias)."
+        "Published FID Inception weights with pytorch-fid's preprocessing (bilinear resize without antialias, "
+        "2x/255-1): values are comparable with pytorch-fid only, not with TensorFlow FID, torch-fidelity, "
+        "torchmetrics >= 1.8 or clean-fid, which resize or scale differently."
         if published
         else f"Inception weights differ from the published file (sha256 {PUBLISHED_WEIGHTS_SHA256[:12]}...): "
         "values are not comparable with published FID/IS."
@@ -413,7 +431,8 @@ def build_extractor(weights_path: str | None, seed: int) -> tuple[ImageFeatureEx
         antialias=INCEPTION_ANTIALIAS,
         weights_path=str(path),
         weights_sha256=digest,
-        comparable_with_published=published,
+        comparable_with=COMPARABLE_PYTORCH_FID if published else COMPARABLE_NONE,
+        preprocessing=preprocessing_label(INCEPTION_INPUT_SIZE, INCEPTION_RESIZE_MODE, INCEPTION_ANTIALIAS),
         inception_score_available=True,
         note=note + " Inception Score is available from the 1008-class logits.",
     )

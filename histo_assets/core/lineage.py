@@ -32,11 +32,12 @@ from histo_assets.core.a1111_text import (
     hypernetwork_token,
     parse_a1111_parameters,
 )
+from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.io import sha256_file, stable_hash
 from histo_assets.core.release import CARD, LINEAGE, MANIFEST, read_manifest
 from histo_assets.core.stage import read_summary
 from histo_assets.core.training_files import settings_path
-from histo_assets.layout import HOLDOUT, IMAGES, INDEX, INVENTORY, Layout
+from histo_assets.layout import BASE_MODEL_ASSET, HOLDOUT, IMAGES, INDEX, INVENTORY, Layout
 
 MIN_PREFIX = 8
 _SHA_QUERY = re.compile(rf"[0-9a-fA-F]{{{MIN_PREFIX},64}}")
@@ -69,11 +70,11 @@ RUN_SUMMARY_FIELDS = ("final_loss", "device", "steps_per_second", "resumed_from"
 INVENTORY_FIELDS = ("bytes", "width", "height", "levels", "mpp", "reader")
 
 
-class LineageNotFound(LookupError):
+class LineageNotFound(HistoAssetsError, LookupError):
     """No release or data folder searched records the image."""
 
 
-class AmbiguousImage(LookupError):
+class AmbiguousImage(HistoAssetsError, LookupError):
     """A sha256 prefix matches more than one recorded image."""
 
 
@@ -108,6 +109,7 @@ class LineageReport:
     generation: dict[str, Any]
     png_parameters: dict[str, str] | None
     checkpoint: dict[str, Any]
+    base_model: dict[str, Any]
     training: dict[str, Any]
     training_images: dict[str, Any]
     square_crops: tuple[dict[str, Any], ...]
@@ -340,6 +342,7 @@ class _Tracer:
             self.checks.append(Check("release manifest = data folder index", not differ,
                                      "; ".join(differ) or "generation and checkpoint fields agree"))
         png = self._png(intact, generation, checkpoint)
+        base_model = self._base_model(checkpoint, generation)
         training = self._training(checkpoint)
         lineage, training_images = self._training_images(training["training_set_hash"])
         square_crops, raw_slides = self._crops_and_slides(lineage)
@@ -357,6 +360,7 @@ class _Tracer:
             generation=generation,
             png_parameters=png,
             checkpoint=checkpoint,
+            base_model=base_model,
             training=training,
             training_images=training_images,
             square_crops=square_crops,
@@ -428,6 +432,21 @@ class _Tracer:
         self.checks.append(Check("PNG parameters chunk", not differ,
                                  "; ".join(differ) or f"{at_hand.name} says what the record says"))
         return parsed
+
+    def _base_model(self, checkpoint: dict, generation: dict) -> dict[str, Any]:
+        """The base_model asset behind the image: what it was, and for a model trained here, what it was trained on."""
+        base = {"asset": BASE_MODEL_ASSET, "name": generation.get("base_model_name"),
+                "sha256": checkpoint.get("base_model_sha256"), "source": None, "path": None, "training_set": None}
+        summary = read_summary(self.layout.base_model) if self.layout is not None else None
+        if summary is None:
+            self.checks.append(Check("base model", None, "no base_model asset folder at hand; only the recorded hash is known"))
+        elif summary.get("sha256") != base["sha256"]:
+            self.checks.append(Check("base model", None, f"the base_model asset now holds {summary.get('sha256')}, "
+                                                         "not this image's model"))
+        else:
+            base.update({key: summary.get(key) for key in ("name", "source", "path", "training_set")})
+            self.checks.append(Check("base model", True, f"{self.layout.base_model} holds the recorded model"))
+        return base
 
     def _training(self, checkpoint: dict) -> dict[str, Any]:
         recorded_hash = self.manifest_row.get("training_set_hash") if self.manifest_row else None
@@ -568,6 +587,12 @@ def _render(report: LineageReport) -> list[str]:
     lines += ["", "Checkpoint"]
     lines += [f"  {key:<22} {_value(c.get(key))}" for key in
               ("file", "sha256", "step", "hypernetwork_name", "base_model_sha256", "path", "on_disk_sha256_matches")]
+    b = report.base_model
+    lines += ["", f"Base model (asset {b['asset']})"]
+    lines += [f"  {key:<22} {_value(b.get(key))}" for key in ("name", "sha256", "source", "path")]
+    if b["training_set"] is not None:
+        lines.append("  trained here on:")
+        lines += [f"    {key}: {_value(value)}" for key, value in _flatten(b["training_set"])]
     lines += ["", "Training run",
               f"  training set hash      {_value(t['training_set_hash'])}",
               f"  base model sha256      {_value(t['base_model_sha256'])}"]

@@ -256,6 +256,7 @@ def _card(
     digest: str,
     manifest: pd.DataFrame,
     metrics: pd.DataFrame | None,
+    metrics_notes: str,
     plot_names: list[str],
     card_extra: str,
     repo_url: str,
@@ -302,6 +303,8 @@ def _card(
     lines += ["", "## Metrics", ""]
     if metrics is not None:
         lines.append(_markdown_table(list(metrics.columns), list(metrics.itertuples(index=False, name=None))))
+        if metrics_notes.strip():
+            lines += ["", metrics_notes.strip()]
     else:
         lines.append("No metrics table was supplied with this release.")
     if plot_names:
@@ -362,6 +365,7 @@ def build_release(
     *,
     name: str,
     metrics_table: pd.DataFrame | None = None,
+    metrics_notes: str = "",
     lineage: pd.DataFrame | None = None,
     plots: Sequence[str | os.PathLike] = (),
     card_extra: str = "",
@@ -374,7 +378,8 @@ def build_release(
     Layout: ``images/<class>/<file>``, ``manifest.parquet``, optional
     ``metrics.parquet``, ``lineage.parquet`` (training images back to raw
     slides, so an audit works from the release alone) and ``plots/``, and the
-    dataset card ``README.md``.
+    dataset card ``README.md``. ``metrics_notes`` (Markdown) follows the
+    metrics table in the card: how to read its labels, intervals and flags.
     ``repo_url`` and ``repo_path`` (the folder's path inside the git repo)
     fill the card's pull instructions; placeholders stand in when they are
     not known yet. ``local_remote`` (name, absolute path) is a DVC remote on
@@ -424,6 +429,7 @@ def build_release(
             digest=digest,
             manifest=manifest,
             metrics=metrics,
+            metrics_notes=metrics_notes,
             plot_names=plot_names,
             card_extra=card_extra,
             repo_url=repo_url or "<repo-url>",
