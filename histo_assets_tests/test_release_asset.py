@@ -57,7 +57,7 @@ from histo_assets.core.sampling import image_seed
 from histo_assets.layout import INDEX, INVENTORY, SUMMARY, Layout
 from histo_assets.params import PROJECT_ROOT, load_params
 from histo_assets_tests.conftest import dvc_executable, isolated_git_dvc_env, tree_hashes
-from histo_assets_tests.tiny_pipeline import CLASSES, SEED, STEPS, Pipeline, data_version, latest, metadata, run_ok
+from histo_assets_tests.tiny_pipeline import BASE_MODEL_NAME, CLASSES, SEED, STEPS, Pipeline, data_version, latest, metadata, run_ok
 
 TAG_SCHEME = r"release/{name}/[0-9a-f]{{12}}"
 
@@ -380,6 +380,8 @@ def test_lineage_traces_every_image_of_the_cloned_release_to_the_raw_slides(publ
         assert f"  {path}\n    sha256 {sha}" in text
     assert want.checkpoint_sha256 in text and f"Seed: {want.generation['seed']}" in text
     assert want.run_id in text and published.tag in text and "FAIL" not in text
+    base_section = text.split("Base model (asset base_model)\n", 1)[1].split("\n\n", 1)[0]
+    assert BASE_MODEL_NAME in base_section and "sha256" in base_section
 
 
 def test_lineage_by_sha256_in_the_original_data_folder_verifies_every_link(published, clone):
@@ -401,8 +403,12 @@ def test_lineage_by_sha256_in_the_original_data_folder_verifies_every_link(publi
             assert slide["on_disk"] is True and slide["bytes"] == (data / slide["path"]).stat().st_size
         assert {check["name"] for check in report["checks"] if check["passed"]} >= {
             "PNG parameters chunk", "checkpoint file on disk", "training settings", "training images",
-            "release manifest = data folder index",
+            "release manifest = data folder index", "base model",
         }
+        base = json.loads((data / "base_model" / "summary.json").read_text())
+        assert report["base_model"] | {"training_set": None} == {
+            "asset": "base_model", "name": BASE_MODEL_NAME, "sha256": base["sha256"], "source": "tiny",
+            "path": base["path"], "training_set": None}
         # In the clone, with its committed params and no options, the pulled release gives the same chain.
         from_clone = lineage_json(row["sha256"], env=in_clone)
         assert [hit["folder"] for hit in from_clone["releases"]] == [str((clone / published.release_path).resolve())]

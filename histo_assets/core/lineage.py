@@ -342,7 +342,7 @@ class _Tracer:
             self.checks.append(Check("release manifest = data folder index", not differ,
                                      "; ".join(differ) or "generation and checkpoint fields agree"))
         png = self._png(intact, generation, checkpoint)
-        base_model = self._base_model(checkpoint, generation)
+        base_model = self._base_model(checkpoint, generation, png)
         training = self._training(checkpoint)
         lineage, training_images = self._training_images(training["training_set_hash"])
         square_crops, raw_slides = self._crops_and_slides(lineage)
@@ -433,9 +433,9 @@ class _Tracer:
                                  "; ".join(differ) or f"{at_hand.name} says what the record says"))
         return parsed
 
-    def _base_model(self, checkpoint: dict, generation: dict) -> dict[str, Any]:
+    def _base_model(self, checkpoint: dict, generation: dict, png: dict[str, str] | None) -> dict[str, Any]:
         """The base_model asset behind the image: what it was, and for a model trained here, what it was trained on."""
-        base = {"asset": BASE_MODEL_ASSET, "name": generation.get("base_model_name"),
+        base = {"asset": BASE_MODEL_ASSET, "name": generation.get("base_model_name") or (png or {}).get("Model"),
                 "sha256": checkpoint.get("base_model_sha256"), "source": None, "path": None, "training_set": None}
         summary = read_summary(self.layout.base_model) if self.layout is not None else None
         if summary is None:
