@@ -8,7 +8,7 @@ Across classes, under every checkpoint and image:
 Per tissue class x checkpoint step (step 0: the base model without a hypernetwork):
     synthetic_images -> checkpoint_metrics
 Across everything:
-    metrics_summary -> dataset_release (dvc add + push + git tag)
+    metrics_summary -> classifier_utility -> dataset_release (dvc add + push + git tag)
 
 Pool `gpu` (training, generation) runs one step at a time, so concurrent runs never share a GPU;
 `dead_run_reaper` gives the slots of runs whose process died back to the pool.
@@ -18,7 +18,7 @@ import os
 
 import dagster as dg
 
-from histo_assets.assets import base_model, evaluation, generation, ingest, release, training
+from histo_assets.assets import base_model, evaluation, generation, ingest, release, training, utility
 from histo_assets.automation import automation_condition_sensor, build_automation
 from histo_assets.core.object_store import STORE_URL_ENV
 from histo_assets.resources import BaseModelResource, DvcResource, ObjectStoreResource, ParamsResource
@@ -28,7 +28,7 @@ ingest_assets = [ingest.raw_slides, ingest.square_crops, ingest.augmented_crops]
 base_model_assets = [base_model.base_model_asset]
 training_assets = [training.hypernetwork_checkpoints, training.imported_hypernetworks, generation.imported_synthetic_images]
 per_checkpoint_assets = [generation.synthetic_images, evaluation.checkpoint_metrics]
-summary_assets = [evaluation.metrics_summary]
+summary_assets = [evaluation.metrics_summary, utility.classifier_utility_asset]
 release_assets = [release.dataset_release]
 
 
@@ -40,7 +40,7 @@ ingest_job = _job("ingest_pipeline", ingest_assets, "Inventory, square crops and
 base_model_job = _job("base_model_pipeline", base_model_assets, "The base model: verified and described, or trained on every class's training crops.")
 training_job = _job("training_pipeline", training_assets, "Hypernetwork training (and imported hypernetworks) for one tissue class.")
 per_checkpoint_job = _job("checkpoint_pipeline", per_checkpoint_assets, "Synthetic images and their metrics for one class x checkpoint step.")
-summary_job = _job("summary_pipeline", summary_assets, "Metric summary across classes and checkpoints.")
+summary_job = _job("summary_pipeline", summary_assets, "Metric summary across classes and checkpoints, and the classifier utility of every release candidate.")
 release_job = _job("release_pipeline", release_assets, "Assemble, DVC-version, push and tag the synthetic dataset release.")
 
 # The order in which `histo-assets materialize` runs the jobs over their partitions (and dvc.yaml's stages).

@@ -63,6 +63,11 @@ class Layout:
     def metrics_details(self) -> Path:
         return self.metrics_summary / "details"
 
+    @property
+    def classifier_utility(self) -> Path:
+        """One folder per release candidate, and the DVC metrics (utility.json) and plot across them at the top."""
+        return self.data_dir / "classifier_utility"
+
     def release(self, name: str) -> Path:
         return self.data_dir / "releases" / name
 

@@ -63,7 +63,7 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
 
 
 # Keys whose params value is one kind of several the key takes; their settings object checks the value.
-SEVERAL_KINDS = {"release.checkpoints": "best, all or a list of steps"}
+SEVERAL_KINDS = {"release.checkpoints": "best, utility, all or a list of steps"}
 
 
 def value_kind(dotted: str, current: Any) -> str | None:

@@ -506,3 +506,24 @@ def test_checkpoint_that_does_not_load_fails_the_check_with_a_reason(pipeline, t
     check = in_process_checks(result)["all_checkpoints_load"]
     assert check.passed is False
     assert f"{FIRST}-3.pt" in check.metadata["problems"].value
+
+
+def test_classifier_utility_scores_every_release_candidate_with_intervals(pipeline):
+    folder = pipeline.data / "classifier_utility"
+    table = pd.read_csv(folder / "utility.csv")
+    candidates = {f"step-{s}" for s in EVALUATED_STEPS} | {"best"}
+    assert set(table["candidate"]) == candidates
+    for (candidate, variant), rows in table[table["metric"] == "balanced_accuracy"].groupby(["candidate", "variant"]):
+        row = rows.iloc[0]
+        assert row["ci_low"] <= row["value"] <= row["ci_high"], (candidate, variant)
+    assert {"real", "real+synthetic", "synthetic"} <= set(table["variant"])
+    overview = json.loads((folder / "utility.json").read_text())
+    assert set(overview["verdicts"]) == candidates and overview["best_step_by_utility"] in STEPS
+    assert all(set(v.values()) <= {"helps", "hurts", "no_detectable_effect"} for v in overview["verdicts"].values())
+    for candidate in candidates:
+        assert (folder / "candidates" / candidate / "confusion.csv").is_file()
+    card = next((pipeline.data / "releases").glob("*/README.md")).read_text()
+    assert "Classifier utility (logistic" in card and "| step-0 |" in card
+    with pipeline.instance() as instance:
+        shown = metadata(latest(instance, "classifier_utility", None))
+        assert "real+synthetic" in shown["table"] and shown["best_step_by_utility"] in STEPS

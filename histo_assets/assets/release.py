@@ -11,6 +11,7 @@ from histo_assets.assets.evaluation import TABLE_COLUMNS, checkpoint_metrics, me
 from histo_assets.assets.generation import SYNTHETIC_IMAGES_VERSION
 from histo_assets.assets.ingest import AUGMENTED_CROPS_VERSION, SQUARE_CROPS_VERSION
 from histo_assets.assets.training import HYPERNETWORK_CHECKPOINTS_VERSION
+from histo_assets.assets.utility import classifier_utility_asset
 from histo_assets.core.dvc import (
     ensure_git_identity,
     git_last_commit,
@@ -36,11 +37,15 @@ CODE_PATHS = ["histo_assets", "pyproject.toml"]
 PIPELINE_AUTHOR = ("histo-assets", "histo-assets@localhost")
 
 
-def selected_steps(p: Params, best: dict[str, int]) -> dict[str, list[int]]:
+def selected_steps(p: Params, best: dict[str, int], by_utility: int | None) -> dict[str, list[int]]:
     choice = p["release"]["checkpoints"]
     all_steps = sorted(int(s) for s in p["training"]["checkpoint_steps"])
     if choice == "best":
         return {c: [best[c]] for c in p.classes}
+    if choice == "utility":
+        if by_utility is None:
+            raise dg.Failure("release.checkpoints is utility: materialise classifier_utility first")
+        return {c: [by_utility] for c in p.classes}
     if choice == "all":
         return {c: all_steps for c in p.classes}
     unknown = sorted(set(map(int, choice)) - set(all_steps))
@@ -66,10 +71,10 @@ def release_repo_url(section: dict, repo) -> str | None:
     config_schema=STAGE_CONFIG_SCHEMA,
     group_name=GROUP,
     automation_condition=FOLLOW_UPSTREAM,
-    deps=[metrics_summary, checkpoint_metrics],
+    deps=[metrics_summary, checkpoint_metrics, classifier_utility_asset],
     kinds={"dvc", "parquet"},
     description="The versioned synthetic dataset: images of the selected checkpoints (release.checkpoints: best per "
-    "class, all, or listed steps), manifest.parquet with full provenance per image, lineage.parquet back to the raw "
+    "class, the step that most helps a classifier (utility), all, or listed steps), manifest.parquet with full provenance per image, lineage.parquet back to the raw "
     "slides, metrics and a dataset card. Recorded with `dvc add`, pushed to the DVC remote, tagged "
     "release/<name>/<content hash>.",
 )
@@ -82,11 +87,13 @@ def dataset_release(
     p = params.load_for(context)
     layout = Layout(p.data_dir)
     section = p["release"]
-    object_store.pull(p.data_dir, layout.metrics_summary, log=context.log.info)
+    object_store.pull(p.data_dir, layout.metrics_summary, layout.classifier_utility, log=context.log.info)
     summary = read_summary(layout.metrics_details)
     if summary is None:
         raise dg.Failure("metrics_summary has not been materialised")
-    steps = selected_steps(p, {c: int(s) for c, s in summary["best"].items()})
+    utility = read_summary(layout.classifier_utility)
+    steps = selected_steps(p, {c: int(s) for c, s in summary["best"].items()},
+                           utility["best_step_by_utility"] if utility else None)
     for tissue_class, class_steps in steps.items():
         object_store.pull(
             p.data_dir, layout.raw_slides(tissue_class), layout.square_crops(tissue_class), layout.augmented_crops(tissue_class),
@@ -135,7 +142,7 @@ def dataset_release(
     remote = section["remote"]
     local_remote = (p.source.parent / remote["url"]).resolve() if is_local_url(remote["url"]) else None
     info = build_release(
-        images, out, name=section["name"], metrics_table=metrics, metrics_notes=summary["metrics_notes"],
+        images, out, name=section["name"], metrics_table=metrics, metrics_notes=summary["metrics_notes"] + ("\n\n" + utility["notes"] if utility else ""),
         lineage=pd.concat(lineage, ignore_index=True),
         plots=plots, card_extra=f"Checkpoints: {section['checkpoints']} (by {summary['best_by']}). {summary['extractor_note']}",
         repo_url=release_repo_url(section, repo), repo_path=relative,
