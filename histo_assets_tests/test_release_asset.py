@@ -40,6 +40,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,7 @@ import yaml
 from histo_assets.assets.release import PIPELINE_AUTHOR
 from histo_assets.core.evaluation import SMALL_REFERENCE, TABLE_COLUMNS
 from histo_assets.core.io import sha256_file
-from histo_assets.core.release import CARD, content_hash
+from histo_assets.core.release import CARD, DATASET_HEADING, content_hash
 from histo_assets.core.sampling import image_seed
 from histo_assets.layout import INDEX, INVENTORY, SUMMARY, Layout
 from histo_assets.params import PROJECT_ROOT, load_params
@@ -319,6 +320,29 @@ def test_fresh_clone_at_the_tag_pulls_the_release_byte_identically(published, cl
     assert pulled == original
     manifest = pd.read_parquet(clone / published.release_path / "manifest.parquet")
     assert {path: pulled[path] for path in manifest["path"]} == dict(zip(manifest["path"], manifest["sha256"]))
+
+
+
+def test_the_cards_dataset_snippet_loads_the_pulled_release_with_its_labels(published, clone):
+    """The card's own code, copied out of the pulled card, run where `dvc get` would have put the folder."""
+    release = clone / published.release_path
+    card = (release / "README.md").read_text()
+    code = card.split(DATASET_HEADING, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    check = code + textwrap.dedent("""
+        import json
+        batch, labels = next(iter(torch.utils.data.DataLoader(dataset, batch_size=len(dataset))))
+        print(json.dumps({"n": len(dataset), "classes": dataset.classes, "shape": list(batch.shape),
+                          "labels": sorted(set(labels.tolist())), "min": float(batch.min()), "max": float(batch.max()),
+                          "first": [dataset.manifest["tissue_class"].iloc[0], dataset.labels[0]]}))
+    """)
+    completed = subprocess.run([sys.executable, "-c", check], cwd=release.parent, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    manifest = pd.read_parquet(release / "manifest.parquet")
+    assert result["n"] == len(manifest) and result["classes"] == sorted(CLASSES)
+    assert result["shape"] == [len(manifest), 3, 64, 64] and 0 <= result["min"] <= result["max"] <= 1
+    assert result["labels"] == list(range(len(CLASSES)))
+    assert result["first"][1] == sorted(CLASSES).index(result["first"][0])
 
 
 # --- 3. lineage from the pulled copy and from the data folder -----------------------------------------

@@ -353,10 +353,55 @@ def _card(
         "```",
         "",
         "Check a copy against the `sha256` column of the manifest before use.",
+        "",
+        DATASET_HEADING,
+        "",
+        f"With torch and Pillow, from the folder `dvc get` made (in a clone: `{repo_path}`), the labels "
+        "numbered in sorted class order:",
+        "",
+        "```python",
+        *dataset_snippet(folder).splitlines(),
+        "```",
     ]
     if card_extra.strip():
         lines += ["", card_extra.strip()]
     return "\n".join(lines) + "\n"
+
+
+DATASET_HEADING = "## Loading it as an image-classification dataset"
+
+
+def dataset_snippet(folder: str) -> str:
+    """The card's PyTorch ``Dataset`` over the manifest; the tests run it on a pulled release."""
+    return f'''from pathlib import Path
+
+import numpy as np
+import pandas
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+
+class SyntheticTissue(Dataset):
+    """This release's images as (3 x H x W float tensor in [0, 1], label); classes[label] is the tissue class."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.manifest = pandas.read_parquet(self.root / "{MANIFEST}")
+        self.classes = sorted(self.manifest["tissue_class"].unique())
+        self.labels = [self.classes.index(name) for name in self.manifest["tissue_class"]]
+
+    def __len__(self):
+        return len(self.manifest)
+
+    def __getitem__(self, index):
+        with Image.open(self.root / self.manifest["path"].iloc[index]) as image:
+            pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+        return torch.from_numpy(pixels).permute(2, 0, 1), self.labels[index]
+
+
+dataset = SyntheticTissue("{folder}")
+loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True)'''
 
 
 def build_release(
