@@ -107,8 +107,7 @@ class BaseModelResource(dg.ConfigurableResource):
 
         section = p["base_model"]
         if section["source"] == TRAINED_SOURCE:
-            return load_base_model("diffusers", trained_model_dir(p), expected_sha256=self._trained_sha256(p),
-                                   name=section["name"], device=self.device)
+            return self.load_folder(trained_model_dir(p), self._trained_sha256(p), section["name"])
 
         def local(value):
             return None if value is None else str((p.source.parent / value).resolve())
@@ -123,6 +122,13 @@ class BaseModelResource(dg.ConfigurableResource):
             seed=int(section["tiny_seed"]),
             device=self.device,
         )
+
+    def load_folder(self, folder: Path, sha256: str, name: str | None):
+        """A diffusers folder this pipeline wrote, checked against the hash it recorded."""
+        self.apply_threads()
+        from histo_assets.core.base_model import load_base_model
+
+        return load_base_model("diffusers", folder, expected_sha256=sha256, name=name, device=self.device)
 
     def identity(self, p: Params) -> dict:
         """What fingerprints downstream of the base model know of it, without loading it.
