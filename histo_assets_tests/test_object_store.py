@@ -21,7 +21,7 @@ from histo_assets.core.object_store import ObjectStore, ObjectStoreError, folder
 from histo_assets.params import PROJECT_ROOT, load_params
 from histo_assets.resources import ObjectStoreResource, ParamsResource
 from histo_assets_tests.conftest import SMALL, THESIS_CLASSES, write_params
-from histo_assets_tests.tiny_pipeline import CLASSES, STEPS, empty_pipeline, run_ok
+from histo_assets_tests.tiny_pipeline import CLASSES, EVALUATED_STEPS, empty_pipeline, run_ok
 
 FIRST = THESIS_CLASSES[0]
 
@@ -186,7 +186,8 @@ def test_every_job_in_its_own_empty_pod_gives_the_bytes_of_one_machine(pipeline,
     for tissue_class in CLASSES:
         store.push(pipeline.data / "raw" / tissue_class, f"raw/{tissue_class}")
     logs = {}
-    for job in ("ingest_pipeline", "training_pipeline", "checkpoint_pipeline", "summary_pipeline", "release_pipeline"):
+    for job in ("ingest_pipeline", "base_model_pipeline", "training_pipeline", "checkpoint_pipeline", "summary_pipeline",
+                "release_pipeline"):
         pod = empty_pipeline(tmp_path / job, tiny_model_cache)
         logs[job] = run_ok(pod.materialize("--job", job, store_url=url))
     assert f"pulled hypernetwork_checkpoints/{CLASSES[0]}" in logs["checkpoint_pipeline"]
@@ -196,7 +197,9 @@ def test_every_job_in_its_own_empty_pod_gives_the_bytes_of_one_machine(pipeline,
                      for path in store.fs.find(f"{store.root}/manifests"))
     per_class = ["raw", "raw_slides", "square_crops", "augmented_crops", "hypernetwork_checkpoints",
                  "imported_hypernetwork_index", "imported_synthetic_images"]
-    assert len(folders) == len(CLASSES) * (len(per_class) + 2 * len(STEPS)) + 1, folders
+    unpartitioned = ["base_model", "metrics_summary", "classifier_utility"]
+    assert len(folders) == len(CLASSES) * (len(per_class) + 2 * len(EVALUATED_STEPS)) + len(unpartitioned), folders
+    assert set(unpartitioned) <= set(folders)
     for folder in folders:
         stored = {relative: entry["sha256"] for relative, entry in store.manifest(folder).items()}
         local = hashes(pipeline.data / folder)
