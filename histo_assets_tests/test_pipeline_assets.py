@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from histo_assets.core.hypernetwork import load_hypernetwork
 from histo_assets.core.io import sha256_file
 from histo_assets.core.sampling import image_seed
 from histo_assets.layout import Layout
-from histo_assets.params import load_params
+from histo_assets.params import PROJECT_ROOT, load_params
 from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
 from histo_assets_tests.conftest import TINY_MODEL_SEED, write_params
 from histo_assets_tests.tiny_pipeline import (
@@ -527,3 +528,15 @@ def test_classifier_utility_scores_every_release_candidate_with_intervals(pipeli
     with pipeline.instance() as instance:
         shown = metadata(latest(instance, "classifier_utility", None))
         assert "real+synthetic" in shown["table"] and shown["best_step_by_utility"] in STEPS
+
+
+def test_every_folder_the_pipeline_writes_is_ignored_by_git(pipeline):
+    """The demo must leave a clone's `git status` as it was: every asset folder under data/ is ignored.
+
+    Releases are the exception by design: their .dvc files are committed beside an ignored folder.
+    """
+    written = sorted(path.name for path in pipeline.data.iterdir() if path.is_dir() and path.name != "releases")
+    assert "base_model" in written and "classifier_utility" in written
+    unignored = [name for name in written
+                 if subprocess.run(["git", "check-ignore", "-q", f"data/{name}/"], cwd=PROJECT_ROOT).returncode != 0]
+    assert unignored == []
