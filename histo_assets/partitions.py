@@ -13,10 +13,13 @@ import dagster as dg
 from histo_assets.core.steps import evaluated_steps
 from histo_assets.params import load_params
 
-_params = load_params()
+# The params the definitions are built from (partitions, run-config schema, the base model's inputs), read once.
+DEFINITION_PARAMS = load_params()
 
-tissue_class_partitions = dg.StaticPartitionsDefinition(_params.classes)
-checkpoint_step_partitions = dg.StaticPartitionsDefinition([str(step) for step in evaluated_steps(_params["training"]["checkpoint_steps"])])
+tissue_class_partitions = dg.StaticPartitionsDefinition(DEFINITION_PARAMS.classes)
+checkpoint_step_partitions = dg.StaticPartitionsDefinition(
+    [str(step) for step in evaluated_steps(DEFINITION_PARAMS["training"]["checkpoint_steps"])]
+)
 class_and_step_partitions = dg.MultiPartitionsDefinition({"tissue_class": tissue_class_partitions, "step": checkpoint_step_partitions})
 
 with warnings.catch_warnings():

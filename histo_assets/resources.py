@@ -9,6 +9,7 @@ from pydantic import Field
 
 from histo_assets.layout import Layout
 from histo_assets.params import Params, load_params, value_kind
+from histo_assets.partitions import DEFINITION_PARAMS
 
 # base_model.source for a model the base_model asset trains on the training crops (core/base_model_training.py).
 TRAINED_SOURCE = "trained"
@@ -69,7 +70,7 @@ class ParamsResource(dg.ConfigurableResource):
 
 
 # Every asset's run config: any params key, e.g. {augmentation: {total: 50}}, like `dvc exp run -S augmentation.total=50`.
-STAGE_CONFIG_SCHEMA = params_config_schema(load_params().values)
+STAGE_CONFIG_SCHEMA = params_config_schema(DEFINITION_PARAMS.values)
 
 
 class BaseModelResource(dg.ConfigurableResource):
@@ -147,10 +148,11 @@ class BaseModelResource(dg.ConfigurableResource):
         from histo_assets.core.base_model import BaseModelError
         from histo_assets.core.stage import read_summary
 
-        summary = read_summary(Layout(p.data_dir).base_model)
+        folder = Layout(p.data_dir).base_model
+        summary = read_summary(folder)
         if summary is None or summary.get("source") != TRAINED_SOURCE:
             raise BaseModelError(f"base_model.source is {TRAINED_SOURCE!r}: materialise the base_model asset first; "
-                                 f"{Layout(p.data_dir).base_model} holds no trained model")
+                                 f"{folder} holds no trained model")
         return summary["sha256"]
 
 

@@ -14,7 +14,7 @@ from histo_assets.core.seeding import derive_seed
 from histo_assets.core.stage import current_summary, fingerprint, read_summary
 from histo_assets.core.training import list_images
 from histo_assets.layout import BASE_MODEL_ASSET, IMAGES, SUMMARY, Layout
-from histo_assets.params import load_params
+from histo_assets.partitions import DEFINITION_PARAMS
 from histo_assets.resources import (
     STAGE_CONFIG_SCHEMA,
     TRAINED_MODEL_FOLDER,
@@ -29,7 +29,7 @@ GROUP = "base_model"
 BASE_MODEL_VERSION = "1"
 
 # Only a model trained here has inputs in this graph; a file or folder from elsewhere has none to show.
-_TRAINS_ON_CROPS = load_params()["base_model"]["source"] == TRAINED_SOURCE
+_TRAINS_ON_CROPS = DEFINITION_PARAMS["base_model"]["source"] == TRAINED_SOURCE
 
 
 @dg.asset(
@@ -66,11 +66,9 @@ def base_model_asset(
     reused = summary is not None
     if reused:
         context.log.info(f"base model settings and training set unchanged, reusing {out / SUMMARY}")
-    elif trains:
-        summary = _train(context, p, base_model, training_set) | {"fingerprint": stage_fingerprint}
-        atomic_write_json(out / SUMMARY, summary)
     else:
-        summary = _describe(base_model.load(p)) | {"fingerprint": stage_fingerprint}
+        made = _train(context, p, base_model, training_set) if trains else _describe(base_model.load(p))
+        summary = made | {"fingerprint": stage_fingerprint}
         atomic_write_json(out / SUMMARY, summary)
     object_store.push(p.data_dir, out, log=context.log.info)
     architecture = summary["architecture"]

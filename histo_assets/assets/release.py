@@ -7,7 +7,7 @@ import pandas as pd
 
 from histo_assets import __version__
 from histo_assets.assets import FOLLOW_UPSTREAM
-from histo_assets.assets.evaluation import TABLE_COLUMNS, checkpoint_metrics, metrics_summary
+from histo_assets.assets.evaluation import checkpoint_metrics, metrics_summary
 from histo_assets.assets.generation import SYNTHETIC_IMAGES_VERSION
 from histo_assets.assets.ingest import AUGMENTED_CROPS_VERSION, SQUARE_CROPS_VERSION
 from histo_assets.assets.training import HYPERNETWORK_CHECKPOINTS_VERSION
@@ -20,6 +20,7 @@ from histo_assets.core.dvc import (
     git_toplevel,
     is_local_url,
 )
+from histo_assets.core.evaluation import TABLE_COLUMNS
 from histo_assets.core.lineage import training_lineage
 from histo_assets.core.release import ReleaseImage, build_release, publish_release
 from histo_assets.core.stage import read_summary

@@ -92,8 +92,9 @@ def hypernetwork_checkpoints(
     out = layout.hypernetwork_checkpoints(tissue_class)
     object_store.pull(p.data_dir, crops_dir, out, log=context.log.info)
     training_set = read_summary(crops_dir)["data_version"]
+    base_identity = base_model.identity(p)
     stage_fingerprint = fingerprint(
-        training_set=training_set, base_model=base_model.identity(p), hypernetwork=p["hypernetwork"], training=p["training"],
+        training_set=training_set, base_model=base_identity, hypernetwork=p["hypernetwork"], training=p["training"],
         resolution=p.resolution, seed=p.seed, code=HYPERNETWORK_CHECKPOINTS_VERSION,
     )
     summary = current_summary(out, stage_fingerprint)
@@ -104,7 +105,7 @@ def hypernetwork_checkpoints(
         base = base_model.load(p)
         options = hypernetwork_options(p)
         check_hypernetwork_sizes(options.sizes, base.unet)
-        if prepare_resumable(out, resume_key(p, training_set, base_model.identity(p))):
+        if prepare_resumable(out, resume_key(p, training_set, base_identity)):
             context.log.info(f"{tissue_class}: continuing the training run in {out} (interrupted, extended or missing checkpoints)")
         training = p["training"]
         result = train_hypernetwork(

@@ -16,6 +16,7 @@ from histo_assets.core.classifier_utility import (
     candidates_plot,
     candidates_table,
     classifier_utility,
+    csv_bytes,
     write_utility,
 )
 from histo_assets.core.evaluation import image_set_hash
@@ -107,20 +108,20 @@ def classifier_utility_asset(
                                      features_label=cache.info.name, log=context.log.info)
             for name, synthetic in candidates.items()
         }
-        trained_steps = [step_candidate(step) for step in steps if step != BASELINE_STEP]
-        chosen = best_candidate(results, settings.classifier, trained_steps)
+        trained = {step_candidate(step): step for step in steps if step != BASELINE_STEP}
+        chosen_step = trained[best_candidate(results, settings.classifier, list(trained))]
         table = candidates_table(results)
         with atomic_directory(out) as staging:
             for name, result in results.items():
                 write_utility(result, staging / CANDIDATES / name)
-            (staging / RESULTS_FILE).write_text(table.to_csv(index=False, lineterminator="\n", float_format="%.6g"))
+            (staging / RESULTS_FILE).write_bytes(csv_bytes(table))
             candidates_plot(results, settings.classifier, staging / PLOT_FILE)
             verdicts = {name: result.verdicts()[settings.classifier] for name, result in results.items()}
             atomic_write_json(staging / SUMMARY_FILE, {
                 "classifier": settings.classifier, "features": cache.info.name, "verdict_metric": BALANCED_ACCURACY,
-                "verdicts": verdicts, "best_step_by_utility": int(chosen.removeprefix("step-")),
+                "verdicts": verdicts, "best_step_by_utility": chosen_step,
             })
-            summary = {"fingerprint": stage_fingerprint, "best_step_by_utility": int(chosen.removeprefix("step-")),
+            summary = {"fingerprint": stage_fingerprint, "best_step_by_utility": chosen_step,
                        "verdicts": verdicts, "notes": candidates_notes(results, settings.classifier)}
             atomic_write_json(staging / SUMMARY, summary)
     object_store.push(p.data_dir, out, log=context.log.info)

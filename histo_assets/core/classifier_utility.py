@@ -147,6 +147,11 @@ class UtilitySettings:
         return settings
 
 
+def gain_verdict(ci_low: float, ci_high: float) -> str:
+    """A paired gain helps or hurts only when its interval excludes zero."""
+    return HELPS if ci_low > 0 else HURTS if ci_high < 0 else NO_DETECTABLE_EFFECT
+
+
 @dataclass(frozen=True)
 class UtilityResult:
     table: pd.DataFrame
@@ -160,8 +165,7 @@ class UtilityResult:
         out: dict[str, dict[str, str]] = {}
         rows = self.table[self.table["metric"].eq(metric) & self.table["variant"].isin(list(GAINS))]
         for row in rows.itertuples():
-            verdict = HELPS if row.ci_low > 0 else HURTS if row.ci_high < 0 else NO_DETECTABLE_EFFECT
-            out.setdefault(row.classifier, {})[row.variant] = verdict
+            out.setdefault(row.classifier, {})[row.variant] = gain_verdict(row.ci_low, row.ci_high)
         return out
 
 
@@ -563,7 +567,7 @@ def utility_plot(result: UtilityResult, path: Path | None, title: str = "Classif
     return interval_bars(panels, path, title=title, reference=1.0 / len(result.classes), reference_label="chance")
 
 
-def _csv_bytes(frame: pd.DataFrame) -> bytes:
+def csv_bytes(frame: pd.DataFrame) -> bytes:
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False, lineterminator="\n", float_format="%.6g")
     return buffer.getvalue().encode()
@@ -585,8 +589,8 @@ def summary(result: UtilityResult) -> dict[str, Any]:
 def write_utility(result: UtilityResult, folder: Path) -> Path:
     """The tables, the summary and the plot, swapped into ``folder`` together or not at all."""
     with atomic_directory(folder) as staging:
-        (staging / RESULTS_FILE).write_bytes(_csv_bytes(result.table))
-        (staging / CONFUSION_FILE).write_bytes(_csv_bytes(result.confusion))
+        (staging / RESULTS_FILE).write_bytes(csv_bytes(result.table))
+        (staging / CONFUSION_FILE).write_bytes(csv_bytes(result.confusion))
         (staging / SUMMARY_FILE).write_text(json.dumps(summary(result), indent=2, sort_keys=True) + "\n")
         utility_plot(result, staging / PLOT_FILE)
     return Path(folder)
@@ -598,10 +602,7 @@ def candidates_table(results: Mapping[str, UtilityResult]) -> pd.DataFrame:
     for candidate, result in results.items():
         table = result.table.copy()
         table.insert(0, "candidate", candidate)
-        table["verdict"] = [
-            (HELPS if row.ci_low > 0 else HURTS if row.ci_high < 0 else NO_DETECTABLE_EFFECT) if row.variant in GAINS else ""
-            for row in table.itertuples()
-        ]
+        table["verdict"] = [gain_verdict(row.ci_low, row.ci_high) if row.variant in GAINS else "" for row in table.itertuples()]
         frames.append(table)
     return pd.concat(frames, ignore_index=True)
 
