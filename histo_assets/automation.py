@@ -11,7 +11,7 @@ import json
 import dagster as dg
 
 from histo_assets.core.io import stable_hash
-from histo_assets.layout import Layout
+from histo_assets.core.layout import Layout
 from histo_assets.params import Params
 from histo_assets.resources import ObjectStoreResource, ParamsResource
 

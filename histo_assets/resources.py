@@ -7,7 +7,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from histo_assets.layout import Layout
+from histo_assets.core.layout import Layout
 from histo_assets.params import Params, load_params, value_kind
 from histo_assets.partitions import DEFINITION_PARAMS
 

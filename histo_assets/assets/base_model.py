@@ -13,7 +13,7 @@ from histo_assets.core.sampling import GenerationSettings
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.stage import current_summary, fingerprint, read_summary
 from histo_assets.core.training import list_images
-from histo_assets.layout import BASE_MODEL_ASSET, IMAGES, SUMMARY, Layout
+from histo_assets.core.layout import BASE_MODEL_ASSET, IMAGES, SUMMARY, Layout
 from histo_assets.partitions import DEFINITION_PARAMS
 from histo_assets.resources import (
     STAGE_CONFIG_SCHEMA,

@@ -28,7 +28,7 @@ from histo_assets.core.previews import contact_sheet, markdown_image, markdown_t
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.stage import current_summary, fingerprint, read_summary
 from histo_assets.core.steps import BASELINE_STEP, evaluated_steps
-from histo_assets.layout import HOLDOUT, IMAGES, SUMMARY, Layout
+from histo_assets.core.layout import HOLDOUT, IMAGES, SUMMARY, Layout
 from histo_assets.params import Params
 from histo_assets.partitions import by_tissue_class, class_and_step, class_and_step_partitions
 from histo_assets.resources import STAGE_CONFIG_SCHEMA, BaseModelResource, ObjectStoreResource, ParamsResource

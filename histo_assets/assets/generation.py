@@ -9,12 +9,12 @@ from histo_assets.assets import FOLLOW_UPSTREAM, GPU_TAGS
 from histo_assets.assets.base_model import base_model_asset
 from histo_assets.assets.checks import image_check_results, image_check_specs
 from histo_assets.assets.training import hypernetwork_checkpoints, imported_hypernetworks
-from histo_assets.core.io import atomic_directory, atomic_write_json, stable_hash
-from histo_assets.core.previews import markdown_png_file, write_preview
-from histo_assets.core.sampling import GenerationSettings, generate_images, write_generation_index
+from histo_assets.assets.stage import Stage
+from histo_assets.core.layout import IMAGES, INDEX, PREVIEW, Layout
+from histo_assets.core.previews import markdown_png_file
+from histo_assets.core.sampling import GenerationSettings, write_checkpoint_images, write_imported_images
+from histo_assets.core.stage import read_summary
 from histo_assets.core.steps import BASELINE_STEP
-from histo_assets.core.stage import current_summary, fingerprint, read_summary
-from histo_assets.layout import IMAGES, INDEX, PREVIEW, SUMMARY, Layout
 from histo_assets.params import Params
 from histo_assets.partitions import by_tissue_class, class_and_step, class_and_step_partitions, tissue_class_partitions
 from histo_assets.resources import STAGE_CONFIG_SCHEMA, BaseModelResource, ObjectStoreResource, ParamsResource
@@ -59,61 +59,37 @@ def synthetic_images(
     base_model: BaseModelResource,
     object_store: ObjectStoreResource,
 ):
-    p = params.load_for(context)
     tissue_class, step = class_and_step(context)
-    layout = Layout(p.data_dir)
-    out = layout.synthetic_images(tissue_class, step)
-    object_store.pull(p.data_dir, layout.hypernetwork_checkpoints(tissue_class), out, log=context.log.info)
+    stage = Stage.start(context, params, object_store, lambda at: at.synthetic_images(tissue_class, step),
+                        lambda at: at.hypernetwork_checkpoints(tissue_class))
+    p = stage.params
     baseline = step == BASELINE_STEP
     checkpoint = BASELINE_CHECKPOINT if baseline else checkpoint_entry(p, tissue_class, step)
     settings = GenerationSettings.from_params(p["generation"], p.resolution)
     count = int(p["generation"]["images_per_checkpoint"])
-    stage_fingerprint = fingerprint(
-        checkpoint=checkpoint["sha256"], generation=p["generation"], resolution=p.resolution,
+    checkpoint_path = None if baseline else stage.layout.hypernetwork_checkpoints(tissue_class) / checkpoint["file"]
+
+    def build(staging: Path) -> dict:
+        images = write_checkpoint_images(staging, base_model.load(p), checkpoint_path, tissue_class=tissue_class,
+                                         step=step, count=count, settings=settings, master_seed=p.seed, log=stage.log)
+        return images | {"checkpoint_file": checkpoint["file"], "checkpoint_sha256": checkpoint["sha256"],
+                         "training_set": checkpoint["training_set"], "run_id": context.run_id}
+
+    summary = stage.build_or_reuse(
+        build, checkpoint=checkpoint["sha256"], generation=p["generation"], resolution=p.resolution,
         base_model=base_model.identity(p), seed=p.seed, code=SYNTHETIC_IMAGES_VERSION,
     )
-    summary = current_summary(out, stage_fingerprint)
-    reused = summary is not None
-    if reused:
-        context.log.info(f"{tissue_class} step {step}: checkpoint and params unchanged, reusing {out}")
-    else:
-        base = base_model.load(p)
-        with atomic_directory(out) as staging:
-            records = generate_images(
-                base, None if baseline else layout.hypernetwork_checkpoints(tissue_class) / checkpoint["file"], staging / IMAGES,
-                tissue_class=tissue_class, step=step, count=count, settings=settings, master_seed=p.seed,
-                log=context.log.info,
-            )
-            write_generation_index(records, staging / INDEX)
-            write_preview(staging / IMAGES, staging / PREVIEW)
-            summary = {
-                "fingerprint": stage_fingerprint,
-                "count": len(records),
-                "checkpoint_file": checkpoint["file"],
-                "checkpoint_sha256": checkpoint["sha256"],
-                "training_set": checkpoint["training_set"],
-                "run_id": context.run_id,
-                "data_version": stable_hash(sorted((r.file, r.sha256) for r in records)),
-            }
-            atomic_write_json(staging / SUMMARY, summary)
-    object_store.push(p.data_dir, out, log=context.log.info)
-    index = pd.read_parquet(out / INDEX)
-    preview_md = markdown_png_file(out / PREVIEW, f"{tissue_class} step {step}")
-    yield dg.MaterializeResult(
-        metadata={
-            "path": dg.MetadataValue.path(str(out)),
-            "images": summary["count"],
-            "checkpoint": summary["checkpoint_file"],
-            "checkpoint_sha256": summary["checkpoint_sha256"],
-            "prompt": index["prompt"].iloc[0] if len(index) else "",
-            "negative_prompt": settings.negative_prompt,
-            "sampler": f"{settings.sampler}, {settings.steps} steps, CFG {settings.cfg_scale}",
-            "preview": dg.MetadataValue.md(preview_md),
-            "reused_unchanged_output": reused,
-        },
-        data_version=dg.DataVersion(summary["data_version"]),
-    )
-    yield from image_check_results("synthetic_images", out / IMAGES, p.resolution, count)
+    index = pd.read_parquet(stage.out / INDEX)
+    yield stage.result(summary["data_version"], {
+        "images": summary["count"],
+        "checkpoint": summary["checkpoint_file"],
+        "checkpoint_sha256": summary["checkpoint_sha256"],
+        "prompt": index["prompt"].iloc[0] if len(index) else "",
+        "negative_prompt": settings.negative_prompt,
+        "sampler": f"{settings.sampler}, {settings.steps} steps, CFG {settings.cfg_scale}",
+        "preview": dg.MetadataValue.md(markdown_png_file(stage.out / PREVIEW, f"{tissue_class} step {step}")),
+    })
+    yield from image_check_results("synthetic_images", stage.out / IMAGES, p.resolution, count)
 
 
 @dg.asset(
@@ -135,44 +111,26 @@ def imported_synthetic_images(
     base_model: BaseModelResource,
     object_store: ObjectStoreResource,
 ):
-    p = params.load_for(context)
     tissue_class = context.partition_key
-    layout = Layout(p.data_dir)
-    out = layout.imported_synthetic_images(tissue_class)
-    object_store.pull(
-        p.data_dir, layout.imported_hypernetworks(tissue_class), layout.imported_hypernetworks_inbox(tissue_class), out,
-        log=context.log.info,
-    )
-    imported = pd.read_parquet(layout.imported_hypernetworks(tissue_class) / INDEX)
-    settings = GenerationSettings.from_params(p["generation"], p.resolution)
-    count = int(p["generation"]["images_per_checkpoint"])
-    stage_fingerprint = fingerprint(
-        files=sorted(imported["sha256"]), generation=p["generation"], resolution=p.resolution,
+    stage = Stage.start(context, params, object_store, lambda at: at.imported_synthetic_images(tissue_class),
+                        lambda at: at.imported_hypernetworks(tissue_class),
+                        lambda at: at.imported_hypernetworks_inbox(tissue_class))
+    p = stage.params
+    imported = pd.read_parquet(stage.layout.imported_hypernetworks(tissue_class) / INDEX)
+
+    def build(staging: Path) -> dict:
+        counts = write_imported_images(
+            staging, base_model.load(p) if len(imported) else None, imported, tissue_class=tissue_class,
+            count=int(p["generation"]["images_per_checkpoint"]),
+            settings=GenerationSettings.from_params(p["generation"], p.resolution), master_seed=p.seed, log=stage.log,
+        )
+        return {"images": counts, "run_id": context.run_id}
+
+    summary = stage.build_or_reuse(
+        build, files=sorted(imported["sha256"]), generation=p["generation"], resolution=p.resolution,
         base_model=base_model.identity(p), seed=p.seed, code=IMPORTED_SYNTHETIC_IMAGES_VERSION,
     )
-    summary = current_summary(out, stage_fingerprint)
-    reused = summary is not None
-    if not reused:
-        base = base_model.load(p) if len(imported) else None
-        with atomic_directory(out) as staging:
-            counts = {}
-            for row in imported.itertuples():
-                folder = staging / Path(row.file).stem
-                records = generate_images(
-                    base, Path(row.path), folder / IMAGES, tissue_class=tissue_class, step=int(row.step),
-                    count=count, settings=settings, master_seed=p.seed, log=context.log.info,
-                )
-                write_generation_index(records, folder / INDEX)
-                counts[row.file] = len(records)
-            summary = {"fingerprint": stage_fingerprint, "images": counts, "run_id": context.run_id}
-            atomic_write_json(staging / SUMMARY, summary)
-    object_store.push(p.data_dir, out, log=context.log.info)
-    return dg.MaterializeResult(
-        metadata={
-            "path": dg.MetadataValue.path(str(out)),
-            "hypernetworks": len(summary["images"]),
-            "images": dg.MetadataValue.json(summary["images"]),
-            "reused_unchanged_output": reused,
-        },
-        data_version=dg.DataVersion(summary["fingerprint"]),
-    )
+    return stage.result(summary["fingerprint"], {
+        "hypernetworks": len(summary["images"]),
+        "images": dg.MetadataValue.json(summary["images"]),
+    })

@@ -15,7 +15,7 @@ from histo_assets.core.previews import markdown_png_file, markdown_table, write_
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.slides import Problem, inventory_class
 from histo_assets.core.stage import current_summary, fingerprint, output_settings
-from histo_assets.layout import HOLDOUT, IMAGES, INDEX, INVENTORY, PREVIEW, SUMMARY, Layout
+from histo_assets.core.layout import HOLDOUT, IMAGES, INDEX, INVENTORY, PREVIEW, SUMMARY, Layout
 from histo_assets.partitions import tissue_class_partitions
 from histo_assets.resources import STAGE_CONFIG_SCHEMA, ObjectStoreResource, ParamsResource
 

@@ -24,7 +24,7 @@ from histo_assets.core.evaluation import TABLE_COLUMNS
 from histo_assets.core.lineage import training_lineage
 from histo_assets.core.release import ReleaseImage, build_release, publish_release
 from histo_assets.core.stage import read_summary
-from histo_assets.layout import INDEX, Layout
+from histo_assets.core.layout import INDEX, Layout
 from histo_assets.params import PROJECT_ROOT, Params
 from histo_assets.resources import STAGE_CONFIG_SCHEMA, DvcResource, ObjectStoreResource, ParamsResource
 

@@ -17,7 +17,7 @@ from histo_assets.core.previews import markdown_png_file, markdown_table
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.stage import current_summary, fingerprint, prepare_resumable, read_summary
 from histo_assets.core.training import train_hypernetwork
-from histo_assets.layout import IMAGES, INDEX, LOSS_PLOT, SUMMARY, Layout
+from histo_assets.core.layout import IMAGES, INDEX, LOSS_PLOT, SUMMARY, Layout
 from histo_assets.params import Params
 from histo_assets.partitions import tissue_class_partitions
 from histo_assets.resources import STAGE_CONFIG_SCHEMA, BaseModelResource, ObjectStoreResource, ParamsResource

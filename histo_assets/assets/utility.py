@@ -25,7 +25,7 @@ from histo_assets.core.previews import markdown_png_file, markdown_table
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.stage import current_summary, fingerprint, read_summary
 from histo_assets.core.steps import BASELINE_STEP, evaluated_steps
-from histo_assets.layout import HOLDOUT, IMAGES, INDEX, SUMMARY, Layout
+from histo_assets.core.layout import HOLDOUT, IMAGES, INDEX, SUMMARY, Layout
 from histo_assets.resources import STAGE_CONFIG_SCHEMA, BaseModelResource, ObjectStoreResource, ParamsResource
 
 CLASSIFIER_UTILITY_VERSION = "1"

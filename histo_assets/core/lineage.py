@@ -37,7 +37,7 @@ from histo_assets.core.io import sha256_file, stable_hash
 from histo_assets.core.release import CARD, LINEAGE, MANIFEST, read_manifest
 from histo_assets.core.stage import read_summary
 from histo_assets.core.training_files import settings_path
-from histo_assets.layout import BASE_MODEL_ASSET, HOLDOUT, IMAGES, INDEX, INVENTORY, Layout
+from histo_assets.core.layout import BASE_MODEL_ASSET, HOLDOUT, IMAGES, INDEX, INVENTORY, Layout
 
 MIN_PREFIX = 8
 _SHA_QUERY = re.compile(rf"[0-9a-fA-F]{{{MIN_PREFIX},64}}")

@@ -18,7 +18,7 @@ import pandas as pd
 from histo_assets.core.colour import lab_distance, mean_lab
 from histo_assets.core.stage import read_summary
 from histo_assets.core.steps import BASELINE_STEP
-from histo_assets.layout import IMAGES, Layout
+from histo_assets.core.layout import IMAGES, Layout
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,9 @@ from tqdm.auto import tqdm
 from histo_assets.core.a1111_text import PARAMETERS_KEY, SHORT_HASH_LENGTH, WEBUI_SAMPLERS, a1111_parameters
 from histo_assets.core.base_model import BaseModel
 from histo_assets.core.hypernetwork import apply_hypernetwork, load_hypernetwork
-from histo_assets.core.io import atomic_save_png, atomic_write_parquet, sha256_file
+from histo_assets.core.io import atomic_save_png, atomic_write_parquet, sha256_file, stable_hash
+from histo_assets.core.layout import IMAGES, INDEX, PREVIEW
+from histo_assets.core.previews import write_preview
 from histo_assets.core.seeding import derive_seed
 
 Log = Callable[[str], None]
@@ -361,3 +363,30 @@ def write_generation_index(records: Sequence[GeneratedImage], path: Path) -> Pat
     """One row per image, columns in :class:`GeneratedImage` order (also when there are no images)."""
     columns = [field.name for field in fields(GeneratedImage)]
     return atomic_write_parquet(path, pd.DataFrame([asdict(r) for r in records], columns=columns))
+
+
+def write_checkpoint_images(
+    out: Path, base: BaseModel, hypernetwork_path: Path | None, *, tissue_class: str, step: int, count: int,
+    settings: GenerationSettings, master_seed: int, log: Log | None = None,
+) -> dict[str, Any]:
+    """One checkpoint's images, their index and a preview in ``out``; the summary fields that describe them."""
+    records = generate_images(base, hypernetwork_path, out / IMAGES, tissue_class=tissue_class, step=step, count=count,
+                              settings=settings, master_seed=master_seed, log=log)
+    write_generation_index(records, out / INDEX)
+    write_preview(out / IMAGES, out / PREVIEW)
+    return {"count": len(records), "data_version": stable_hash(sorted((r.file, r.sha256) for r in records))}
+
+
+def write_imported_images(
+    out: Path, base: BaseModel | None, imported: pd.DataFrame, *, tissue_class: str, count: int,
+    settings: GenerationSettings, master_seed: int, log: Log | None = None,
+) -> dict[str, int]:
+    """Images from each imported hypernetwork, one folder per file named by its stem; image counts by file."""
+    counts = {}
+    for row in imported.itertuples():
+        folder = out / Path(row.file).stem
+        records = generate_images(base, Path(row.path), folder / IMAGES, tissue_class=tissue_class, step=int(row.step),
+                                  count=count, settings=settings, master_seed=master_seed, log=log)
+        write_generation_index(records, folder / INDEX)
+        counts[row.file] = len(records)
+    return counts

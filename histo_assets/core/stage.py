@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from histo_assets.core.io import atomic_write_json, stable_hash
+from histo_assets.core.io import atomic_directory, atomic_write_json, stable_hash
+from histo_assets.core.layout import SUMMARY
 
-SUMMARY_FILE = "summary.json"
 RUN_MARKER = "run.json"
 
 
@@ -33,7 +34,7 @@ def output_settings(section: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_summary(folder: Path) -> dict[str, Any] | None:
-    path = folder / SUMMARY_FILE
+    path = folder / SUMMARY
     if not path.is_file():
         return None
     try:
@@ -66,3 +67,32 @@ def prepare_resumable(folder: Path, expected_fingerprint: str) -> bool:
         shutil.rmtree(folder)
     atomic_write_json(marker, {"fingerprint": expected_fingerprint})
     return resumable
+
+
+def build_or_reuse(
+    out: Path, stage_fingerprint: str, build: Callable[[Path], dict[str, Any]], *,
+    log: Callable[[str], None] | None = None, in_place: bool = False,
+) -> tuple[dict[str, Any], bool]:
+    """The stage's summary and whether it was reused: rebuilt only when the fingerprint changed.
+
+    ``build`` writes the stage's files into the folder it is given and returns
+    the summary's fields; the fingerprint is added here, so every summary has
+    it. By default the folder is a staging copy swapped in whole at the end, so
+    a failed build leaves the previous output intact. ``in_place`` is for
+    stages that must write as they go (training resumes from its own partial
+    output; see :func:`prepare_resumable`): then only the summary, written
+    last, marks the folder complete.
+    """
+    summary = current_summary(out, stage_fingerprint)
+    if summary is not None:
+        if log:
+            log(f"inputs and params unchanged, reusing {out}")
+        return summary, True
+    if in_place:
+        summary = {"fingerprint": stage_fingerprint, **build(out)}
+        atomic_write_json(out / SUMMARY, summary)
+        return summary, False
+    with atomic_directory(out) as staging:
+        summary = {"fingerprint": stage_fingerprint, **build(staging)}
+        atomic_write_json(staging / SUMMARY, summary)
+    return summary, False
