@@ -44,7 +44,7 @@ from histo_assets.core.classifier_utility import (
 )
 from histo_assets.core.features import build_extractor
 from histo_assets.core.seeding import derive_seed
-from histo_assets.layout import HOLDOUT, IMAGES, Layout
+from histo_assets.core.layout import HOLDOUT, IMAGES, Layout
 from histo_assets.params import load_params
 from histo_assets_tests.test_classifier_utility import known_answer_sets
 

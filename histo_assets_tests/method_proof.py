@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from histo_assets.core.method_evidence import evidence_checks, evidence_table
-from histo_assets.layout import Layout
+from histo_assets.core.layout import Layout
 from histo_assets.params import load_params
 
 

@@ -5,7 +5,7 @@ import pandas as pd
 
 from histo_assets.assets.base_model import base_model_asset
 from histo_assets.core.base_model import folder_weights_sha256
-from histo_assets.layout import Layout
+from histo_assets.core.layout import Layout
 from histo_assets.params import load_params
 from histo_assets.resources import TRAINED_MODEL_FOLDER, BaseModelResource, ObjectStoreResource, ParamsResource
 from histo_assets_tests.conftest import SMALL, THESIS_CLASSES, tree_hashes, write_params

@@ -20,7 +20,7 @@ from histo_assets.core.holdout import (
     source_groups,
     split_holdout,
 )
-from histo_assets.layout import HOLDOUT, INDEX
+from histo_assets.core.layout import HOLDOUT, INDEX
 from histo_assets_tests.conftest import SMALL, THESIS_CLASSES, tissue_image, write_params
 from histo_assets_tests.test_ingest_assets import materialize
 

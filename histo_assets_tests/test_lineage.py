@@ -30,7 +30,7 @@ from histo_assets.core.io import atomic_write_json, sha256_file, stable_hash
 from histo_assets.core.lineage import LineageNotFound, png_text_disagreements, trace_image
 from histo_assets.core.release import ReleaseImage, build_release
 from histo_assets.core.sampling import GenerationSettings, generate_images, write_generation_index
-from histo_assets.layout import HOLDOUT, IMAGES, INDEX, INVENTORY, SUMMARY, Layout
+from histo_assets.core.layout import HOLDOUT, IMAGES, INDEX, INVENTORY, SUMMARY, Layout
 from histo_assets.params import PARAMS_ENV, load_params
 from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
 from histo_assets_tests.conftest import THESIS_CLASSES, tissue_image, write_params

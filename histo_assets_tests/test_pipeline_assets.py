@@ -35,7 +35,7 @@ from histo_assets.core.features import FALLBACK_NAME
 from histo_assets.core.hypernetwork import load_hypernetwork
 from histo_assets.core.io import sha256_file
 from histo_assets.core.sampling import image_seed
-from histo_assets.layout import Layout
+from histo_assets.core.layout import Layout
 from histo_assets.params import PROJECT_ROOT, load_params
 from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
 from histo_assets_tests.conftest import TINY_MODEL_SEED, write_params

@@ -22,7 +22,7 @@ import pytest
 from histo_assets.cli import DAGSTER_YAML
 from histo_assets.core.io import sha256_file, stable_hash
 from histo_assets.core.stage import read_summary
-from histo_assets.layout import Layout
+from histo_assets.core.layout import Layout
 from histo_assets_tests.conftest import tissue_image
 from histo_assets_tests.postgres_server import running_postgres, write_postgres_dagster_home
 from histo_assets_tests.test_run_health import free_port, kill_group, start_ui, wait_for

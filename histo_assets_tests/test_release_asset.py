@@ -55,7 +55,7 @@ from histo_assets.core.evaluation import SMALL_REFERENCE, TABLE_COLUMNS
 from histo_assets.core.io import sha256_file
 from histo_assets.core.release import CARD, DATASET_HEADING, content_hash
 from histo_assets.core.sampling import image_seed
-from histo_assets.layout import INDEX, INVENTORY, SUMMARY, Layout
+from histo_assets.core.layout import INDEX, INVENTORY, SUMMARY, Layout
 from histo_assets.params import PROJECT_ROOT, load_params
 from histo_assets_tests.conftest import dvc_executable, isolated_git_dvc_env, tree_hashes
 from histo_assets_tests.tiny_pipeline import BASE_MODEL_NAME, CLASSES, SEED, STEPS, Pipeline, data_version, latest, metadata, run_ok
