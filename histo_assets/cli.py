@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 from histo_assets.core.object_store import STORE_URL_ENV
-from histo_assets.params import PROJECT_ROOT, ParamsError, load_params
+from histo_assets.params import PROJECT_ROOT, RESOLVED_PARAMS_FILE, ParamsError, load_params, write_resolved
 
 DAGSTER_HOME_ENV = "DAGSTER_HOME"
 DEFAULT_DAGSTER_HOME = PROJECT_ROOT / ".dagster_home"
@@ -256,6 +256,16 @@ def _store(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve_params(args: argparse.Namespace) -> int:
+    try:
+        params = load_params(args.params)
+        print(f"{params.source.name} -> {write_resolved(params, args.out)}")
+    except ParamsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="histo-assets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -290,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_argument("--url", help=f"fsspec URL of the store (default: ${STORE_URL_ENV}).")
     store.add_argument("--data-dir", help="Data root (default: data_dir of the params file).")
     store.set_defaults(handler=_store)
+
+    resolve = sub.add_parser("resolve-params", help="Write the params file, its extends: chain merged, as the one file "
+                             "dvc.yaml reads (the first stage of `dvc repro`).")
+    resolve.add_argument("params", nargs="?", help="The params file (default: $HISTO_ASSETS_PARAMS, else params.yaml).")
+    resolve.add_argument("--out", default=str(RESOLVED_PARAMS_FILE), help="Where to write it (default: %(default)s).")
+    resolve.set_defaults(handler=_resolve_params)
     return parser
 
 

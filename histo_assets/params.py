@@ -19,11 +19,13 @@ from typing import Any
 import yaml
 
 from histo_assets.core.errors import HistoAssetsError
-from histo_assets.core.io import stable_hash
+from histo_assets.core.io import atomic_write_text, stable_hash
 
 PARAMS_ENV = "HISTO_ASSETS_PARAMS"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PARAMS_FILE = PROJECT_ROOT / "params.yaml"
+# What `dvc repro` reads: the chosen params file with its `extends:` chain merged (resolve-params writes it).
+RESOLVED_PARAMS_FILE = PROJECT_ROOT / "params.resolved.yaml"
 
 
 class ParamsError(HistoAssetsError, ValueError):
@@ -243,3 +245,19 @@ def load_params(path: str | os.PathLike | None = None, overrides: Iterable[str] 
         if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
             raise ParamsError(f"{source}: class name {name!r} must be letters, digits, '_' or '-'")
     return Params(values, source).with_overrides(overrides)
+
+
+def write_resolved(params: Params, path: str | os.PathLike = RESOLVED_PARAMS_FILE) -> Path:
+    """Write ``params`` as one file without ``extends:``, for tools that read a single YAML file (DVC).
+
+    Relative paths in params (``data_dir``, model files, ...) are relative to
+    the file's folder, so the resolved copy must sit in the same folder as the
+    file it was resolved from, or those paths would point elsewhere.
+    """
+    path = Path(path).resolve()
+    if path.parent != params.source.parent:
+        raise ParamsError(f"{params.source} is not in {path.parent}: its relative paths would change meaning in "
+                          f"{path}; put the params file in {path.parent}")
+    atomic_write_text(path, f"# Resolved from {params.source.name} by `histo-assets resolve-params`; do not edit.\n"
+                      + yaml.safe_dump(params.values, sort_keys=False))
+    return path

@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from histo_assets.params import DEFAULT_PARAMS_FILE, PARAMS_ENV, ParamsError, load_params
+from histo_assets.params import DEFAULT_PARAMS_FILE, PARAMS_ENV, ParamsError, load_params, write_resolved
 
 
 def test_project_params_hold_the_thesis_defaults():
@@ -192,3 +192,22 @@ def test_the_running_ui_flags_a_bad_override_as_the_launchpad_asks_it(tmp_path):
             ui.wait(timeout=60)
         except subprocess.TimeoutExpired:
             kill_group(ui)
+
+
+def test_the_resolved_params_file_holds_the_merged_chain_and_loads_to_the_same_values(tmp_path):
+    child = tmp_path / "params.lab.yaml"
+    child.write_text(f"extends: {DEFAULT_PARAMS_FILE}\nclasses: [a, b]\ntraining:\n  max_steps: 7\n")
+    resolved = write_resolved(load_params(child), tmp_path / "params.resolved.yaml")
+    assert "extends" not in yaml.safe_load(resolved.read_text())
+    assert load_params(resolved).values == load_params(child).values
+    assert load_params(resolved).data_dir == load_params(child).data_dir
+
+
+def test_resolving_into_another_folder_is_refused_naming_the_file(tmp_path):
+    """Relative paths in params are relative to the file's folder: a copy elsewhere would move them."""
+    child = tmp_path / "lab" / "params.lab.yaml"
+    child.parent.mkdir()
+    child.write_text(f"extends: {DEFAULT_PARAMS_FILE}\n")
+    with pytest.raises(ParamsError, match="params.lab.yaml is not in"):
+        write_resolved(load_params(child), tmp_path / "params.resolved.yaml")
+    assert not (tmp_path / "params.resolved.yaml").exists()
