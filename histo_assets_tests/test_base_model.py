@@ -17,6 +17,7 @@ from histo_assets.core.base_model import (
     attention_context_widths,
     build_tiny_model,
     check_hypernetwork_sizes,
+    describe_base_model,
     folder_weights_sha256,
     load_base_model,
     resolve_device,
@@ -104,6 +105,15 @@ def test_attention_context_widths_of_tiny_unet(tiny_base):
     check_hypernetwork_sizes(TINY_HYPERNETWORK_SIZES, tiny_base.unet)
     with pytest.raises(BaseModelError, match=r"\[768, 320\].*\[32, 48, 64\]"):
         check_hypernetwork_sizes((48, 768, 320), tiny_base.unet)
+
+
+def test_description_names_the_model_and_its_architecture(tiny_base):
+    described = describe_base_model(tiny_base)
+    assert {key: described[key] for key in ("source", "name", "sha256", "short_hash", "path")} == {
+        "source": "tiny", "name": tiny_base.name, "sha256": tiny_base.sha256,
+        "short_hash": tiny_base.sha256[:10], "path": str(tiny_base.path)}
+    assert described["architecture"]["attention_context_widths"] == [32, 48, 64]
+    assert json.loads(json.dumps(described)) == described
 
 
 def test_diffusers_folder_loads_and_verifies_sha256(tiny_model_cache):

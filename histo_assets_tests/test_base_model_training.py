@@ -1,5 +1,6 @@
 """The trained base model: same bytes on a rerun, resumes to the bytes of an uninterrupted run, loads as diffusers."""
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ from PIL import Image
 
 from histo_assets.core.base_model import attention_context_widths, load_base_model
 from histo_assets.core.base_model_training import (
+    HELD_OUT_CROPS,
     STATE_FILE,
     BaseModelTrainingError,
     BaseModelTrainingSettings,
@@ -15,9 +17,13 @@ from histo_assets.core.base_model_training import (
     UnetSettings,
     VaeSettings,
     train_base_model,
+    train_from_crops,
+    training_summary,
 )
 from histo_assets.core.colour import lab_distance, mean_lab, srgb_to_lab
+from histo_assets.core.layout import SUMMARY
 from histo_assets.core.sampling import GenerationSettings, generate_images
+from histo_assets.core.seeding import derive_seed
 from histo_assets.params import DEFAULT_PARAMS_FILE, load_params
 from histo_assets_tests.conftest import tree_hashes
 
@@ -131,3 +137,30 @@ def test_mean_lab_matches_reference_colours():
     white, red = np.full((4, 4, 3), 255, np.uint8), np.zeros((4, 4, 3), np.uint8)
     red[..., 0] = 255
     assert lab_distance(mean_lab([white, red]), (srgb_to_lab(np.array([255, 255, 255])) + srgb_to_lab(np.array([255, 0, 0]))) / 2) < 1e-9
+
+
+def test_training_from_crop_folders_drops_the_stale_summary_and_derives_its_seed(crops, tmp_path):
+    """Images come from every folder given; the seed is the params seed derived for the base model."""
+    out = tmp_path / "from-crops"
+    out.mkdir()
+    (out / SUMMARY).write_text("{}")
+    messages = []
+    result = train_from_crops(out, [crops[0].parent], asdict(SETTINGS), model_folder="histo-sd",
+                              resolution=RESOLUTION, master_seed=SEED, preview=PREVIEW, log=messages.append)
+    assert not (out / SUMMARY).exists()
+    assert result.images == len(crops) and result.resumed_from is None
+    direct = train_base_model(crops, tmp_path / "direct", SETTINGS, model_folder="histo-sd", resolution=RESOLUTION,
+                              seed=derive_seed(SEED, "base_model"), preview=PREVIEW)
+    assert tree_hashes(out) == tree_hashes(tmp_path / "direct")
+    assert result.sha256 == direct.sha256
+    assert any("training a base model on" in message for message in messages)
+
+
+def test_training_summary_records_the_data_and_time(trained):
+    _, result = trained
+    summary = training_summary(result, ["a", "b"], SETTINGS.prompt, {"a": "v1", "b": "v2"})
+    assert summary == {
+        "training_set": {"classes": ["a", "b"], "images": result.images, "prompt": SETTINGS.prompt,
+                         "augmented_crops_data_versions": {"a": "v1", "b": "v2"}, "held_out_crops": HELD_OUT_CROPS},
+        "seconds": result.seconds,
+    }

@@ -13,15 +13,19 @@ classifier far from perfect. Against that real set:
 """
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from histo_assets.core.classifier_utility import (
     BALANCED_ACCURACY,
+    BEST_PER_CLASS,
+    CANDIDATES,
     CLASS_NOT_TRAINED,
     CNN,
     CONFUSION_COLUMNS,
@@ -45,11 +49,16 @@ from histo_assets.core.classifier_utility import (
     classifier_utility,
     confusion_counts,
     extractor_featurizer,
+    image_sets_hash,
     scores_from_confusion,
+    step_candidate,
     stratified_resamples,
+    utility_inputs,
+    write_candidates,
     write_utility,
 )
 from histo_assets.core.evaluation import FeatureCache
+from histo_assets.core.layout import HOLDOUT, IMAGES, INDEX, Layout
 from histo_assets.core.features import WEIGHTS_ENV, RandomConvFeatures, build_extractor
 from histo_assets.params import DEFAULT_PARAMS_FILE, PROJECT_ROOT, load_params
 from histo_assets_tests.conftest import tree_hashes
@@ -239,3 +248,48 @@ def test_settings_come_from_params_and_bad_inputs_are_refused(sets, settings, fe
         classifier_utility(sets["train"], sets["fresh"], sets["test"], settings, classifiers=[LOGISTIC])
     with pytest.raises(UtilityError, match=CLASSES[1]):
         classifier_utility(sets["train"], sets["fresh"], {**sets["test"], CLASSES[1]: []}, settings, featurize)
+
+
+def test_candidates_come_from_the_layout_and_train_on_original_crops_only(tmp_path):
+    layout = Layout(tmp_path)
+    classes, steps = CLASSES[:2], [0, 3, 6]
+    best = dict(zip(classes, (6, 3)))
+    for index, name in enumerate(classes):
+        augmented = layout.augmented_crops(name)
+        write_images(augmented / IMAGES, index, 3, 500 + index)
+        pd.DataFrame({"file": [f"{name}_000.png", f"{name}_001.png", f"{name}_002.png"],
+                      "kind": ["original", "augmented", "original"]}).to_parquet(augmented / INDEX)
+        write_images(layout.square_crops(name) / IMAGES, index, 2, 600 + index)
+        pd.DataFrame({"crop_file": [f"{name}_001.png"]}).to_parquet(augmented / HOLDOUT)
+        for step in steps:
+            write_images(layout.synthetic_images(name, step) / IMAGES, index, 2, 700 + step)
+    train, test, candidates = utility_inputs(layout, classes, steps, best)
+    first, second = classes
+    assert train[first] == [layout.augmented_crops(first) / IMAGES / f"{first}_00{i}.png" for i in (0, 2)]
+    assert test[second] == [layout.square_crops(second) / IMAGES / f"{second}_001.png"]
+    assert list(candidates) == [step_candidate(step) for step in steps] + [BEST_PER_CLASS]
+    assert candidates[BEST_PER_CLASS] == {c: candidates[step_candidate(best[c])][c] for c in classes}
+    reordered = {name: {c: list(reversed(paths)) for c, paths in sets.items()} for name, sets in candidates.items()}
+    assert image_sets_hash(train, test, reordered) == image_sets_hash(train, test, candidates)
+    swapped = candidates | {BEST_PER_CLASS: candidates[step_candidate(0)]}
+    assert image_sets_hash(train, test, swapped) != image_sets_hash(train, test, candidates)
+
+
+def test_every_candidate_is_written_and_the_utility_choice_is_a_trained_step(sets, settings, featurize, tmp_path):
+    logistic = dataclasses.replace(settings, classifier=LOGISTIC)
+    candidates = {step_candidate(0): sets["fresh"], step_candidate(3): sets["copies"],
+                  step_candidate(6): sets["shuffled"], BEST_PER_CLASS: sets["copies"]}
+    summary = write_candidates(tmp_path, sets["train"], sets["test"], candidates, logistic, [0, 3, 6],
+                               featurize=featurize, features_label="random-conv")
+    assert summary["best_step_by_utility"] == 3, "step 0 has the best images but no hypernetwork to release"
+    assert summary["verdicts"][step_candidate(6)] == {REAL_GAIN: HURTS, SYNTHETIC_GAIN: HURTS}
+    assert all(f"| {name} |" in summary["notes"] for name in candidates)
+    for name in candidates:
+        assert sorted(path.name for path in (tmp_path / CANDIDATES / name).iterdir()) == sorted(
+            [RESULTS_FILE, CONFUSION_FILE, SUMMARY_FILE, PLOT_FILE])
+    assert json.loads((tmp_path / SUMMARY_FILE).read_text()) == {
+        "classifier": LOGISTIC, "features": "random-conv", "verdict_metric": BALANCED_ACCURACY,
+        "verdicts": summary["verdicts"], "best_step_by_utility": 3,
+    }
+    table = pd.read_csv(tmp_path / RESULTS_FILE)
+    assert list(table["candidate"].unique()) == list(candidates) and (tmp_path / PLOT_FILE).is_file()

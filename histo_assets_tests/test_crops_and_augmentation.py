@@ -8,14 +8,24 @@ import pytest
 import yaml
 from PIL import Image
 
-from histo_assets.core.augment import AugmentationRecipe, apply_recipe, augment_class
-from histo_assets.core.crops import CropSettings, TileSettings, crop_class, tissue_mask
-from histo_assets.core.io import sha256_file
+from histo_assets.core.augment import (
+    AugmentationRecipe,
+    CaptionModeError,
+    apply_recipe,
+    augment_class,
+    write_augmented_crops,
+    write_captions,
+)
+from histo_assets.core.crops import CropSettings, TileSettings, crop_class, tissue_mask, write_square_crops
+from histo_assets.core.holdout import HOLDOUT_COLUMNS, SplitSettings
+from histo_assets.core.io import sha256_file, stable_hash
+from histo_assets.core.slides import UnusableClassError
 from histo_assets.params import DEFAULT_PARAMS_FILE
 from histo_assets_tests.conftest import tissue_image
 from histo_assets_tests.test_slides import write_pyramid
 
-RECIPE = AugmentationRecipe.from_params(yaml.safe_load(DEFAULT_PARAMS_FILE.read_text())["augmentation"])
+PARAMS = yaml.safe_load(DEFAULT_PARAMS_FILE.read_text())
+RECIPE = AugmentationRecipe.from_params(PARAMS["augmentation"])
 
 
 def settings(mode: str, resolution: int = 32, policy: str = "skip", **tiles) -> CropSettings:
@@ -134,3 +144,60 @@ def test_operations_fire_at_augmentors_rounded_rate():
     fired = [len(apply_recipe(image, RECIPE, seed)[1]) for seed in range(200)]
     rate = sum(fired) / (200 * 5)
     assert 0.68 < rate < 0.82
+
+
+def test_crop_settings_from_params_read_the_crops_and_ingest_sections():
+    crops, ingest = PARAMS["crops"], PARAMS["ingest"]
+    settings = CropSettings.from_params(crops, ingest, 64)
+    assert (settings.mode, settings.resolution, settings.small_image_policy) == (crops["mode"], 64, crops["small_image_policy"])
+    assert (settings.max_image_pixels, settings.max_file_bytes) == (ingest["max_image_pixels"], ingest["max_file_bytes"])
+    assert settings.tiles == TileSettings(**crops["tiles"]) and settings.png_compress_level == crops["png_compress_level"]
+
+
+def test_square_crops_are_written_with_index_preview_and_summary(tmp_path):
+    sources = [source(tmp_path, "wide.png", tissue_image((300, 200), seed=1)),
+               source(tmp_path, "small.png", tissue_image((40, 40), seed=2))]
+    warnings = []
+    summary = write_square_crops(tmp_path / "out", sources, tmp_path, settings("center", 64), tissue_class="alpha",
+                                 warn=warnings.append)
+    index = pd.read_parquet(tmp_path / "out" / "index.parquet")
+    assert list(index["source_path"]) == ["wide.png"] and (tmp_path / "out" / "preview.png").is_file()
+    assert summary["count"] == 1 and [p["path"] for p in summary["problems"]] == ["small.png"]
+    assert summary["data_version"] == stable_hash([(index["crop_file"].iloc[0], index["crop_sha256"].iloc[0])])
+    assert len(warnings) == 1 and warnings[0].startswith("skipped small.png: ")
+
+
+def test_a_class_that_gives_no_crop_is_refused_with_its_skipped_files(tmp_path):
+    small = source(tmp_path, "small.png", tissue_image((40, 40), seed=2))
+    with pytest.raises(UnusableClassError, match=r"class 'alpha': no crop could be cut from its 1 slide\(s\)") as refused:
+        write_square_crops(tmp_path / "out", [small], tmp_path, settings("center", 64), tissue_class="alpha")
+    assert [p.path for p in refused.value.problems] == ["small.png"]
+
+
+def test_captions_are_the_class_name_unless_file_names_are_asked_for(tmp_path):
+    write_captions(tmp_path, ["a.png", "b.png"], "fibro_adenoma", "class")
+    assert [p.read_text() for p in sorted(tmp_path.glob("*.txt"))] == ["fibro adenoma\n"] * 2
+    write_captions(tmp_path / "none", ["a.png"], "fibro_adenoma", "filename")
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(CaptionModeError, match="augmentation.captions must be 'class' or 'filename', not 'words'"):
+        write_captions(tmp_path, ["a.png"], "fibro_adenoma", "words")
+
+
+def test_augmented_crops_leave_the_held_out_crops_alone(crops, tmp_path):
+    index = pd.DataFrame({"crop_file": [path.name for path, _ in crops], "crop_sha256": [sha for _, sha in crops],
+                          "source_path": [f"slide{i}.png" for i in range(len(crops))],
+                          "x": 0, "y": 0, "size": 48})
+    section = PARAMS["augmentation"] | {"total": 5, "workers": 1, "captions": "class"}
+    split = SplitSettings(holdout_fraction=0.3, group_fraction_tolerance=0.5, guard_tiles=1)
+    logs = []
+    summary = write_augmented_crops(tmp_path / "out", crops[0][0].parent, index, split_settings=split,
+                                    groups={source: source for source in index["source_path"]}, augmentation=section,
+                                    tissue_class="alpha", seed=7, log=logs.append)
+    held_out = pd.read_parquet(tmp_path / "out" / "holdout.parquet")
+    augmented = pd.read_parquet(tmp_path / "out" / "index.parquet")
+    assert list(held_out.columns) == list(HOLDOUT_COLUMNS) and len(held_out) == summary["held_out_crops"] == 1
+    assert not set(held_out["crop_file"]) & set(augmented["source_crop"])
+    assert summary["holdout_rule"] == "group" and summary["train_crops"] == 2 and summary["count"] == len(augmented)
+    assert summary["data_version"] == stable_hash(sorted(zip(augmented["file"], augmented["sha256"])))
+    assert len(list((tmp_path / "out" / "images").glob("*.txt"))) == len(augmented)
+    assert any(line.startswith("alpha: group split") for line in logs)

@@ -30,11 +30,15 @@ from histo_assets.core.release import (
     MANIFEST,
     METRICS,
     ReleaseImage,
+    ReleaseSelectionError,
     build_release,
     content_hash,
+    local_remote_path,
     publish_release,
     read_manifest,
+    release_repo_url,
     release_tag,
+    selected_steps,
 )
 from histo_assets_tests.conftest import dvc_executable, isolated_git_dvc_env, tree_hashes
 
@@ -163,6 +167,34 @@ def test_release_tag_scheme() -> None:
             release_tag(bad_name, digest)
     with pytest.raises(ValueError, match="hex"):
         release_tag("demo", "0123")
+
+
+def test_selected_steps_follow_release_checkpoints() -> None:
+    trained, classes = [100, "50", 200], ["a", "b"]
+    metrics = {"best": {"a": "100", "b": 200}}
+    utility = {"best_step_by_utility": 50}
+    assert selected_steps("best", trained, classes, metrics, utility) == {"a": [100], "b": [200]}
+    assert selected_steps("utility", trained, classes, metrics, utility) == {"a": [50], "b": [50]}
+    assert selected_steps("all", trained, classes, metrics, None) == {"a": [50, 100, 200], "b": [50, 100, 200]}
+    assert selected_steps([200, 50], trained, classes, metrics, None) == {"a": [50, 200], "b": [50, 200]}
+    with pytest.raises(ReleaseSelectionError, match="materialise classifier_utility first"):
+        selected_steps("utility", trained, classes, metrics, None)
+    with pytest.raises(ReleaseSelectionError, match=r"not trained: \[300\]"):
+        selected_steps([100, 300], trained, classes, metrics, utility)
+
+
+def test_release_repo_url_and_local_remote(tmp_path: Path) -> None:
+    section = {"repo_url": "", "git_remote": ""}
+    assert release_repo_url({**section, "repo_url": "https://example.invalid/lab.git"}, tmp_path) == (
+        "https://example.invalid/lab.git")
+    assert release_repo_url(section, None) is None
+    assert release_repo_url(section, tmp_path) == str(tmp_path)
+    repo = new_repo(tmp_path / "repo")
+    git(repo, "remote", "add", "origin", "https://example.invalid/shared.git")
+    assert release_repo_url({**section, "git_remote": "origin"}, repo) == "https://example.invalid/shared.git"
+
+    assert local_remote_path("../dvc-store", tmp_path / "params") == (tmp_path / "dvc-store").resolve()
+    assert local_remote_path("s3://bucket/store", tmp_path) is None
 
 
 def test_build_twice_gives_byte_identical_folders(tmp_path: Path) -> None:

@@ -211,3 +211,14 @@ def test_materialised_lab_groups_never_share_a_patient(tmp_path):
     assert set(holdout["group"]) == {patients[s] for s in holdout["source_path"]}
     assert holdout["group"].nunique() == 1 and not set(holdout["group"]) & set(trained["source_path"].map(patients))
     assert set(holdout["source_path"]) == {s for s in sources if patients[s] in set(holdout["group"])}
+
+
+def test_the_summary_records_the_split_as_it_was_made():
+    index = index_of(grid("a.tif", 4, 1), grid("b.tif", 4, 1), grid("c.tif", 4, 1))
+    split = split_holdout(index, SplitSettings(0.3, 0.1, 1), seed=1, groups=source_groups(index["source_path"], None))
+    summary = split.summary()
+    assert summary == {
+        "train_crops": 8, "held_out_crops": 4, "holdout_rule": RULE_GROUP, "holdout_reason": split.reason,
+        "guard_crops": [], "holdout_by_source": split.by_source(),
+    }
+    assert sorted(row[HELD_OUT] for row in summary["holdout_by_source"]) == [0, 0, 4]

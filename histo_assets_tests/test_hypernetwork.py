@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections import OrderedDict
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,12 +25,14 @@ from histo_assets.core.hypernetwork import (
     HypernetworkFormatError,
     HypernetworkOptions,
     apply_hypernetwork,
+    checkpoint_problems,
     export_safetensors,
     load_hypernetwork,
     load_optimizer_state,
     sanitize_name,
     save_hypernetwork,
     short_hash,
+    write_imported_index,
 )
 
 CROSS_DIM = 48  # deliberately unlike the block widths, so attn1 and attn2 keys differ
@@ -319,6 +322,77 @@ def test_name_defaults_to_file_stem(tmp_path):
     del raw["name"]
     torch.save(raw, path)
     assert load_hypernetwork(path).name == "stemmed"
+
+
+def test_options_from_params_section():
+    section = {"sizes": ["48", 32], "layer_structure": [1, 2, 1], "activation": "relu", "weight_init": "XavierNormal",
+               "layer_norm": 1, "use_dropout": 0, "dropout_structure": [0, 0.25, 0], "activate_output": 0}
+    options = HypernetworkOptions.from_params(section)
+    assert options == HypernetworkOptions(sizes=(48, 32), layer_structure=(1.0, 2.0, 1.0), activation="relu",
+                                          weight_init="XavierNormal", layer_norm=True, dropout_structure=(0.0, 0.25, 0.0))
+    assert options.use_dropout and options.last_layer_dropout
+
+
+def _checkpoint_entries(folder, steps) -> list[dict]:
+    entries = []
+    for step in steps:
+        path = save_hypernetwork(_tiny_hn(seed=step), folder / f"tiny-{step}.pt")
+        entries.append({"step": step, "file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    return entries
+
+
+def test_checkpoint_problems_name_each_unusable_checkpoint(tmp_path):
+    entries = _checkpoint_entries(tmp_path, [2, 1, 3, 4])
+    assert checkpoint_problems(tmp_path, entries, [1, 2, 3, 4]) == []
+    assert checkpoint_problems(tmp_path, entries, [4, 5, 0]) == ["missing steps [0, 5]"]
+
+    (tmp_path / "tiny-1.pt").write_bytes(b"changed")
+    broken = _tiny_hn()
+    with torch.no_grad():
+        next(broken.parameters())[0] = float("nan")
+    nan_path = save_hypernetwork(broken, tmp_path / "tiny-3.pt")
+    corrupt = tmp_path / "tiny-4.pt"
+    corrupt.write_bytes(b"not a torch archive")
+    for entry in entries:
+        if entry["step"] in (3, 4):
+            entry["sha256"] = hashlib.sha256((tmp_path / entry["file"]).read_bytes()).hexdigest()
+    problems = checkpoint_problems(tmp_path, entries, [1, 2, 3, 4])
+    assert problems[:2] == ["tiny-1.pt: missing or changed on disk", f"{nan_path.name}: non-finite weights"]
+    assert len(problems) == 3 and problems[2].startswith("tiny-4.pt: does not load (")
+
+
+def test_imported_index_keeps_usable_files_and_says_why_others_were_skipped(tmp_path):
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    save_hypernetwork(_tiny_hn(), inbox / "good.pt")
+    save_hypernetwork(Hypernetwork("wide", HypernetworkOptions(sizes=(48, 768)), seed=0), inbox / "wide.pt")
+    save_hypernetwork(Hypernetwork("other", HypernetworkOptions(sizes=(1024,)), seed=0), inbox / "other.pt")
+    (inbox / "broken.pt").write_bytes(b"not a torch archive")
+    (inbox / "notes.txt").write_text("not a hypernetwork")
+    asked, warnings = [], []
+
+    def widths():
+        asked.append(True)
+        return TINY_SIZES
+
+    frame, problems = write_imported_index(out, inbox, widths, warnings.append)
+
+    assert list(frame["file"]) == ["good.pt", "wide.pt"] and len(asked) == 1
+    assert list(frame["unused_sizes"]) == ["", "768"] and frame["sizes"].iloc[0] == "48,32,64"
+    assert frame["sha256"].iloc[0] == hashlib.sha256((inbox / "good.pt").read_bytes()).hexdigest()
+    assert [p["file"] for p in problems] == ["broken.pt", "other.pt"] and "none of its sizes" in problems[1]["reason"]
+    assert len(warnings) == 2 and all(w.startswith("skipped imported hypernetwork") for w in warnings)
+    assert pd.read_parquet(out / "index.parquet").equals(frame)
+    assert json.loads((out / "summary.json").read_text()) == {"count": 2, "problems": problems}
+
+
+def test_imported_index_of_an_empty_inbox_needs_no_base_model(tmp_path):
+    def no_model():
+        raise AssertionError("the base model was loaded")
+
+    frame, problems = write_imported_index(tmp_path / "out", tmp_path / "missing", no_model, print)
+    assert frame.empty and list(frame.columns)[:3] == ["file", "path", "sha256"] and problems == []
+    assert (tmp_path / "out" / "index.parquet").is_file()
 
 
 def test_seeded_init_is_deterministic_and_leaves_global_rng_alone():

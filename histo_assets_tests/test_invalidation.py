@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from histo_assets.params import PROJECT_ROOT
+from histo_assets.params import PARAMS_ENV, PROJECT_ROOT, RESOLVED_PARAMS_FILE, load_params
 
 PACKAGE = "histo_assets"
 CORE = f"{PACKAGE}.core"
@@ -98,3 +100,32 @@ def test_every_job_but_the_release_has_a_stage(dvc_yaml):
 
     staged = {re.search(r"--job (\S+)", stage["cmd"]).group(1) for stage in dvc_yaml["stages"].values() if "--job" in stage["cmd"]}
     assert staged == {job.name for job in pipeline_jobs if job is not release_job}
+
+
+def test_dvc_yaml_names_no_params_file_but_the_resolved_one(dvc_yaml):
+    """A lab points `dvc repro` at its params with HISTO_ASSETS_PARAMS; dvc.yaml itself is never edited."""
+    resolved = RESOLVED_PARAMS_FILE.name
+    first, *stages = dvc_yaml["stages"].values()
+    assert "resolve-params" in first["cmd"] and first["always_changed"] is True
+    assert first["outs"] == [{resolved: {"cache": False}}]
+    for stage in stages:
+        assert "params.yaml" not in stage["cmd"] and "params.demo.yaml" not in stage["cmd"]
+        assert f"HISTO_ASSETS_PARAMS={resolved}" in stage["cmd"]
+        files = {next(iter(entry)) for entry in stage.get("params", []) if isinstance(entry, dict)}
+        assert files <= {resolved}
+
+
+def test_dvc_repro_follows_the_params_file_chosen_by_the_environment(tmp_path):
+    """A real `dvc repro` of the first stage, in a copy of the project's dvc.yaml, with a lab's own params file."""
+    dvc = PROJECT_ROOT / ".venv-dvc" / "bin" / "dvc"
+    (tmp_path / "dvc.yaml").write_text((PROJECT_ROOT / "dvc.yaml").read_text())
+    (tmp_path / ".venv").symlink_to(PROJECT_ROOT / ".venv")
+    lab = tmp_path / "params.lab.yaml"
+    lab.write_text(f"extends: {PROJECT_ROOT / 'params.yaml'}\nclasses: [lab_class_a, lab_class_b]\nseed: 11\n")
+    environment = {**os.environ, "DVC_NO_ANALYTICS": "1", PARAMS_ENV: str(lab)}
+    for command in (["git", "init", "-q"], [str(dvc), "init", "-q"],
+                    [str(dvc), "repro", "--single-item", "resolve_params"]):
+        subprocess.run(command, cwd=tmp_path, env=environment, check=True, capture_output=True, text=True)
+    resolved = load_params(tmp_path / RESOLVED_PARAMS_FILE.name)
+    assert resolved.values == load_params(lab).values
+    assert resolved.classes == ["lab_class_a", "lab_class_b"] and resolved.seed == 11

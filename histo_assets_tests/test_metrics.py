@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,21 +26,35 @@ from histo_assets.core.features import (
 )
 from histo_assets.core import features as features_module
 from histo_assets.core.evaluation import (
+    ALL_CLASSES,
+    CURVES_FILE,
+    FEATURE_CACHE,
     FID_RANK_DEFICIENT,
     IS_SPLIT_ABOVE_N,
     KID_SUBSET_ABOVE_N,
     PR_K_ABOVE_N,
     SMALL_REFERENCE,
+    SUMMARY_ONLY_SETTINGS,
     TABLE_COLUMNS,
     FeatureSet,
     MetricSettings,
     best_checkpoints,
+    comparison_grid,
     dvc_metrics,
+    feature_cache,
+    generated_files,
+    grid_file,
     metrics_notes,
+    metrics_table,
     overlapping_steps,
+    real_sets,
     score_checkpoint,
+    scoring_settings,
+    write_metrics_summary,
 )
 from histo_assets.core.io import atomic_path, sha256_file
+from histo_assets.core.layout import HOLDOUT, IMAGES, SUMMARY, Layout
+from histo_assets.core.seeding import derive_seed
 from histo_assets.core.metrics import (
     bootstrap_fid_kid,
     centred_interval,
@@ -410,6 +427,77 @@ def test_selection_keeps_other_metrics_and_reports_labels_in_dvc_metrics():
     assert entry["indistinguishable_steps"] == "1;2" and entry["decisive"] is False
     assert entry["flags"] == table["flags"].iloc[0] and entry["n_reference"] == 8
     assert entry["kid_ci_low"] < entry["kid_mean"] < entry["kid_ci_high"]
+
+
+def test_metrics_table_adds_the_overlapping_steps_of_each_row():
+    rows = _collapse_table(n_reference=8).drop(columns="overlapping_steps").to_dict("records")
+    assert metrics_table(rows, "kid")["overlapping_steps"].tolist() == ["2", "1"]
+
+
+def _write_pngs(folder: Path, names: list[str]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, name in enumerate(names):
+        Image.new("RGB", (16, 16), (10 * index, 100, 150)).save(folder / name)
+    return [folder / name for name in names]
+
+
+def test_real_and_generated_sets_are_read_from_the_layout(tmp_path):
+    layout = Layout(tmp_path)
+    _write_pngs(layout.square_crops("c") / IMAGES, ["a.png", "b.png", "z.png"])
+    layout.augmented_crops("c").mkdir(parents=True)
+    pd.DataFrame({"crop_file": ["z.png", "a.png"]}).to_parquet(layout.augmented_crops("c") / HOLDOUT)
+    train = _write_pngs(layout.augmented_crops("c") / IMAGES, ["orig-2.png", "aug-1.png", "orig-1.png"])
+    generated = _write_pngs(layout.synthetic_images("c", 3) / IMAGES, ["b.png", "a.png"])
+    reference, training = real_sets(layout, "c")
+    assert reference == [layout.square_crops("c") / IMAGES / "z.png", layout.square_crops("c") / IMAGES / "a.png"]
+    assert training == sorted(train)
+    assert generated_files(layout, "c", 3) == sorted(generated)
+
+
+def test_feature_cache_lives_under_the_data_cache_and_reads_weights_next_to_params(tmp_path, monkeypatch):
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    section = load_params(DEFAULT_PARAMS_FILE)["metrics"] | {"inception_weights": None, "batch_size": 5}
+    cache = feature_cache(section, Layout(tmp_path / "data"), tmp_path / "params", master_seed=7)
+    assert cache.cache_dir == tmp_path / "data" / ".cache" / FEATURE_CACHE and cache.batch_size == 5
+    assert cache.info.name == FALLBACK_NAME
+    assert f"seed {derive_seed(7, 'feature_extractor')}" in cache.info.note
+    relative = section | {"inception_weights": "weights/missing.pth"}
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "params" / "weights" / "missing.pth")):
+        feature_cache(relative, Layout(tmp_path / "data"), tmp_path / "params", master_seed=7)
+
+
+def test_scoring_settings_leave_out_what_only_the_summary_reads():
+    section = load_params(DEFAULT_PARAMS_FILE)["metrics"]
+    kept = scoring_settings(section)
+    assert not set(kept) & set(SUMMARY_ONLY_SETTINGS)
+    assert kept == {key: value for key, value in section.items() if key not in SUMMARY_ONLY_SETTINGS}
+
+
+def test_the_summary_writes_dvc_metrics_plots_tables_figures_and_its_summary(tmp_path):
+    layout = Layout(tmp_path)
+    steps = [1, 2]
+    _write_pngs(layout.augmented_crops("c") / IMAGES, ["orig-1.png", "orig-2.png", "aug-1.png"])
+    for step in steps:
+        _write_pngs(layout.synthetic_images("c", step) / IMAGES, ["0.png", "1.png"])
+    table = _collapse_table(n_reference=8)
+    pooled = table.assign(tissue_class=ALL_CLASSES)
+    table = pd.concat([table, pooled], ignore_index=True)
+    summary = write_metrics_summary(layout, table, ["c"], steps, "kid", "lowest")
+    out, details = layout.metrics_summary, layout.metrics_details
+    written = sorted(path.relative_to(out).as_posix() for path in out.rglob("*") if path.is_file())
+    assert written == sorted(["metrics.csv", "metrics.json", "plots/c.csv", f"plots/{ALL_CLASSES}.csv",
+                              f"details/{CURVES_FILE}", f"details/{grid_file('c')}", "details/metrics.parquet",
+                              f"details/{SUMMARY}"])
+    assert json.loads((details / SUMMARY).read_text()) == json.loads(json.dumps(summary))
+    choices = best_checkpoints(table[table["tissue_class"] != ALL_CLASSES], "kid", "lowest")
+    assert summary["best"] == {"c": choices["c"].step} and summary["indistinguishable"] == {"c": [1, 2]}
+    assert ALL_CLASSES not in summary["best"], "pooled rows are scored, never chosen"
+    assert (summary["best_by"], summary["tie_rule"], summary["steps"]) == ("kid", "lowest", steps)
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(
+        dvc_metrics(table, choices, "kid", "lowest", {})))
+    assert pd.read_csv(out / "metrics.csv").columns.tolist() == TABLE_COLUMNS
+    assert pd.read_csv(out / "plots" / "c.csv")["step"].tolist() == steps
+    assert Image.open(details / grid_file("c")).tobytes() == comparison_grid(layout, "c", steps).tobytes()
 
 
 # ---- precision / recall -------------------------------------------------------------------

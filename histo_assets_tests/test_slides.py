@@ -3,15 +3,27 @@
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 from PIL import Image
 
-from histo_assets.core.slides import SlideSource, UnusableFileError, inventory_class, open_source, to_rgb8
+from histo_assets.core.io import stable_hash
+from histo_assets.core.slides import (
+    SlideSource,
+    UnusableClassError,
+    UnusableFileError,
+    inventory_class,
+    open_source,
+    to_rgb8,
+    unknown_class_folders,
+    write_inventory,
+)
 from histo_assets_tests.conftest import tissue_image
 
 EXTENSIONS = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".svs"]
 LIMIT = 10_000_000
+INGEST = {"extensions": EXTENSIONS, "max_image_pixels": LIMIT, "max_file_bytes": 1 << 30}
 
 
 def inventory(folder: Path, root: Path, max_pixels: int = LIMIT):
@@ -161,3 +173,36 @@ def test_open_source_raises_reason(tmp_path):
     (tmp_path / "zero.png").write_bytes(b"")
     with pytest.raises(UnusableFileError, match="zero-byte"):
         open_source(tmp_path / "zero.png", tmp_path, LIMIT, 1 << 30)
+
+
+def test_inventory_is_written_with_a_content_hash_version_and_its_skipped_files(class_dir, tmp_path):
+    tissue_image((120, 80), seed=1).save(class_dir / "a.png")
+    (class_dir / "empty.png").write_bytes(b"")
+    warnings = []
+    out = tmp_path / "raw_slides" / "alpha"
+    summary, frame = write_inventory(out, class_dir, tmp_path, INGEST, tissue_class="alpha", warn=warnings.append)
+    assert pd.read_parquet(out / "inventory.parquet").equals(frame)
+    assert list(frame["path"]) == ["raw/alpha/a.png"]
+    assert summary["fingerprint"] == stable_hash([("raw/alpha/a.png", frame["sha256"].iloc[0])])
+    assert summary["count"] == 1 and [p["path"] for p in summary["problems"]] == ["raw/alpha/empty.png"]
+    assert warnings == [f"skipped raw/alpha/empty.png: {summary['problems'][0]['reason']}"]
+
+
+def test_a_class_with_no_folder_or_no_usable_file_is_refused_and_writes_nothing(class_dir, tmp_path):
+    out = tmp_path / "raw_slides" / "alpha"
+    with pytest.raises(UnusableClassError, match="class 'beta': no folder") as missing:
+        write_inventory(out, tmp_path / "raw" / "beta", tmp_path, INGEST, tissue_class="beta")
+    assert missing.value.problems is None
+    (class_dir / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(UnusableClassError, match="class 'alpha' has no usable slide") as unusable:
+        write_inventory(out, class_dir, tmp_path, INGEST, tissue_class="alpha")
+    assert [p.path for p in unusable.value.problems] == ["raw/alpha/junk.png"]
+    assert not out.exists()
+
+
+def test_unknown_class_folders_are_the_visible_folders_params_do_not_name(tmp_path):
+    assert unknown_class_folders(tmp_path / "raw", ["alpha"]) == []
+    for name in ("alpha", "mystery", ".hidden"):
+        (tmp_path / "raw" / name).mkdir(parents=True)
+    (tmp_path / "raw" / "notes.txt").write_text("not a folder")
+    assert unknown_class_folders(tmp_path / "raw", ["alpha"]) == ["mystery"]

@@ -2,6 +2,7 @@
 
 import copy
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,9 @@ from histo_assets.core.training import (
     diffusion_loss,
     parse_schedule,
     render_prompt,
+    resume_key,
     train_hypernetwork,
+    write_hypernetwork_checkpoints,
 )
 
 OPTIONS = HypernetworkOptions(sizes=TINY_HYPERNETWORK_SIZES)
@@ -333,3 +336,39 @@ def test_resuming_with_other_settings_is_refused(tiny_base, images, tmp_path):
         _train(tiny_base, images, tmp_path, max_steps=6, seed=99)
     extended = _train(tiny_base, images, tmp_path, max_steps=6)
     assert extended.resumed_from == tmp_path / "tissue.pt" and extended.final_step == 6
+
+
+STAGE_TRAINING = dict(templates=TEMPLATES, max_steps=4, learning_rate="0.001", batch_size=1, gradient_accumulation=1,
+                      checkpoint_steps=[2, 4], clip_mode="disabled", clip_value="0.1", latent_sampling="once",
+                      loss_log_every=2)
+
+
+def test_resume_key_ignores_only_the_settings_training_can_be_extended_by():
+    key = resume_key(training=STAGE_TRAINING, training_set="crops", seed=1)
+    extended = STAGE_TRAINING | {"max_steps": 8, "checkpoint_steps": [2, 4, 8], "loss_log_every": 1}
+    assert resume_key(training=extended, training_set="crops", seed=1) == key
+    assert resume_key(training=STAGE_TRAINING | {"batch_size": 2}, training_set="crops", seed=1) != key
+    assert resume_key(training=STAGE_TRAINING, training_set="other crops", seed=1) != key
+
+
+def test_stage_training_writes_checkpoints_loss_plot_and_a_summary_of_them(tiny_base, images, tmp_path):
+    lines, pushed = [], []
+    settings = dict(tissue_class="pink tissue/1", options=OPTIONS, training=STAGE_TRAINING, resolution=64,
+                    master_seed=7, training_set="crops", resume="key", log=lines.append)
+    summary = write_hypernetwork_checkpoints(tmp_path, tiny_base, images, on_checkpoint=pushed.append, **settings)
+
+    assert summary["name"] == "pink tissue1" and summary["training_set"] == "crops"
+    assert [(c["step"], c["file"]) for c in summary["checkpoints"]] == [(2, "pink tissue1-2.pt"), (4, "pink tissue1-4.pt")]
+    assert all(c["sha256"] == sha256_file(tmp_path / c["file"]) for c in summary["checkpoints"])
+    assert summary["base_model_sha256"] == tiny_base.sha256 and summary["resumed_from"] is None
+    assert [path.name for path in pushed] == ["pink tissue1-2.pt", "pink tissue1-4.pt"]
+    assert (tmp_path / "loss.png").is_file() and json.loads((tmp_path / "run.json").read_text()) == {"fingerprint": "key"}
+    assert not any("continuing" in line for line in lines)
+
+    longer = write_hypernetwork_checkpoints(tmp_path, tiny_base, images,
+                                            **settings | {"training": STAGE_TRAINING | {"max_steps": 6}})
+    assert longer["resumed_from"] == "pink tissue1.pt" and any("continuing the training run" in line for line in lines)
+    with pytest.raises(BaseModelError):
+        write_hypernetwork_checkpoints(tmp_path, tiny_base, images, **settings | {"options": HypernetworkOptions(),
+                                                                                  "resume": "other"})
+    assert json.loads((tmp_path / "run.json").read_text()) == {"fingerprint": "key"}

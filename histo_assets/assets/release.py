@@ -1,7 +1,5 @@
 """The versioned synthetic dataset: images of the chosen checkpoints, their provenance, DVC and a git tag."""
 
-import os
-
 import dagster as dg
 import pandas as pd
 
@@ -12,20 +10,20 @@ from histo_assets.assets.generation import SYNTHETIC_IMAGES_VERSION
 from histo_assets.assets.ingest import AUGMENTED_CROPS_VERSION, SQUARE_CROPS_VERSION
 from histo_assets.assets.training import HYPERNETWORK_CHECKPOINTS_VERSION
 from histo_assets.assets.utility import classifier_utility_asset
-from histo_assets.core.dvc import (
-    ensure_git_identity,
-    git_last_commit,
-    git_push_tag,
-    git_remote_url,
-    git_toplevel,
-    is_local_url,
-)
+from histo_assets.core.dvc import ensure_git_identity, git_last_commit, git_toplevel
 from histo_assets.core.evaluation import TABLE_COLUMNS
+from histo_assets.core.layout import Layout
 from histo_assets.core.lineage import training_lineage
-from histo_assets.core.release import ReleaseImage, build_release, publish_release
+from histo_assets.core.release import (
+    ReleaseSelectionError,
+    build_dataset_release,
+    local_remote_path,
+    publish_dataset_release,
+    release_inputs,
+    selected_steps,
+)
 from histo_assets.core.stage import read_summary
-from histo_assets.core.layout import INDEX, Layout
-from histo_assets.params import PROJECT_ROOT, Params
+from histo_assets.params import PROJECT_ROOT
 from histo_assets.resources import STAGE_CONFIG_SCHEMA, DvcResource, ObjectStoreResource, ParamsResource
 
 GROUP = "release"
@@ -36,36 +34,6 @@ CODE_VERSION = (
 # The last change to these paths is the code version a release records; later release commits don't count.
 CODE_PATHS = ["histo_assets", "pyproject.toml"]
 PIPELINE_AUTHOR = ("histo-assets", "histo-assets@localhost")
-
-
-def selected_steps(p: Params, best: dict[str, int], by_utility: int | None) -> dict[str, list[int]]:
-    choice = p["release"]["checkpoints"]
-    all_steps = sorted(int(s) for s in p["training"]["checkpoint_steps"])
-    if choice == "best":
-        return {c: [best[c]] for c in p.classes}
-    if choice == "utility":
-        if by_utility is None:
-            raise dg.Failure("release.checkpoints is utility: materialise classifier_utility first")
-        return {c: [by_utility] for c in p.classes}
-    if choice == "all":
-        return {c: all_steps for c in p.classes}
-    unknown = sorted(set(map(int, choice)) - set(all_steps))
-    if unknown:
-        raise dg.Failure(f"release.checkpoints names steps that were not trained: {unknown}")
-    return {c: sorted(map(int, choice)) for c in p.classes}
-
-
-def release_repo_url(section: dict, repo) -> str | None:
-    """Where downstream users fetch the release from, for the dataset card's commands.
-
-    The tag's git remote when the tag is pushed (a pod's checkout is gone
-    after the run), else this repository's own path.
-    """
-    if section["repo_url"]:
-        return section["repo_url"]
-    if repo is None:
-        return None
-    return git_remote_url(repo, section["git_remote"]) if section["git_remote"] else str(repo)
 
 
 @dg.asset(
@@ -86,74 +54,29 @@ def dataset_release(
     object_store: ObjectStoreResource,
 ):
     p = params.load_for(context)
-    layout = Layout(p.data_dir)
-    section = p["release"]
+    layout, section = Layout(p.data_dir), p["release"]
     object_store.pull(p.data_dir, layout.metrics_summary, layout.classifier_utility, log=context.log.info)
-    summary = read_summary(layout.metrics_details)
+    summary, utility = read_summary(layout.metrics_details), read_summary(layout.classifier_utility)
     if summary is None:
         raise dg.Failure("metrics_summary has not been materialised")
-    utility = read_summary(layout.classifier_utility)
-    steps = selected_steps(p, {c: int(s) for c, s in summary["best"].items()},
-                           utility["best_step_by_utility"] if utility else None)
-    for tissue_class, class_steps in steps.items():
-        object_store.pull(
-            p.data_dir, layout.raw_slides(tissue_class), layout.square_crops(tissue_class), layout.augmented_crops(tissue_class),
-            layout.hypernetwork_checkpoints(tissue_class), *(layout.synthetic_images(tissue_class, s) for s in class_steps),
-            log=context.log.info,
-        )
-    repo = git_toplevel(p.data_dir)
-    commit = git_last_commit(PROJECT_ROOT, CODE_PATHS)
-    images, lineage = [], []
-    for tissue_class, class_steps in steps.items():
-        hn = read_summary(layout.hypernetwork_checkpoints(tissue_class))
-        for step in class_steps:
-            folder = layout.synthetic_images(tissue_class, step)
-            generated = read_summary(folder)
-            for row in pd.read_parquet(folder / INDEX).itertuples():
-                images.append(ReleaseImage(
-                    source=folder / "images" / row.file,
-                    tissue_class=tissue_class,
-                    checkpoint_step=step,
-                    provenance={
-                        "checkpoint_file": generated["checkpoint_file"],
-                        "checkpoint_sha256": generated["checkpoint_sha256"],
-                        "hypernetwork_name": row.hypernetwork_name,
-                        "base_model_sha256": row.base_model_sha256,
-                        "base_model_short_hash": row.base_model_short_hash,
-                        "seed": int(row.seed),
-                        "prompt": row.prompt,
-                        "negative_prompt": row.negative_prompt,
-                        "sampler": row.sampler,
-                        "steps": int(row.steps),
-                        "cfg_scale": float(row.cfg_scale),
-                        "width": int(row.width),
-                        "height": int(row.height),
-                        "hypernetwork_multiplier": float(row.multiplier),
-                        "training_set_hash": hn["training_set"],
-                        "code_version": CODE_VERSION,
-                        "git_commit": commit,
-                        "dagster_run_id": generated.get("run_id", ""),
-                    },
-                ))
-        lineage.append(training_lineage(layout, tissue_class))
-    metrics = pd.read_parquet(layout.metrics_details / "metrics.parquet")[TABLE_COLUMNS]
-    plots = sorted(layout.metrics_details.glob("*.png"))
-    out = layout.release(section["name"])
-    relative = os.path.relpath(out, repo) if repo is not None else None
-    remote = section["remote"]
-    local_remote = (p.source.parent / remote["url"]).resolve() if is_local_url(remote["url"]) else None
-    info = build_release(
-        images, out, name=section["name"], metrics_table=metrics, metrics_notes=summary["metrics_notes"] + ("\n\n" + utility["notes"] if utility else ""),
-        lineage=pd.concat(lineage, ignore_index=True),
-        plots=plots, card_extra=f"Checkpoints: {section['checkpoints']} (by {summary['best_by']}). {summary['extractor_note']}",
-        repo_url=release_repo_url(section, repo), repo_path=relative,
-        local_remote=(remote["name"], str(local_remote)) if local_remote else None,
+    try:
+        steps = selected_steps(section["checkpoints"], p["training"]["checkpoint_steps"], p.classes, summary, utility)
+    except ReleaseSelectionError as error:
+        raise dg.Failure(str(error)) from error
+    object_store.pull(p.data_dir, *release_inputs(layout, steps), log=context.log.info)
+    repo, local_remote = git_toplevel(p.data_dir), local_remote_path(section["remote"]["url"], p.source.parent)
+    info = build_dataset_release(
+        layout, steps, section=section, metrics_summary=summary, utility_summary=utility,
+        metrics_table=pd.read_parquet(layout.metrics_details / "metrics.parquet")[TABLE_COLUMNS],
+        lineage=pd.concat([training_lineage(layout, tissue_class) for tissue_class in steps], ignore_index=True),
+        code_version=CODE_VERSION, git_commit=git_last_commit(PROJECT_ROOT, CODE_PATHS), repo=repo,
+        local_remote=local_remote,
     )
     metadata = {
-        "path": dg.MetadataValue.path(str(out)),
-        "images": len(images),
+        "path": dg.MetadataValue.path(str(layout.release(section["name"]))),
+        "images": sum(info.counts.values()),
         "per_class": dg.MetadataValue.json(info.counts),
-        "checkpoints": dg.MetadataValue.json({c: s for c, s in steps.items()}),
+        "checkpoints": dg.MetadataValue.json(steps),
         "tag": info.tag,
         "card": dg.MetadataValue.md(info.card.read_text()),
     }
@@ -161,15 +84,7 @@ def dataset_release(
         context.log.warning(f"{p.data_dir} is not inside a git repository: the release was built but not versioned")
         return dg.MaterializeResult(metadata=metadata | {"published": False}, data_version=dg.DataVersion(info.content_hash))
     ensure_git_identity(repo, *PIPELINE_AUTHOR)
-    cli = dvc.cli(repo)
-    cli.init()
-    url = os.path.relpath(local_remote, repo) if local_remote else remote["url"]
-    published = publish_release(cli, repo, out, info.tag, f"Release {section['name']} ({info.tag})",
-                                (remote["name"], url))
-    if section["git_remote"]:
-        git_push_tag(repo, section["git_remote"], info.tag)
-        context.log.info(f"pushed tag {info.tag} to git remote {section['git_remote']}")
-    context.log.info(f"published {info.tag}: dvc md5 {published.md5}, commit {published.commit[:10]}")
+    published = publish_dataset_release(dvc.cli(repo), repo, info, section, local_remote, log=context.log.info)
     return dg.MaterializeResult(
         metadata=metadata | {
             "published": True,
@@ -181,4 +96,3 @@ def dataset_release(
         },
         data_version=dg.DataVersion(published.md5),
     )
-

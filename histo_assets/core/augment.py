@@ -13,17 +13,29 @@ from __future__ import annotations
 import multiprocessing
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from histo_assets.core.io import atomic_save_png, sha256_file
+from histo_assets.core.errors import HistoAssetsError
+from histo_assets.core.holdout import RULE_NONE, SplitSettings, split_holdout
+from histo_assets.core.io import atomic_save_png, atomic_write_parquet, atomic_write_text, sha256_file, stable_hash
+from histo_assets.core.layout import HOLDOUT, IMAGES, INDEX, PREVIEW
+from histo_assets.core.previews import write_preview
 from histo_assets.core.seeding import derive_seed
+
+Log = Callable[[str], None]
+
+
+class CaptionModeError(HistoAssetsError, ValueError):
+    """augmentation.captions names no caption mode; the message says which there are."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +147,7 @@ def augment_class(
     keep_originals: bool,
     seed: int,
     workers: int,
-    log: Callable[[str], None] | None = None,
+    log: Log | None = None,
 ) -> list[AugmentedRecord]:
     """Write ``total`` augmented images (sources drawn with replacement, as rudi does) and the originals.
 
@@ -177,3 +189,62 @@ def _run_tasks(tasks: list, workers: int) -> list[tuple[str, str, list[str]]]:
     chunk = max(1, len(tasks) // (workers * 8))
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         return list(tqdm(pool.map(_augment_task, tasks, chunksize=chunk), **progress))
+
+
+def write_captions(folder: Path, files: list[str], tissue_class: str, mode: str) -> None:
+    """Caption sidecars for training: the class name, instead of A1111's file-name captions.
+
+    A1111 takes [filewords] from the file name when no ``.txt`` sits beside
+    the image; our stable names encode coordinates, which would make the
+    captions noise (as they probably were in the thesis). ``filename`` keeps
+    that A1111 behaviour.
+    """
+    if mode == "filename":
+        return
+    if mode != "class":
+        raise CaptionModeError(f"augmentation.captions must be 'class' or 'filename', not {mode!r}")
+    caption = tissue_class.replace("_", " ")
+    for name in files:
+        atomic_write_text(folder / f"{Path(name).stem}.txt", caption + "\n")
+
+
+def write_augmented_crops(
+    out: Path, crop_images: Path, index: pd.DataFrame, *, split_settings: SplitSettings, groups: Mapping[str, str],
+    augmentation: Mapping[str, Any], tissue_class: str, seed: int, log: Log | None = None, warn: Log | None = None,
+) -> dict[str, Any]:
+    """A class's training crops augmented and captioned, with their index and a preview, and its held-out list, in
+    ``out``; the summary fields that describe them.
+
+    ``index`` is square_crops' index of the crops in ``crop_images``, and
+    ``augmentation`` params' section of that name. The held-out crops are
+    never augmented: they are the reference set the metrics compare with, so
+    a class that cannot hold any out is warned about.
+    """
+    split = split_holdout(index, split_settings, derive_seed(seed, "holdout"), groups)
+    if split.rule == RULE_NONE:
+        if warn:
+            warn(f"{tissue_class}: {split.reason}; metrics will have no reference set")
+    elif log:
+        log(f"{tissue_class}: {split.rule} split, {split.reason}")
+    hashes = dict(zip(index["crop_file"], index["crop_sha256"]))
+    records = augment_class(
+        [(crop_images / name, hashes[name]) for name in split.train],
+        out / IMAGES,
+        recipe=AugmentationRecipe.from_params(augmentation),
+        total=int(augmentation["total"]),
+        keep_originals=bool(augmentation["keep_originals"]),
+        seed=seed,
+        workers=int(augmentation["workers"]),
+        log=log,
+    )
+    write_captions(out / IMAGES, [r.file for r in records], tissue_class, augmentation["captions"])
+    frame = pd.DataFrame([r.as_row() for r in records])
+    frame["seed"] = pd.array([r.seed for r in records], dtype="Int64")
+    atomic_write_parquet(out / INDEX, frame)
+    atomic_write_parquet(out / HOLDOUT, split.holdout_frame())
+    write_preview(out / IMAGES, out / PREVIEW)
+    return {
+        "count": len(records),
+        **split.summary(),
+        "data_version": stable_hash(sorted((r.file, r.sha256) for r in records)),
+    }

@@ -485,14 +485,7 @@ def load_base_model(
     torch_dtype = resolve_dtype(dtype, torch_device)
 
     if source == "tiny":
-        if tiny_cache_dir is None or seed is None:
-            raise BaseModelError("source 'tiny' needs tiny_cache_dir (where the built model is cached) and seed")
-        folder = tiny_model_dir(tiny_cache_dir, seed)
-        if not folder.is_dir():
-            _build_tiny_once(folder, seed)
-        elif _missing_diffusers_parts(folder, need_weights=True):
-            build_tiny_model(folder, seed)
-        return _load_folder(folder, "tiny", expected_sha256, name or folder.name, torch_device, torch_dtype)
+        return _load_tiny(tiny_cache_dir, seed, expected_sha256, name, torch_device, torch_dtype)
 
     if path is None:
         raise BaseModelError(f"base model source {source!r} needs a path")
@@ -502,7 +495,23 @@ def load_base_model(
         _require_diffusers_folder(model_path, "base model folder", need_weights=True)
         return _load_folder(model_path, "diffusers", expected_sha256, name or model_path.name, torch_device,
                             torch_dtype)
+    return _load_single_file(model_path, config, expected_sha256, name, torch_device, torch_dtype)
 
+
+def _load_tiny(cache_dir: str | os.PathLike | None, seed: int | None, expected_sha256: str | None, name: str | None,
+               device: torch.device, dtype: torch.dtype) -> BaseModel:
+    if cache_dir is None or seed is None:
+        raise BaseModelError("source 'tiny' needs tiny_cache_dir (where the built model is cached) and seed")
+    folder = tiny_model_dir(cache_dir, seed)
+    if not folder.is_dir():
+        _build_tiny_once(folder, seed)
+    elif _missing_diffusers_parts(folder, need_weights=True):
+        build_tiny_model(folder, seed)
+    return _load_folder(folder, "tiny", expected_sha256, name or folder.name, device, dtype)
+
+
+def _load_single_file(model_path: Path, config: str | os.PathLike | None, expected_sha256: str | None,
+                      name: str | None, device: torch.device, dtype: torch.dtype) -> BaseModel:
     if not model_path.is_file():
         raise BaseModelError(f"base model file {model_path} does not exist")
     if not model_path.name.endswith(SINGLE_FILE_SUFFIXES):
@@ -531,10 +540,10 @@ def load_base_model(
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
-        dtype=torch_dtype,
+        dtype=dtype,
         **components,
     )
-    return _finish(pipeline, sha256, name or model_path.name, "single_file", model_path, torch_device, torch_dtype)
+    return _finish(pipeline, sha256, name or model_path.name, "single_file", model_path, device, dtype)
 
 
 def _load_folder(folder: Path, source: str, expected_sha256: str | None, name: str, device: torch.device,
@@ -578,3 +587,9 @@ def describe_architecture(base: BaseModel) -> dict:
         "parameters": {name: sum(t.numel() for t in module.parameters())
                        for name, module in (("unet", base.unet), ("vae", base.vae), ("text_encoder", base.text_encoder))},
     }
+
+
+def describe_base_model(base: BaseModel) -> dict:
+    """The base_model asset's record of a model: the identity hypernetwork files and images quote, and its architecture."""
+    return {"source": base.source, "name": base.name, "sha256": base.sha256, "short_hash": base.short_hash,
+            "path": str(base.path), "architecture": describe_architecture(base)}

@@ -50,12 +50,16 @@ from histo_assets.core.base_model import (
 )
 from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.io import atomic_directory, atomic_path, atomic_save_png, atomic_write_text, sha256_file, stable_hash
+from histo_assets.core.layout import SUMMARY
 from histo_assets.core.plots import phase_loss_curves
 from histo_assets.core.previews import contact_sheet
 from histo_assets.core.sampling import GenerationSettings, generate_images
 from histo_assets.core.seeding import derive_seed
+from histo_assets.core.training import list_images
 
 Log = Callable[[str], None]
+# One optimisation step's loss, given the step and the generator seeded for it.
+StepLoss = Callable[[int, torch.Generator], torch.Tensor]
 
 PHASES = ("vae", "unet")
 STATE_FILE = ".base-model-training-state.pt"
@@ -73,6 +77,8 @@ LATENT_CHANNELS = 4
 WARMUP_FRACTION = 0.05
 # Real crops shown above the generated ones in the sample grid, so the two can be compared by eye.
 PREVIEW_COLUMNS = 8
+# What the summary of a trained model says of the held-out crops, so an audit need not read the code.
+HELD_OUT_CROPS = "never seen: only augmented_crops, the training share, are read"
 
 
 class BaseModelTrainingError(HistoAssetsError, ValueError):
@@ -344,13 +350,20 @@ class _Run:
         self.losses: dict[str, list[float]] = {phase: [] for phase in PHASES}
         self.optimizer_states: dict[str, dict | None] = {phase: None for phase in PHASES}
 
-    def restore(self, state: dict) -> None:
+    def resume(self) -> str | None:
+        """Continue from the saved state when it belongs to this run; where it resumed from, or None."""
+        state = _load_state(self.state_path, self.fingerprint, self.say)
+        if state is None:
+            return None
         self.vae.load_state_dict(state["vae"])
         if state["unet"] is not None:
             self.unet.load_state_dict(state["unet"])
         for phase in PHASES:
             self.losses[phase] = [float(loss) for loss in state[f"{phase}_losses"]]
             self.optimizer_states[phase] = state[f"{phase}_optimizer"]
+        resumed_from = f"vae step {len(self.losses['vae'])}, unet step {len(self.losses['unet'])}"
+        self.say(f"resuming base model training from {resumed_from}")
+        return resumed_from
 
     def save(self, phase: str, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer_states[phase] = optimizer.state_dict()
@@ -363,7 +376,7 @@ class _Run:
         })
 
     def train(self, phase: str, module: torch.nn.Module, steps: int, learning_rate: float,
-              loss_of_step: Callable[[int, torch.Generator], torch.Tensor], seed: int, stop_after: int | None) -> bool:
+              loss_of_step: StepLoss, seed: int, stop_after: int | None) -> bool:
         """Run ``phase`` up to ``steps``; False when ``stop_after`` (counted over both phases) ended it first."""
         losses = self.losses[phase]
         if len(losses) >= steps:
@@ -435,22 +448,10 @@ def train_base_model(
         tokenizer, text_encoder, vae, unet = _build_components(settings, resolution, seed)
         run = _Run(out / STATE_FILE, _fingerprint(settings, paths, resolution, seed), vae, unet,
                    settings.checkpoint_every, say)
-        state = _load_state(run.state_path, run.fingerprint, say)
-        resumed_from = None
-        if state is not None:
-            run.restore(state)
-            resumed_from = f"vae step {len(run.losses['vae'])}, unet step {len(run.losses['unet'])}"
-            say(f"resuming base model training from {resumed_from}")
+        resumed_from = run.resume()
         pixels = _load_pixels(paths, resolution)
         say(f"training a base model on {len(paths)} images at {resolution} px, {torch.get_num_threads()} thread(s)")
-
-        def vae_loss(_step: int, generator: torch.Generator) -> torch.Tensor:
-            x = pixels[_batch(len(pixels), settings.vae.batch_size, generator)]
-            posterior = vae.encode(x).latent_dist
-            reconstruction = vae.decode(posterior.sample(generator=generator)).sample
-            kl_per_element = posterior.kl().mean() / posterior.mean[0].numel()
-            return F.l1_loss(reconstruction, x) + settings.vae.kl_weight * kl_per_element
-
+        vae_loss = _vae_loss(vae, pixels, settings.vae)
         if not run.train("vae", vae, settings.vae.steps, settings.vae.learning_rate, vae_loss, seed, stop_after):
             return None
         means, stds = _encode_latents(vae, pixels)
@@ -458,18 +459,7 @@ def train_base_model(
         scaling = float(1.0 / means.std())
         vae.register_to_config(scaling_factor=scaling)
         contexts = _encode_prompts(tokenizer, text_encoder, [settings.prompt, ""])
-        noise_scheduler = DDPMScheduler(**SCHEDULE)
-
-        def unet_loss(_step: int, generator: torch.Generator) -> torch.Tensor:
-            index = _batch(len(means), settings.unet.batch_size, generator)
-            latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scaling
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)
-            noise = torch.randn(latents.shape, generator=generator)
-            unconditional = torch.rand(len(index), generator=generator) < settings.unet.uncond_probability
-            context = contexts[unconditional.long()]
-            prediction = unet(noise_scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=context).sample
-            return F.mse_loss(prediction, noise)
-
+        unet_loss = _unet_loss(unet, means, stds, scaling, contexts, settings.unet)
         if not run.train("unet", unet, settings.unet.steps, settings.unet.learning_rate, unet_loss, seed, stop_after):
             return None
         model_dir = out / model_folder
@@ -494,6 +484,37 @@ def train_base_model(
     )
 
 
+def _vae_loss(vae: AutoencoderKL, pixels: torch.Tensor, settings: VaeSettings) -> StepLoss:
+    """Phase 1: L1 reconstruction of a batch plus the KL term per latent element, so kl_weight is resolution-free."""
+
+    def loss(_step: int, generator: torch.Generator) -> torch.Tensor:
+        x = pixels[_batch(len(pixels), settings.batch_size, generator)]
+        posterior = vae.encode(x).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator=generator)).sample
+        kl_per_element = posterior.kl().mean() / posterior.mean[0].numel()
+        return F.l1_loss(reconstruction, x) + settings.kl_weight * kl_per_element
+
+    return loss
+
+
+def _unet_loss(unet: UNet2DConditionModel, means: torch.Tensor, stds: torch.Tensor, scaling: float,
+               contexts: torch.Tensor, settings: UnetSettings) -> StepLoss:
+    """Phase 2: ε-MSE on fresh posterior samples of the latents, the prompt dropped for classifier-free guidance."""
+    noise_scheduler = DDPMScheduler(**SCHEDULE)
+
+    def loss(_step: int, generator: torch.Generator) -> torch.Tensor:
+        index = _batch(len(means), settings.batch_size, generator)
+        latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scaling
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        unconditional = torch.rand(len(index), generator=generator) < settings.uncond_probability
+        context = contexts[unconditional.long()]
+        prediction = unet(noise_scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=context).sample
+        return F.mse_loss(prediction, noise)
+
+    return loss
+
+
 def _write_samples(model_dir: Path, path: Path, real: Sequence[Path], settings: BaseModelTrainingSettings,
                    preview: GenerationSettings, seed: int, say: Log) -> Path | None:
     """Generated tiles below as many real crops, spread over the sorted list so every class shows."""
@@ -514,3 +535,30 @@ def _write_samples(model_dir: Path, path: Path, real: Sequence[Path], settings: 
                           row_labels=["real"] * rows_real + ["generated"] * rows_generated)
     atomic_save_png(path, sheet)
     return path
+
+
+def train_from_crops(
+    out_dir: Path, image_folders: Sequence[Path], training: Mapping[str, Any], *, model_folder: str, resolution: int,
+    master_seed: int, preview: GenerationSettings, log: Log,
+) -> BaseModelTrainingResult:
+    """Train on every class's augmented crops: the training share, since held-out crops are never augmented."""
+    # The old summary would name weights that are about to be replaced.
+    (out_dir / SUMMARY).unlink(missing_ok=True)
+    images = [path for folder in image_folders for path in list_images(folder)]
+    result = train_base_model(
+        images, out_dir, BaseModelTrainingSettings.from_params(training), model_folder=model_folder,
+        resolution=resolution, seed=derive_seed(master_seed, "base_model"), preview=preview, log=log,
+    )
+    if result.resumed_from:
+        log(f"resumed from {result.resumed_from}")
+    return result
+
+
+def training_summary(result: BaseModelTrainingResult, classes: Sequence[str], prompt: str,
+                     crops_data_versions: Mapping[str, str]) -> dict[str, Any]:
+    """What a trained model's summary adds to its description: the data it learnt from, and the time it took."""
+    return {
+        "training_set": {"classes": list(classes), "images": result.images, "prompt": prompt,
+                         "augmented_crops_data_versions": crops_data_versions, "held_out_crops": HELD_OUT_CROPS},
+        "seconds": result.seconds,
+    }

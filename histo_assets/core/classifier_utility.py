@@ -46,10 +46,13 @@ from scipy.optimize import minimize
 from torch import nn
 
 from histo_assets.core.errors import HistoAssetsError
+from histo_assets.core.evaluation import generated_files, held_out_crops, image_set_hash
 from histo_assets.core.features import ImageFeatureExtractor, extract_features
-from histo_assets.core.io import atomic_directory
+from histo_assets.core.io import atomic_directory, atomic_write_json, stable_hash
+from histo_assets.core.layout import IMAGES, INDEX, Layout
 from histo_assets.core.plots import interval_bars
 from histo_assets.core.seeding import derive_seed
+from histo_assets.core.steps import BASELINE_STEP
 
 LOGISTIC = "logistic"
 CNN = "cnn"
@@ -92,6 +95,10 @@ RESULTS_FILE = "utility.csv"
 CONFUSION_FILE = "confusion.csv"
 SUMMARY_FILE = "utility.json"
 PLOT_FILE = "utility.png"
+# The candidate made of each class's chosen checkpoint (metrics_summary's `best`), the release's default.
+BEST_PER_CLASS = "best"
+# Per-candidate tables, confusion matrices and plots, below the overview files.
+CANDIDATES = "candidates"
 
 # Paths in, an N x D float array out, row i for paths[i]. It is called once per class and image set, with the
 # paths sorted, so the metrics' FeatureCache (which sorts and caches per set) serves the held-out and generated sets.
@@ -646,3 +653,62 @@ def candidates_notes(results: Mapping[str, UtilityResult], classifier: str) -> s
         lines.append(f"| {candidate} | {cell.get(REAL, '')} | {cell.get(REAL_PLUS_SYNTHETIC, '')} | "
                      f"{cell.get(SYNTHETIC, '')} | {verdict.replace('_', ' ')} |")
     return "\n".join(lines)
+
+
+# ---- release candidates in the pipeline's data folder ----------------------------------------
+
+
+def step_candidate(step: int) -> str:
+    return f"step-{step}"
+
+
+def utility_inputs(
+    layout: Layout, classes: Sequence[str], steps: Sequence[int], best: Mapping[str, int],
+) -> tuple[dict[str, list[Path]], dict[str, list[Path]], dict[str, dict[str, list[Path]]]]:
+    """(real training crops, held-out crops, synthetic images per candidate), each per class.
+
+    The real training set is the original crops only: augmented crops are
+    themselves a kind of synthetic data, and would blur the comparison.
+    """
+    train, test = {}, {}
+    for tissue_class in classes:
+        index = pd.read_parquet(layout.augmented_crops(tissue_class) / INDEX)
+        images = layout.augmented_crops(tissue_class) / IMAGES
+        train[tissue_class] = [images / name for name in index.loc[index["kind"] == "original", "file"]]
+        test[tissue_class] = held_out_crops(layout, tissue_class)
+    candidates = {step_candidate(step): {c: generated_files(layout, c, step) for c in classes} for step in steps}
+    candidates[BEST_PER_CLASS] = {c: generated_files(layout, c, best[c]) for c in classes}
+    return train, test, candidates
+
+
+def image_sets_hash(train: ClassPaths, test: ClassPaths, candidates: Mapping[str, ClassPaths]) -> str:
+    """The content of every image set the candidates are scored on, for the stage's fingerprint."""
+    return stable_hash({name: {c: image_set_hash(paths) for c, paths in sets.items()}
+                        for name, sets in [("train", train), ("test", test), *candidates.items()]})
+
+
+def write_candidates(
+    out: Path, train: ClassPaths, test: ClassPaths, candidates: Mapping[str, ClassPaths], settings: UtilitySettings,
+    steps: Sequence[int], *, featurize: Featurizer, features_label: str, log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Every candidate's utility in its own folder, the table, plot and DVC metrics across them in ``out``.
+
+    Returns the summary's fields. The step chosen by utility is among the
+    trained checkpoints only: step 0 has no hypernetwork to release.
+    """
+    results = {name: classifier_utility(train, synthetic, test, settings, featurize=featurize,
+                                        features_label=features_label, log=log)
+               for name, synthetic in candidates.items()}
+    trained = {step_candidate(step): step for step in steps if step != BASELINE_STEP}
+    chosen_step = trained[best_candidate(results, settings.classifier, list(trained))]
+    for name, result in results.items():
+        write_utility(result, out / CANDIDATES / name)
+    (out / RESULTS_FILE).write_bytes(csv_bytes(candidates_table(results)))
+    candidates_plot(results, settings.classifier, out / PLOT_FILE)
+    verdicts = {name: result.verdicts()[settings.classifier] for name, result in results.items()}
+    atomic_write_json(out / SUMMARY_FILE, {
+        "classifier": settings.classifier, "features": features_label, "verdict_metric": BALANCED_ACCURACY,
+        "verdicts": verdicts, "best_step_by_utility": chosen_step,
+    })
+    return {"best_step_by_utility": chosen_step, "verdicts": verdicts,
+            "notes": candidates_notes(results, settings.classifier)}

@@ -14,19 +14,31 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
 from tqdm.auto import tqdm
 
-from histo_assets.core.io import atomic_save_png, sha256_file
-from histo_assets.core.slides import Problem, SlideSource, UnusableFileError, open_source
+from histo_assets.core.io import atomic_save_png, atomic_write_parquet, sha256_file, stable_hash
+from histo_assets.core.layout import IMAGES, INDEX, PREVIEW
+from histo_assets.core.previews import write_preview
+from histo_assets.core.slides import (
+    Log,
+    Problem,
+    SlideSource,
+    UnusableClassError,
+    UnusableFileError,
+    open_source,
+    report_problems,
+)
 
 MASK_MAX_SIDE = 1024
 SMALL_IMAGE_POLICIES = ("skip", "upscale")
@@ -178,6 +190,18 @@ class CropSettings:
         if not -1 <= self.png_compress_level <= 9:
             raise ValueError(f"png_compress_level must be 0-9 (or -1, zlib's default), not {self.png_compress_level}")
 
+    @classmethod
+    def from_params(cls, crops: Mapping[str, Any], ingest: Mapping[str, Any], resolution: int) -> CropSettings:
+        return cls(
+            mode=crops["mode"],
+            resolution=resolution,
+            small_image_policy=crops["small_image_policy"],
+            max_image_pixels=int(ingest["max_image_pixels"]),
+            max_file_bytes=int(ingest["max_file_bytes"]),
+            tiles=TileSettings(**crops["tiles"]),
+            png_compress_level=int(crops["png_compress_level"]),
+        )
+
 
 def plan_windows(source: SlideSource, settings: CropSettings) -> list[tuple[Window, float | None]]:
     """The windows to cut from one source, each with its tissue fraction.
@@ -272,7 +296,7 @@ def _executor(workers: int) -> Iterator[Executor]:
     Processes are spawned, not forked: the caller may be a Dagster run with
     torch's thread pools and locks in memory, which fork would copy in
     whatever state they are in; a spawned worker imports only this module
-    and its imports (Pillow, numpy, scikit-image, tiffslide), never torch. Pending tasks are cancelled and
+    and its imports (Pillow, numpy, pandas, scikit-image, tiffslide), never torch. Pending tasks are cancelled and
     running ones awaited before any error leaves, so nothing is written after
     the caller starts cleaning up.
     """
@@ -368,3 +392,27 @@ def crop_class(
             if log:
                 log(f"{rel}: {len(cut)} crop(s)")
     return records, problems
+
+
+def write_square_crops(
+    out: Path, sources: list[tuple[str, str]], data_root: Path, settings: CropSettings, *, tissue_class: str,
+    workers: int = 1, log: Log | None = None, warn: Log | None = None,
+) -> dict[str, Any]:
+    """A class's crops, their index and a preview in ``out``; the summary fields that describe them.
+
+    A source that gives no crop is skipped and listed in the summary; a class
+    none of whose sources gives one is refused, as there is nothing to train on.
+    """
+    records, problems = crop_class(sources, data_root, out / IMAGES, settings, log=log, workers=workers)
+    report_problems(problems, warn)
+    if not records:
+        raise UnusableClassError(
+            f"class {tissue_class!r}: no crop could be cut from its {len(sources)} slide(s)", problems
+        )
+    atomic_write_parquet(out / INDEX, pd.DataFrame([r.as_row() for r in records]))
+    write_preview(out / IMAGES, out / PREVIEW)
+    return {
+        "count": len(records),
+        "problems": [vars(x) for x in problems],
+        "data_version": stable_hash(sorted((r.crop_file, r.crop_sha256) for r in records)),
+    }

@@ -1,4 +1,4 @@
-"""Scoring one checkpoint's synthetic images against real crops, and choosing among checkpoints.
+"""Scoring one checkpoint's synthetic images against real crops, choosing among checkpoints, and the summary.
 
 Real-set features are cached under the content hash of the images and the
 extractor's identity, so evaluating K checkpoints costs K generated-set
@@ -23,8 +23,17 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from histo_assets.core.features import FeatureExtractorInfo, ImageFeatureExtractor, extract_features
-from histo_assets.core.io import atomic_write_bytes, sha256_file, stable_hash
+from histo_assets.core.features import FeatureExtractorInfo, ImageFeatureExtractor, build_extractor, extract_features
+from histo_assets.core.io import (
+    atomic_save_png,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_parquet,
+    atomic_write_text,
+    sha256_file,
+    stable_hash,
+)
+from histo_assets.core.layout import HOLDOUT, IMAGES, SUMMARY, Layout
 from histo_assets.core.metrics import (
     bootstrap_fid_kid,
     centred_interval,
@@ -35,6 +44,8 @@ from histo_assets.core.metrics import (
     memorisation,
     precision_recall,
 )
+from histo_assets.core.plots import metric_curves
+from histo_assets.core.previews import contact_sheet
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.steps import BASELINE_STEP
 
@@ -75,6 +86,13 @@ TABLE_COLUMNS = [
 ]
 # metrics keys that only the summary reads: changing them must not re-score any checkpoint.
 SUMMARY_ONLY_SETTINGS = ("best_checkpoint_metric", "best_checkpoint_tie")
+# The folder under the data cache that holds FeatureCache's files.
+FEATURE_CACHE = "features"
+# The tissue_class of the rows that pool every class, per step.
+ALL_CLASSES = "all"
+# Images per row of the originals-versus-generated grids.
+GRID_IMAGES = 8
+CURVES_FILE = "curves.png"
 
 
 @dataclass(frozen=True)
@@ -127,6 +145,15 @@ class MetricSettings:
             min_reference=int(section["min_reference"]),
             seed=int(seed),
         )
+
+
+def metric_settings(section: Mapping[str, Any], master_seed: int) -> MetricSettings:
+    return MetricSettings.from_params(section, derive_seed(master_seed, "metrics"))
+
+
+def scoring_settings(section: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``metrics`` settings a checkpoint's row depends on, for its fingerprint."""
+    return {key: value for key, value in section.items() if key not in SUMMARY_ONLY_SETTINGS}
 
 
 @dataclass(frozen=True)
@@ -186,6 +213,33 @@ class FeatureCache:
         np.savez(buffer, **arrays)
         atomic_write_bytes(cached, buffer.getvalue())
         return FeatureSet(features, logits)
+
+
+def feature_cache(section: Mapping[str, Any], layout: Layout, params_dir: Path, master_seed: int) -> FeatureCache:
+    """The cache of params' ``metrics`` extractor, one for every stage that featurises images.
+
+    Sharing it is what lets the utility classifier reuse the features the
+    metrics computed. A relative weights path is relative to the params file.
+    """
+    weights = section["inception_weights"]
+    if weights is not None:
+        weights = str((params_dir / weights).resolve())
+    extractor, info = build_extractor(weights, derive_seed(master_seed, "feature_extractor"))
+    return FeatureCache(layout.cache / FEATURE_CACHE, extractor, info, int(section["batch_size"]))
+
+
+def held_out_crops(layout: Layout, tissue_class: str) -> list[Path]:
+    holdout = pd.read_parquet(layout.augmented_crops(tissue_class) / HOLDOUT)
+    return [layout.square_crops(tissue_class) / IMAGES / name for name in holdout["crop_file"]]
+
+
+def real_sets(layout: Layout, tissue_class: str) -> tuple[list[Path], list[Path]]:
+    """(held-out crops: the reference set, training images: what the hypernetwork saw)."""
+    return held_out_crops(layout, tissue_class), sorted((layout.augmented_crops(tissue_class) / IMAGES).glob("*.png"))
+
+
+def generated_files(layout: Layout, tissue_class: str, step: int) -> list[Path]:
+    return sorted((layout.synthetic_images(tissue_class, step) / IMAGES).glob("*.png"))
 
 
 def _kid(reference: FeatureSet, generated: FeatureSet, settings: MetricSettings, flags: list[str]) -> dict:
@@ -306,6 +360,33 @@ def score_checkpoint(
         libraries=library_versions(),
     )
     return row
+
+
+def checkpoint_row(
+    cache: FeatureCache, generated: Sequence[Path], reference: Sequence[Path], train: Sequence[Path],
+    settings: MetricSettings, *, tissue_class: str, step: int, log: Callable[[str], None] | None = None,
+) -> dict:
+    """One class's and checkpoint's row of the metric table, from the cached features of its image sets."""
+    row = score_checkpoint(cache.features(generated, log=log), cache.features(reference, log=log),
+                           cache.features(train, log=log), cache.info, settings)
+    return {"tissue_class": tissue_class, "step": step} | row
+
+
+def combined_rows(cache: FeatureCache, layout: Layout, classes: Sequence[str], steps: Sequence[int],
+                  settings: MetricSettings) -> list[dict]:
+    """Table 3.6 of the thesis: all classes pooled, per step (from cached features)."""
+    rows = []
+    for step in steps:
+        generated = reference = train = None
+        for tissue_class in classes:
+            ref_files, train_files = real_sets(layout, tissue_class)
+            parts = [cache.features(generated_files(layout, tissue_class, step)), cache.features(ref_files), cache.features(train_files)]
+            generated, reference, train = (
+                parts if generated is None else [a.concat(b) for a, b in zip((generated, reference, train), parts)]
+            )
+        row = score_checkpoint(generated, reference, train, cache.info, settings)
+        rows.append({"tissue_class": ALL_CLASSES, "step": step} | row)
+    return rows
 
 
 # ---- choosing among checkpoints -------------------------------------------------------------
@@ -511,3 +592,66 @@ def baseline_notes(verdicts: Mapping[str, dict], metric_name: str) -> str:
                  "unknown": "no intervals to compare"}[v["verdict"]]
               for tissue_class, v in verdicts.items()]
     return "\n".join(lines)
+
+
+# ---- the summary across classes and checkpoints ---------------------------------------------
+
+
+def metrics_table(rows: Sequence[dict], metric_name: str) -> pd.DataFrame:
+    """The rows as one table, each with the steps its interval of the selection metric cannot tell apart."""
+    table = pd.DataFrame(rows)
+    table["overlapping_steps"] = overlapping_steps(table, metric_name)
+    return table
+
+
+def grid_file(tissue_class: str) -> str:
+    return f"grid_{tissue_class}.png"
+
+
+def comparison_grid(layout: Layout, tissue_class: str, steps: Sequence[int]) -> Image.Image:
+    """Originals above generated images at every step, like the thesis's Figure 3.5."""
+    originals = sorted((layout.augmented_crops(tissue_class) / IMAGES).glob("orig-*.png"))[:GRID_IMAGES]
+    rows, labels = [originals + [None] * (GRID_IMAGES - len(originals))], ["original"]
+    for step in steps:
+        files = generated_files(layout, tissue_class, step)[:GRID_IMAGES]
+        rows.append(files + [None] * (GRID_IMAGES - len(files)))
+        labels.append("base model" if step == BASELINE_STEP else f"step {step}")
+    blank = Image.new("RGB", (8, 8), (255, 255, 255))
+    cells = [Image.open(f) if f is not None else blank for row in rows for f in row]
+    return contact_sheet(cells, columns=GRID_IMAGES, thumb=96, row_labels=labels)
+
+
+def write_metrics_summary(layout: Layout, table: pd.DataFrame, classes: Sequence[str], steps: Sequence[int],
+                          metric_name: str, tie: str) -> dict[str, Any]:
+    """The metrics_summary folder, and the fields of its details/summary.json.
+
+    DVC reads the top level (metrics.json, metrics.csv and the per-class plots
+    CSVs); people read details/ (the full table, curves and grids). Files are
+    replaced one by one, and nothing is reused: the summary is cheap once
+    every checkpoint is scored.
+    """
+    out, details = layout.metrics_summary, layout.metrics_details
+    # Step 0 is scored, never chosen: its images carry no class-specific training.
+    choices = best_checkpoints(table[(table["tissue_class"] != ALL_CLASSES) & (table["step"] != BASELINE_STEP)],
+                               metric_name, tie)
+    verdicts = baseline_verdicts(table, choices, metric_name)
+    metric_curves(
+        metric_series(table, ("fid", "kid_mean", "is_mean")), details / CURVES_FILE,
+        title=f"metrics vs training step ({table['extractor'].iloc[0]}, comparable with {table['comparable_with'].iloc[0]})",
+    )
+    for tissue_class in classes:
+        atomic_save_png(details / grid_file(tissue_class), comparison_grid(layout, tissue_class, steps))
+    atomic_write_parquet(details / "metrics.parquet", table)
+    atomic_write_text(out / "metrics.csv", table[TABLE_COLUMNS].to_csv(index=False))
+    for tissue_class, group in table.groupby("tissue_class"):
+        atomic_write_text(out / "plots" / f"{tissue_class}.csv", group[TABLE_COLUMNS[1:]].sort_values("step").to_csv(index=False))
+    atomic_write_json(out / "metrics.json", dvc_metrics(table, choices, metric_name, tie, verdicts))
+    summary = {
+        "best": {c: choice.step for c, choice in choices.items()}, "best_by": metric_name, "tie_rule": tie,
+        "indistinguishable": {c: choice.indistinguishable for c, choice in choices.items()}, "steps": steps,
+        "extractor_note": table["extractor_note"].iloc[0],
+        "metrics_notes": metrics_notes(table, choices, metric_name, tie) + "\n\n" + baseline_notes(verdicts, metric_name),
+        "against_base_model": verdicts,
+    }
+    atomic_write_json(details / SUMMARY, summary)
+    return summary

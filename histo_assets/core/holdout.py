@@ -94,6 +94,17 @@ class HoldoutSplit:
         held = self.crops[self.crops["side"] == HELD_OUT].assign(rule=self.rule)
         return held[list(HOLDOUT_COLUMNS)].sort_values("crop_file").reset_index(drop=True)
 
+    def summary(self) -> dict:
+        """The split as the stage's summary records it, so that a reused folder still says how it was split."""
+        return {
+            "train_crops": len(self.train),
+            "held_out_crops": len(self.held_out),
+            "holdout_rule": self.rule,
+            "holdout_reason": self.reason,
+            "guard_crops": self.guard,
+            "holdout_by_source": self.by_source(),
+        }
+
     def by_source(self) -> list[dict]:
         """Per source: its group, how many of its crops went to each side, and its held-out region."""
         rows = []

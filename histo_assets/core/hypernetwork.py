@@ -12,15 +12,17 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import pickle
 import re
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
@@ -28,7 +30,14 @@ from torch import Tensor, nn
 
 from histo_assets.core.a1111_text import SHORT_HASH_LENGTH
 from histo_assets.core.errors import HistoAssetsError
-from histo_assets.core.io import atomic_write_bytes, sha256_file
+from histo_assets.core.io import (
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_parquet,
+    sha256_file,
+)
+from histo_assets.core.layout import INDEX, SUMMARY
 
 OPTIMIZER_SUFFIX = ".optim"
 WEIGHT_INIT_SCHEMES = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
@@ -39,6 +48,8 @@ _LEGACY_DROPOUT = 0.3
 _LEGACY_RENAMES = (("linear1.", "linear.0."), ("linear2.", "linear.1."))
 # Keys written by the Hypernetwork-MonkeyPatch extension that change the architecture (§8).
 _EXTENSION_KEYS = ("skip_connection", "upsample_linear")
+IMPORTED_INDEX_COLUMNS = ["file", "path", "sha256", "name", "step", "sizes", "unused_sizes", "activation",
+                          "layer_structure", "sd_checkpoint", "sd_checkpoint_name"]
 
 
 class HypernetworkFormatError(HistoAssetsError, ValueError):
@@ -134,6 +145,23 @@ class HypernetworkOptions:
         object.__setattr__(self, "dropout_structure", dropout)
         object.__setattr__(self, "use_dropout", bool(self.use_dropout) or any(dropout))
         object.__setattr__(self, "last_layer_dropout", dropout[-2] != 0)
+
+    @classmethod
+    def from_params(cls, section: Mapping[str, Any]) -> HypernetworkOptions:
+        """Options from the ``hypernetwork:`` params section.
+
+        The section has no ``last_layer_dropout``: it follows from ``dropout_structure``.
+        """
+        return cls(
+            sizes=tuple(int(s) for s in section["sizes"]),
+            layer_structure=tuple(float(x) for x in section["layer_structure"]),
+            activation=section["activation"],
+            weight_init=section["weight_init"],
+            layer_norm=bool(section["layer_norm"]),
+            use_dropout=bool(section["use_dropout"]),
+            dropout_structure=tuple(float(x) for x in section["dropout_structure"]),
+            activate_output=bool(section["activate_output"]),
+        )
 
 
 class HypernetworkModule(nn.Module):
@@ -397,6 +425,75 @@ def load_hypernetwork(path: str | Path, *, map_location: str | torch.device = "c
     hn.sd_checkpoint_name = contents.get("sd_checkpoint_name")
     hn.optional_info = contents.get("optional_info")
     return hn.to(map_location).eval()
+
+
+def checkpoint_problems(folder: str | Path, checkpoints: Sequence[Mapping[str, Any]],
+                        wanted_steps: Iterable[int]) -> list[str]:
+    """What keeps a run's checkpoints from being used; empty when all is well.
+
+    ``checkpoints`` are the summary's entries (step, file, sha256). A file is
+    only trusted when it is the one recorded, loads in safe mode as any WebUI
+    would, and has finite weights, since generation reads every one of them.
+    """
+    problems = []
+    missing = sorted({int(step) for step in wanted_steps} - {int(entry["step"]) for entry in checkpoints})
+    if missing:
+        problems.append(f"missing steps {missing}")
+    for entry in sorted(checkpoints, key=lambda entry: entry["step"]):
+        path = Path(folder) / entry["file"]
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+            problems.append(f"{entry['file']}: missing or changed on disk")
+            continue
+        try:
+            hn = load_hypernetwork(path)
+        except (HypernetworkFormatError, RuntimeError, OSError, pickle.UnpicklingError) as error:
+            problems.append(f"{entry['file']}: does not load ({error})")
+            continue
+        if not all(torch.isfinite(t).all() for t in hn.state_dict().values()):
+            problems.append(f"{entry['file']}: non-finite weights")
+    return problems
+
+
+def _imported_row(path: Path, hn: Hypernetwork, widths: set[int]) -> dict[str, Any]:
+    sizes = hn.options.sizes
+    return {
+        "file": path.name, "path": str(path), "sha256": sha256_file(path), "name": hn.name, "step": hn.step,
+        "sizes": ",".join(map(str, sizes)), "unused_sizes": ",".join(map(str, sorted(set(sizes) - widths))),
+        "activation": str(hn.options.activation), "layer_structure": ",".join(map(str, hn.options.layer_structure)),
+        "sd_checkpoint": hn.sd_checkpoint, "sd_checkpoint_name": hn.sd_checkpoint_name,
+    }
+
+
+def write_imported_index(out: Path, inbox: Path, context_widths: Callable[[], Iterable[int]],
+                         warn: Callable[[str], None]) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """Index the ``.pt`` files a lab dropped into ``inbox`` in ``out``; the index and each skipped file's reason.
+
+    An inbox holds whatever a lab had, so a file that fails to load or fits
+    no attention width of the model is skipped, with the reason kept for
+    people to read. ``context_widths`` (the base model's, slow to load) is
+    asked for only once a file has loaded, so an inbox of unusable files never
+    needs the model.
+    """
+    rows, problems = [], []
+    widths = None
+    for path in sorted(inbox.glob("*.pt")) if inbox.is_dir() else []:
+        try:
+            hn = load_hypernetwork(path)
+            if widths is None:
+                widths = set(context_widths())
+            if not set(hn.options.sizes) & widths:
+                raise ValueError(f"none of its sizes {list(hn.options.sizes)} match the base model's attention "
+                                 f"widths {sorted(widths)}")
+        except Exception as error:
+            problems.append({"file": path.name, "reason": str(error)})
+            warn(f"skipped imported hypernetwork {path.name}: {error}")
+            continue
+        rows.append(_imported_row(path, hn, widths))
+    frame = pd.DataFrame(rows, columns=IMPORTED_INDEX_COLUMNS)
+    with atomic_directory(out) as staging:
+        atomic_write_parquet(staging / INDEX, frame)
+        atomic_write_json(staging / SUMMARY, {"count": len(rows), "problems": problems})
+    return frame, problems
 
 
 def export_safetensors(hn: Hypernetwork, path: str | Path) -> Path:

@@ -13,9 +13,10 @@ import numbers
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,10 +29,14 @@ from histo_assets.core.dvc import (
     git_file_at,
     git_is_repo,
     git_path,
+    git_push_tag,
+    git_remote_url,
     git_tag,
     git_tag_target,
+    is_local_url,
     md5_from_dvc_text,
 )
+from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.io import (
     atomic_directory,
     atomic_write_bytes,
@@ -40,6 +45,9 @@ from histo_assets.core.io import (
     sha256_file,
     stable_hash,
 )
+from histo_assets.core.layout import IMAGES as STAGE_IMAGES
+from histo_assets.core.layout import INDEX, Layout
+from histo_assets.core.stage import read_summary
 
 MANIFEST = "manifest.parquet"
 METRICS = "metrics.parquet"
@@ -263,7 +271,26 @@ def _card(
     repo_path: str,
     local_remote: tuple[str, str] | None,
 ) -> str:
-    remote_name, remote_url = local_remote or (None, None)
+    lines = [
+        *_card_contents(name=name, tag=tag, digest=digest, manifest=manifest, metrics=metrics,
+                        metrics_notes=metrics_notes, plot_names=plot_names),
+        *_card_getting_it(tag=tag, repo_url=repo_url, repo_path=repo_path, local_remote=local_remote),
+    ]
+    if card_extra.strip():
+        lines += ["", card_extra.strip()]
+    return "\n".join(lines) + "\n"
+
+
+def _card_contents(
+    *,
+    name: str,
+    tag: str,
+    digest: str,
+    manifest: pd.DataFrame,
+    metrics: pd.DataFrame | None,
+    metrics_notes: str,
+    plot_names: list[str],
+) -> list[str]:
     per_class = manifest.groupby("tissue_class", sort=True)["checkpoint_step"]
     count_rows = [
         [tissue_class, len(steps), ", ".join(str(s) for s in sorted(set(steps)))] for tissue_class, steps in per_class
@@ -271,7 +298,6 @@ def _card(
     count_rows.append(["**total**", len(manifest), ""])
     provenance = [c for c in manifest.columns if c not in MANIFEST_COLUMNS]
     provenance_text = ", ".join(f"`{c}`" for c in provenance) if provenance else "none"
-    folder = repo_path.rstrip("/").rsplit("/", 1)[-1]
     lines = [
         f"# Synthetic H&E tissue images: {name}",
         "",
@@ -310,7 +336,15 @@ def _card(
     if plot_names:
         lines += ["", "## Plots", ""]
         lines += [f"![{Path(plot).stem}]({PLOTS}/{plot})" for plot in plot_names]
-    lines += [
+    return lines
+
+
+def _card_getting_it(*, tag: str, repo_url: str, repo_path: str, local_remote: tuple[str, str] | None) -> list[str]:
+    """Fetch commands; they name a local DVC remote, since only a clone beside it resolves its relative path."""
+    remote_name, remote_url = local_remote or (None, None)
+    folder = repo_path.rstrip("/").rsplit("/", 1)[-1]
+    python_remote = f', remote_config={{"url": "{remote_url}"}})' if remote_url else ")"
+    return [
         "",
         "## Getting this release",
         "",
@@ -334,8 +368,7 @@ def _card(
         "```python",
         "import dvc.api",
         "",
-        f'fs = dvc.api.DVCFileSystem("{repo_url}", rev="{tag}"'
-        + (f', remote_config={{"url": "{remote_url}"}})' if remote_url else ")"),
+        f'fs = dvc.api.DVCFileSystem("{repo_url}", rev="{tag}"' + python_remote,
         f'fs.get("{repo_path}", "{folder}", recursive=True)',
         "```",
         "",
@@ -347,8 +380,7 @@ def _card(
         "import dvc.api",
         "import pandas",
         "",
-        f'raw = dvc.api.read("{repo_path}/{MANIFEST}", repo="{repo_url}", rev="{tag}", mode="rb"'
-        + (f', remote_config={{"url": "{remote_url}"}})' if remote_url else ")"),
+        f'raw = dvc.api.read("{repo_path}/{MANIFEST}", repo="{repo_url}", rev="{tag}", mode="rb"' + python_remote,
         "manifest = pandas.read_parquet(io.BytesIO(raw))",
         "```",
         "",
@@ -363,9 +395,6 @@ def _card(
         *dataset_snippet(folder).splitlines(),
         "```",
     ]
-    if card_extra.strip():
-        lines += ["", card_extra.strip()]
-    return "\n".join(lines) + "\n"
 
 
 DATASET_HEADING = "## Loading it as an image-classification dataset"
@@ -434,14 +463,7 @@ def build_release(
     """
     _check_name(name, "release name")
     planned = _plan_images(images)
-    plot_paths = [Path(plot) for plot in plots]
-    plot_names = sorted(plot.name for plot in plot_paths)
-    for plot in plot_paths:
-        _check_name(plot.name, "plot file name")
-        if not plot.is_file():
-            raise FileNotFoundError(f"plot {plot} does not exist")
-    if len(set(plot_names)) != len(plot_names):
-        raise ValueError(f"plot file names must be distinct, got {plot_names}")
+    plot_paths = _plan_plots(plots)
     if metrics_table is not None and not isinstance(metrics_table, pd.DataFrame):
         raise TypeError(f"metrics_table must be a pandas DataFrame or None, got {type(metrics_table).__name__}")
     target = Path(out_dir).resolve()
@@ -450,22 +472,7 @@ def build_release(
             raise ValueError(f"{source} lies inside the release folder {target}, which is replaced on build")
 
     with atomic_directory(target) as staging:
-        rows = []
-        for relative, image in planned:
-            destination = staging / relative
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(image.source, destination)
-            rows.append((relative, image, sha256_file(destination)))
-        manifest = _manifest(rows)
-        atomic_write_parquet(staging / MANIFEST, manifest)
-        metrics = None if metrics_table is None else _metrics_frame(metrics_table)
-        if metrics is not None:
-            atomic_write_parquet(staging / METRICS, metrics)
-        if lineage is not None:
-            atomic_write_parquet(staging / LINEAGE, lineage.sort_values(list(lineage.columns)).reset_index(drop=True))
-        for plot in plot_paths:
-            (staging / PLOTS).mkdir(exist_ok=True)
-            shutil.copyfile(plot, staging / PLOTS / plot.name)
+        manifest, metrics = _write_contents(staging, planned, metrics_table, lineage, plot_paths)
         digest = content_hash(staging)
         tag = release_tag(name, digest)
         card = _card(
@@ -475,7 +482,7 @@ def build_release(
             manifest=manifest,
             metrics=metrics,
             metrics_notes=metrics_notes,
-            plot_names=plot_names,
+            plot_names=sorted(plot.name for plot in plot_paths),
             card_extra=card_extra,
             repo_url=repo_url or "<repo-url>",
             repo_path=repo_path or "<path-in-repo>",
@@ -492,6 +499,43 @@ def build_release(
         manifest=target / MANIFEST,
         card=target / CARD,
     )
+
+
+def _plan_plots(plots: Sequence[str | os.PathLike]) -> list[Path]:
+    """Validate the plots: each keeps its file name under ``plots/``, so names must be safe and distinct."""
+    plot_paths = [Path(plot) for plot in plots]
+    plot_names = sorted(plot.name for plot in plot_paths)
+    for plot in plot_paths:
+        _check_name(plot.name, "plot file name")
+        if not plot.is_file():
+            raise FileNotFoundError(f"plot {plot} does not exist")
+    if len(set(plot_names)) != len(plot_names):
+        raise ValueError(f"plot file names must be distinct, got {plot_names}")
+    return plot_paths
+
+
+def _write_contents(
+    staging: Path, planned: list[tuple[str, ReleaseImage]], metrics_table: pd.DataFrame | None,
+    lineage: pd.DataFrame | None, plot_paths: list[Path],
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Every file of the release but its card (which quotes the hash of these); the manifest and metrics written."""
+    rows = []
+    for relative, image in planned:
+        destination = staging / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(image.source, destination)
+        rows.append((relative, image, sha256_file(destination)))
+    manifest = _manifest(rows)
+    atomic_write_parquet(staging / MANIFEST, manifest)
+    metrics = None if metrics_table is None else _metrics_frame(metrics_table)
+    if metrics is not None:
+        atomic_write_parquet(staging / METRICS, metrics)
+    if lineage is not None:
+        atomic_write_parquet(staging / LINEAGE, lineage.sort_values(list(lineage.columns)).reset_index(drop=True))
+    for plot in plot_paths:
+        (staging / PLOTS).mkdir(exist_ok=True)
+        shutil.copyfile(plot, staging / PLOTS / plot.name)
+    return manifest, metrics
 
 
 def read_manifest(path_or_release_dir: str | os.PathLike) -> pd.DataFrame:
@@ -603,3 +647,145 @@ def _exclude_locally(root: Path, folder: Path) -> None:
     if pattern not in lines:
         exclude.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(exclude, "\n".join([*lines, pattern]) + "\n")
+
+
+# --- The pipeline's release: its checkpoints, images and card text from the stage folders -----------
+
+
+class ReleaseSelectionError(HistoAssetsError, ValueError):
+    """``release.checkpoints`` asks for checkpoints the pipeline has not made or ranked."""
+
+
+def selected_steps(
+    choice: str | Sequence[int], trained_steps: Sequence[int], classes: Sequence[str],
+    metrics_summary: Mapping[str, Any], utility_summary: Mapping[str, Any] | None,
+) -> dict[str, list[int]]:
+    """The steps released per class: the best by metrics, the most useful to a classifier, all, or listed ones."""
+    best = {c: int(s) for c, s in metrics_summary["best"].items()}
+    by_utility = utility_summary["best_step_by_utility"] if utility_summary else None
+    all_steps = sorted(int(s) for s in trained_steps)
+    if choice == "best":
+        return {c: [best[c]] for c in classes}
+    if choice == "utility":
+        if by_utility is None:
+            raise ReleaseSelectionError("release.checkpoints is utility: materialise classifier_utility first")
+        return {c: [by_utility] for c in classes}
+    if choice == "all":
+        return {c: all_steps for c in classes}
+    unknown = sorted(set(map(int, choice)) - set(all_steps))
+    if unknown:
+        raise ReleaseSelectionError(f"release.checkpoints names steps that were not trained: {unknown}")
+    return {c: sorted(map(int, choice)) for c in classes}
+
+
+def release_inputs(layout: Layout, steps: Mapping[str, Sequence[int]]) -> list[Path]:
+    """The stage folders a release reads besides the metrics: per class, its chain from raw slides to images."""
+    return [
+        folder
+        for tissue_class, class_steps in steps.items()
+        for folder in (layout.raw_slides(tissue_class), layout.square_crops(tissue_class),
+                       layout.augmented_crops(tissue_class), layout.hypernetwork_checkpoints(tissue_class),
+                       *(layout.synthetic_images(tissue_class, step) for step in class_steps))
+    ]
+
+
+def release_images(
+    layout: Layout, steps: Mapping[str, Sequence[int]], *, code_version: str, git_commit: str,
+) -> list[ReleaseImage]:
+    """Every image of the selected checkpoints, with the provenance its manifest row records."""
+    images = []
+    for tissue_class, class_steps in steps.items():
+        hypernetwork = read_summary(layout.hypernetwork_checkpoints(tissue_class))
+        for step in class_steps:
+            folder = layout.synthetic_images(tissue_class, step)
+            generated = read_summary(folder)
+            for row in pd.read_parquet(folder / INDEX).itertuples():
+                images.append(ReleaseImage(
+                    source=folder / STAGE_IMAGES / row.file,
+                    tissue_class=tissue_class,
+                    checkpoint_step=step,
+                    provenance={
+                        "checkpoint_file": generated["checkpoint_file"],
+                        "checkpoint_sha256": generated["checkpoint_sha256"],
+                        "hypernetwork_name": row.hypernetwork_name,
+                        "base_model_sha256": row.base_model_sha256,
+                        "base_model_short_hash": row.base_model_short_hash,
+                        "seed": int(row.seed),
+                        "prompt": row.prompt,
+                        "negative_prompt": row.negative_prompt,
+                        "sampler": row.sampler,
+                        "steps": int(row.steps),
+                        "cfg_scale": float(row.cfg_scale),
+                        "width": int(row.width),
+                        "height": int(row.height),
+                        "hypernetwork_multiplier": float(row.multiplier),
+                        "training_set_hash": hypernetwork["training_set"],
+                        "code_version": code_version,
+                        "git_commit": git_commit,
+                        "dagster_run_id": generated.get("run_id", ""),
+                    },
+                ))
+    return images
+
+
+def release_repo_url(section: Mapping[str, Any], repo: Path | None) -> str | None:
+    """Where downstream users fetch the release from, for the dataset card's commands.
+
+    The tag's git remote when the tag is pushed (a pod's checkout is gone
+    after the run), else this repository's own path.
+    """
+    if section["repo_url"]:
+        return section["repo_url"]
+    if repo is None:
+        return None
+    return git_remote_url(repo, section["git_remote"]) if section["git_remote"] else str(repo)
+
+
+def local_remote_path(url: str, params_dir: Path) -> Path | None:
+    """A DVC remote without a URL scheme is a folder named relative to the params file, which may lie anywhere."""
+    return (params_dir / url).resolve() if is_local_url(url) else None
+
+
+def build_dataset_release(
+    layout: Layout, steps: Mapping[str, Sequence[int]], *, section: Mapping[str, Any],
+    metrics_summary: Mapping[str, Any], utility_summary: Mapping[str, Any] | None, metrics_table: pd.DataFrame,
+    lineage: pd.DataFrame, code_version: str, git_commit: str, repo: Path | None, local_remote: Path | None,
+) -> ReleaseInfo:
+    """The ``release`` params section's folder, from the stage folders of ``layout``.
+
+    The card's notes come from the metrics and utility summaries, so the card
+    explains the labels and flags of the tables it shows; its pull commands
+    name the repository and folder when the data folder lies inside git.
+    """
+    out = layout.release(section["name"])
+    utility_notes = "\n\n" + utility_summary["notes"] if utility_summary else ""
+    checkpoints = f"Checkpoints: {section['checkpoints']} (by {metrics_summary['best_by']})."
+    return build_release(
+        release_images(layout, steps, code_version=code_version, git_commit=git_commit), out, name=section["name"],
+        metrics_table=metrics_table, metrics_notes=metrics_summary["metrics_notes"] + utility_notes, lineage=lineage,
+        plots=sorted(layout.metrics_details.glob("*.png")),
+        card_extra=f"{checkpoints} {metrics_summary['extractor_note']}",
+        repo_url=release_repo_url(section, repo), repo_path=os.path.relpath(out, repo) if repo is not None else None,
+        local_remote=(section["remote"]["name"], str(local_remote)) if local_remote else None,
+    )
+
+
+def publish_dataset_release(
+    dvc: DvcCli, repo: Path, info: ReleaseInfo, section: Mapping[str, Any], local_remote: Path | None,
+    log: Callable[[str], None],
+) -> PublishedRelease:
+    """:func:`publish_release` into ``repo`` made a DVC repository, then the tag pushed where ``git_remote`` says.
+
+    A local remote is recorded relative to the repository, so a clone beside
+    it resolves it without the path of this machine.
+    """
+    dvc.init()
+    remote = section["remote"]
+    url = os.path.relpath(local_remote, repo) if local_remote else remote["url"]
+    published = publish_release(dvc, repo, info.path, info.tag, f"Release {section['name']} ({info.tag})",
+                                (remote["name"], url))
+    if section["git_remote"]:
+        git_push_tag(repo, section["git_remote"], info.tag)
+        log(f"pushed tag {info.tag} to git remote {section['git_remote']}")
+    log(f"published {info.tag}: dvc md5 {published.md5}, commit {published.commit[:10]}")
+    return published

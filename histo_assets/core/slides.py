@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from histo_assets.core.errors import HistoAssetsError
-from histo_assets.core.io import sha256_file
+from histo_assets.core.io import atomic_directory, atomic_write_json, atomic_write_parquet, sha256_file, stable_hash
+from histo_assets.core.layout import INVENTORY, SUMMARY
 
 PYRAMID_SUFFIXES = {".svs", ".tif", ".tiff"}
+
+Log = Callable[[str], None]
 
 
 class UnusableFileError(HistoAssetsError, ValueError):
@@ -51,6 +57,21 @@ class Problem:
 
     path: str
     reason: str
+
+
+class UnusableClassError(HistoAssetsError, ValueError):
+    """A class with nothing to go on; ``problems`` are the files skipped on the way, None where none was read."""
+
+    def __init__(self, message: str, problems: list[Problem] | None = None):
+        super().__init__(message)
+        self.problems = problems
+
+
+def report_problems(problems: list[Problem], warn: Log | None) -> None:
+    """Each skipped file as a warning, so that it shows in the run's log as well as in the summary."""
+    if warn:
+        for problem in problems:
+            warn(f"skipped {problem.path}: {problem.reason}")
 
 
 def to_rgb8(image: Image.Image) -> Image.Image:
@@ -270,3 +291,42 @@ def inventory_class(
         except UnusableFileError as error:
             problems.append(Problem(rel, str(error)))
     return records, problems
+
+
+def unknown_class_folders(raw_root: Path, classes: list[str]) -> list[str]:
+    """Folders beside the class folders that params do not name: ignored, so worth a warning (most are typos)."""
+    if not raw_root.is_dir():
+        return []
+    return sorted(p.name for p in raw_root.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and p.name not in classes)
+
+
+def write_inventory(
+    out: Path, class_dir: Path, data_root: Path, ingest: Mapping[str, Any], *, tissue_class: str,
+    warn: Log | None = None,
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Inventory one class folder into ``out``, swapped in whole; its summary, and the inventory for display.
+
+    ``ingest`` is params' section of that name. The summary's fingerprint is
+    the hash of the files' content hashes rather than of the inputs: every
+    file is hashed anyway, and a class whose files did not change keeps its
+    data version, so nothing downstream reruns.
+    """
+    if not class_dir.is_dir():
+        raise UnusableClassError(f"class {tissue_class!r}: no folder {class_dir}")
+    records, problems = inventory_class(
+        class_dir, data_root, ingest["extensions"], int(ingest["max_image_pixels"]), int(ingest["max_file_bytes"])
+    )
+    report_problems(problems, warn)
+    if not records:
+        raise UnusableClassError(f"class {tissue_class!r} has no usable slide in {class_dir}", problems)
+    frame = pd.DataFrame([r.as_row() for r in records])
+    summary = {
+        "fingerprint": stable_hash(sorted((r.path, r.sha256) for r in records)),
+        "count": len(records),
+        "problems": [vars(x) for x in problems],
+    }
+    with atomic_directory(out) as staging:
+        atomic_write_parquet(staging / INVENTORY, frame)
+        atomic_write_json(staging / SUMMARY, summary)
+    return summary, frame

@@ -20,9 +20,10 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,10 +40,14 @@ from histo_assets.core.hypernetwork import (
     apply_hypernetwork,
     load_hypernetwork,
     load_optimizer_state,
+    sanitize_name,
     save_hypernetwork,
 )
 from histo_assets.core.io import atomic_write_json, atomic_write_text, sha256_file, stable_hash
+from histo_assets.core.layout import LOSS_PLOT
+from histo_assets.core.plots import loss_curve
 from histo_assets.core.seeding import derive_seed
+from histo_assets.core.stage import fingerprint, prepare_resumable
 from histo_assets.core.training_files import (
     checkpoint_path,
     existing_checkpoints,
@@ -676,3 +681,69 @@ def _finish(name: str, out: Path, hn: Hypernetwork, elapsed: float, steps_run: i
         resumed_from=resumed_from,
         interrupted=interrupted,
     )
+
+
+def resume_key(*, training: Mapping[str, Any], **inputs: Any) -> str:
+    """What a partial run must share with this one to be continued rather than restarted.
+
+    The stage's fingerprint inputs, less the settings training can be extended
+    by (more steps, more checkpoints) without starting over; anything else
+    changes the weights.
+    """
+    kept = {key: value for key, value in training.items() if key not in _RESUMABLE_CHANGES}
+    return fingerprint(training=kept, **inputs)
+
+
+def checkpoints_summary(result: TrainingResult, training_set: str) -> dict[str, Any]:
+    """A run's summary fields; the checkpoint hashes let later stages and lineage trust the files."""
+    return {
+        "name": result.name,
+        "training_set": training_set,
+        "checkpoints": [{"step": step, "file": path.name, "sha256": sha256_file(path)}
+                        for step, path in sorted(result.checkpoints.items())],
+        "final_loss": result.final_loss,
+        "steps_per_second": result.steps_per_second,
+        "device": result.device,
+        "base_model_sha256": result.base_model_sha256,
+        "base_model_short_hash": result.base_model_short_hash,
+        "resumed_from": result.resumed_from.name if result.resumed_from else None,
+    }
+
+
+def write_hypernetwork_checkpoints(
+    out: Path, base: BaseModel, images_dir: Path, *, tissue_class: str, options: HypernetworkOptions,
+    training: Mapping[str, Any], resolution: int, master_seed: int, training_set: str, resume: str,
+    log: Log, on_checkpoint: Callable[[Path], None] | None = None,
+) -> dict[str, Any]:
+    """Train one class's hypernetwork into ``out`` with the ``training:`` settings; the summary's fields.
+
+    ``out`` is written as training goes, so a run with the same ``resume`` key
+    (see :func:`resume_key`) left there is continued. The sizes are checked
+    before the folder is touched, so a wrong setting never clears such a run.
+    """
+    check_hypernetwork_sizes(options.sizes, base.unet)
+    if prepare_resumable(out, resume):
+        log(f"{tissue_class}: continuing the training run in {out} (interrupted, extended or missing checkpoints)")
+    result = train_hypernetwork(
+        base, images_dir, out,
+        name=sanitize_name(tissue_class),
+        options=options,
+        templates=list(training["templates"]),
+        resolution=resolution,
+        seed=derive_seed(master_seed, "hypernetwork", tissue_class),
+        max_steps=int(training["max_steps"]),
+        learning_rate=str(training["learning_rate"]),
+        batch_size=int(training["batch_size"]),
+        gradient_accumulation=int(training["gradient_accumulation"]),
+        checkpoint_steps=[int(s) for s in training["checkpoint_steps"]],
+        clip_mode=training["clip_mode"],
+        clip_value=str(training["clip_value"]),
+        latent_sampling=training["latent_sampling"],
+        loss_log_every=int(training["loss_log_every"]),
+        log=log,
+        on_checkpoint=on_checkpoint,
+    )
+    history = result.loss_history
+    loss_curve([r.step for r in history], [r.loss for r in history], out / LOSS_PLOT,
+               title=f"hypernetwork {result.name}: training loss", marks=sorted(result.checkpoints))
+    return checkpoints_summary(result, training_set)
