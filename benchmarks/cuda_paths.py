@@ -26,12 +26,12 @@ from PIL import Image
 from histo_assets.core.base_model import TINY_HYPERNETWORK_SIZES, load_base_model
 from histo_assets.core.hypernetwork import HypernetworkOptions, load_hypernetwork
 from histo_assets.core.sampling import GenerationSettings, generate_images
-from histo_assets.core.training import train_hypernetwork
+from histo_assets.core.training import TrainingSettings, train_hypernetwork
 from histo_assets_tests.webui_rules import check_loadable_by_webui, webui_paste
 
 RESOLUTION = 64
 SEED = 7
-TEMPLATES = ["an H&E tile of [filewords], [name]"]
+TEMPLATES = ("an H&E tile of [filewords], [name]",)
 
 
 def write_images(folder: Path, count: int) -> Path:
@@ -49,12 +49,12 @@ def write_images(folder: Path, count: int) -> Path:
 def train(root: Path, images: Path, device: str, steps: int):
     base = load_base_model("tiny", tiny_cache_dir=root / "tiny", seed=0, device=device, dtype="auto")
     started = time.perf_counter()
-    result = train_hypernetwork(
-        base, images, root / f"hn-{device}-{len(list(root.glob('hn-*')))}", name="tissue", options=HypernetworkOptions(sizes=TINY_HYPERNETWORK_SIZES),
-        templates=TEMPLATES, resolution=RESOLUTION, seed=SEED, max_steps=steps, learning_rate="0.001", batch_size=2,
-        gradient_accumulation=2, checkpoint_steps=[steps // 2, steps], clip_mode="norm", clip_value="1.0",
-        latent_sampling="once", loss_log_every=1,
-    )
+    settings = TrainingSettings(templates=TEMPLATES, max_steps=steps, learning_rate="0.001", batch_size=2,
+                                gradient_accumulation=2, checkpoint_steps=(steps // 2, steps), clip_mode="norm",
+                                clip_value="1.0", latent_sampling="once", loss_log_every=1)
+    result = train_hypernetwork(base, images, root / f"hn-{device}-{len(list(root.glob('hn-*')))}", settings,
+                                name="tissue", options=HypernetworkOptions(sizes=TINY_HYPERNETWORK_SIZES),
+                                resolution=RESOLUTION, seed=SEED)
     return base, result, time.perf_counter() - started
 
 

@@ -63,7 +63,7 @@ def main() -> int:
     from histo_assets.core.metrics import kernel_distance
     from histo_assets.core.sampling import GenerationSettings, generate_images
     from histo_assets.core.seeding import derive_seed
-    from histo_assets.core.training import list_images, train_hypernetwork
+    from histo_assets.core.training import TrainingSettings, list_images, train_hypernetwork
     from histo_assets.params import load_params
 
     apply_threads(threads)
@@ -104,27 +104,15 @@ def main() -> int:
 
     # 2. hypernetworks
     hn = p["hypernetwork"]
-    options = HypernetworkOptions(
-        sizes=tuple(int(s) for s in hn["sizes"]), layer_structure=tuple(float(x) for x in hn["layer_structure"]),
-        activation=hn["activation"], weight_init=hn["weight_init"], layer_norm=bool(hn["layer_norm"]),
-        use_dropout=bool(hn["use_dropout"]), dropout_structure=tuple(float(x) for x in hn["dropout_structure"]),
-        activate_output=bool(hn["activate_output"]),
-    )
-    training = p["training"]
+    options = HypernetworkOptions.from_params(hn)
+    training = TrainingSettings.from_params(p["training"])
     finals = {}
     started = time.perf_counter()
     for c in classes:
         out = work / "hypernetworks" / c
         shutil.rmtree(out, ignore_errors=True)
-        trained = train_hypernetwork(
-            base, train_dirs[c], out, name=sanitize_name(c), options=options, templates=list(training["templates"]),
-            resolution=p.resolution, seed=derive_seed(p.seed, "hypernetwork", c), max_steps=int(training["max_steps"]),
-            learning_rate=str(training["learning_rate"]), batch_size=int(training["batch_size"]),
-            gradient_accumulation=int(training["gradient_accumulation"]),
-            checkpoint_steps=[int(s) for s in training["checkpoint_steps"]], clip_mode=training["clip_mode"],
-            clip_value=str(training["clip_value"]), latent_sampling=training["latent_sampling"],
-            loss_log_every=int(training["loss_log_every"]),
-        )
+        trained = train_hypernetwork(base, train_dirs[c], out, training, name=sanitize_name(c), options=options,
+                                     resolution=p.resolution, seed=derive_seed(p.seed, "hypernetwork", c))
         finals[c] = (max(trained.checkpoints), trained.checkpoints[max(trained.checkpoints)])
     timed("hypernetwork training (all classes)", started)
 

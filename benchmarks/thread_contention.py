@@ -30,7 +30,7 @@ import torch
 from histo_assets.core.base_model import TINY_HYPERNETWORK_SIZES, load_base_model
 from histo_assets.core.hypernetwork import HypernetworkOptions
 from histo_assets.core.threads import THREAD_ENV_VARS, apply_threads, available_cores, thread_count
-from histo_assets.core.training import train_hypernetwork
+from histo_assets.core.training import TrainingSettings, train_hypernetwork
 from training_overhead import load, write_images
 
 # What torch chose at import, before anything here changed it: the pipeline's behaviour until now.
@@ -78,14 +78,14 @@ def main() -> None:
             policy()
             print(f"$ uptime\n{subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}", flush=True)
             with busy_processes(busy, args.busy_seconds):
-                result = train_hypernetwork(
-                    base, root / "images", next(run_dirs), name="hn",
-                    options=HypernetworkOptions(sizes=TINY_HYPERNETWORK_SIZES),
-                    templates=["an H&E histology tile of [filewords], [name]"], resolution=args.resolution, seed=0,
-                    max_steps=args.steps, learning_rate="1e-5", batch_size=1, gradient_accumulation=1,
-                    checkpoint_steps=[args.steps], clip_mode="disabled", clip_value="0.1", latent_sampling="once",
-                    loss_log_every=args.steps,
+                settings = TrainingSettings(
+                    templates=("an H&E histology tile of [filewords], [name]",), max_steps=args.steps,
+                    learning_rate="1e-5", batch_size=1, gradient_accumulation=1, checkpoint_steps=(args.steps,),
+                    clip_mode="disabled", clip_value="0.1", latent_sampling="once", loss_log_every=args.steps,
                 )
+                result = train_hypernetwork(base, root / "images", next(run_dirs), settings, name="hn",
+                                            options=HypernetworkOptions(sizes=TINY_HYPERNETWORK_SIZES),
+                                            resolution=args.resolution, seed=0)
             print(f"  {torch.get_num_threads()} thread(s), {busy} busy: {result.steps_per_second:.1f} steps/s", flush=True)
             return result.steps_per_second
 

@@ -44,7 +44,7 @@ from PIL import Image
 
 from histo_assets.core.base_model import TINY_HYPERNETWORK_SIZES, load_base_model
 from histo_assets.core.hypernetwork import Hypernetwork, HypernetworkOptions, apply_hypernetwork
-from histo_assets.core.training import diffusion_loss, train_hypernetwork
+from histo_assets.core.training import TrainingSettings, diffusion_loss, train_hypernetwork
 
 PROMPT = "an H&E histology tile of fibrocystic, hn"
 
@@ -153,14 +153,15 @@ def main() -> None:
             rates, walls = [], []
             for run in range(args.train_repeats):
                 start = time.perf_counter()
-                result = train_hypernetwork(
-                    base, root / "images", root / f"train-{resolution}-{run}", name="hn",
-                    options=HypernetworkOptions(sizes=TINY_HYPERNETWORK_SIZES),
-                    templates=["an H&E histology tile of [filewords], [name]"], resolution=resolution, seed=run,
-                    max_steps=args.train_steps, learning_rate="1e-5", batch_size=1, gradient_accumulation=1,
-                    checkpoint_steps=[args.train_steps // 2, args.train_steps], clip_mode="disabled",
+                settings = TrainingSettings(
+                    templates=("an H&E histology tile of [filewords], [name]",), max_steps=args.train_steps,
+                    learning_rate="1e-5", batch_size=1, gradient_accumulation=1,
+                    checkpoint_steps=(args.train_steps // 2, args.train_steps), clip_mode="disabled",
                     clip_value="0.1", latent_sampling="once", loss_log_every=10,
                 )
+                result = train_hypernetwork(base, root / "images", root / f"train-{resolution}-{run}", settings,
+                                            name="hn", options=HypernetworkOptions(sizes=TINY_HYPERNETWORK_SIZES),
+                                            resolution=resolution, seed=run)
                 walls.append(time.perf_counter() - start)
                 rates.append(result.steps_per_second)
             rate = statistics.median(rates)

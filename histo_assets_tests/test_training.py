@@ -30,6 +30,7 @@ from histo_assets.core.training import (
     diffusion_loss,
     parse_schedule,
     render_prompt,
+    TrainingSettings,
     resume_key,
     train_hypernetwork,
     write_hypernetwork_checkpoints,
@@ -63,7 +64,8 @@ def _train(base, images, out, **overrides):
                     learning_rate="0.001", batch_size=1, gradient_accumulation=1, checkpoint_steps=[],
                     clip_mode="disabled", clip_value="0.1", latent_sampling="once", loss_log_every=4)
     settings.update(overrides)
-    return train_hypernetwork(base, images, out, **settings)
+    typed = {field: settings.pop(field) for field in TrainingSettings.__dataclass_fields__}
+    return train_hypernetwork(base, images, out, TrainingSettings(**typed), **settings)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

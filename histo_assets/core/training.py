@@ -467,25 +467,51 @@ def _require_finite_weights(hn: Hypernetwork, step: int) -> None:
                                        "for this step, earlier checkpoints are intact")
 
 
+@dataclass(frozen=True)
+class TrainingSettings:
+    """params' ``training:`` section, typed (§7).
+
+    ``max_steps``, ``checkpoint_steps`` and ``loss_log_every`` may grow between
+    runs of one training, which then resumes; any other change starts over.
+    """
+
+    templates: tuple[str, ...]
+    max_steps: int
+    learning_rate: str
+    batch_size: int
+    gradient_accumulation: int
+    checkpoint_steps: tuple[int, ...]
+    clip_mode: str
+    clip_value: str
+    latent_sampling: str
+    loss_log_every: int
+
+    @classmethod
+    def from_params(cls, section: Mapping[str, Any]) -> TrainingSettings:
+        return cls(
+            templates=tuple(section["templates"]),
+            max_steps=int(section["max_steps"]),
+            learning_rate=str(section["learning_rate"]),
+            batch_size=int(section["batch_size"]),
+            gradient_accumulation=int(section["gradient_accumulation"]),
+            checkpoint_steps=tuple(int(step) for step in section["checkpoint_steps"]),
+            clip_mode=section["clip_mode"],
+            clip_value=str(section["clip_value"]),
+            latent_sampling=section["latent_sampling"],
+            loss_log_every=int(section["loss_log_every"]),
+        )
+
+
 def train_hypernetwork(
     base: BaseModel,
     images_dir: str | Path,
     out_dir: str | Path,
+    settings: TrainingSettings,
     *,
     name: str,
     options: HypernetworkOptions,
-    templates: Sequence[str],
     resolution: int,
     seed: int,
-    max_steps: int,
-    learning_rate: str,
-    batch_size: int,
-    gradient_accumulation: int,
-    checkpoint_steps: Sequence[int],
-    clip_mode: str,
-    clip_value: str,
-    latent_sampling: str,
-    loss_log_every: int,
     clip_compat: str = "correct",
     log: Log | None = None,
     stop_after: int | None = None,
@@ -519,147 +545,181 @@ def train_hypernetwork(
     end. A NaN or infinite loss raises :class:`NonFiniteLossError`.
     """
     say = log or (lambda _message: None)
-    _validate(name, batch_size, gradient_accumulation, max_steps, list(checkpoint_steps), clip_mode, clip_compat,
-              resolution, loss_log_every, stop_after)
-    checkpoint_set = sorted(set(checkpoint_steps))
-    if latent_sampling not in LATENT_SAMPLING:
-        raise TrainingError(f"latent_sampling must be one of {LATENT_SAMPLING}, got {latent_sampling!r}")
-    if not any(line.strip() for line in templates):
-        raise TrainingError("templates must hold at least one non-empty prompt template line")
-    check_hypernetwork_sizes(options.sizes, base.unet)
-    Schedule(learning_rate, max_steps)
-    if clip_mode != "disabled":
-        Schedule(clip_value, max_steps)
-    noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
-    if noise_scheduler.config.prediction_type != "epsilon":
-        raise TrainingError(f"only ε-prediction models are supported (SD 1.x); this one predicts "
-                            f"{noise_scheduler.config.prediction_type!r}")
-
-    files = list_images(images_dir)
+    noise_scheduler = _checked_scheduler(base, settings, name, options, resolution, clip_compat, stop_after)
+    dataset_fingerprint = _dataset_fingerprint(list_images(images_dir))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "name": name, "options": asdict(options), "templates": list(templates), "resolution": resolution,
-        "seed": seed, "learning_rate": learning_rate, "batch_size": batch_size,
-        "gradient_accumulation": gradient_accumulation, "clip_mode": clip_mode, "clip_value": clip_value,
-        "clip_compat": clip_compat, "latent_sampling": latent_sampling, "max_steps": max_steps,
-        "checkpoint_steps": checkpoint_set, "loss_log_every": loss_log_every,
-        "base_model_sha256": base.sha256, "base_model_name": base.name, "dataset": _dataset_fingerprint(files),
+    record = {
+        "name": name, "options": asdict(options), "templates": list(settings.templates), "resolution": resolution,
+        "seed": seed, "learning_rate": settings.learning_rate, "batch_size": settings.batch_size,
+        "gradient_accumulation": settings.gradient_accumulation, "clip_mode": settings.clip_mode,
+        "clip_value": settings.clip_value, "clip_compat": clip_compat, "latent_sampling": settings.latent_sampling,
+        "max_steps": settings.max_steps, "checkpoint_steps": sorted(set(settings.checkpoint_steps)),
+        "loss_log_every": settings.loss_log_every, "base_model_sha256": base.sha256, "base_model_name": base.name,
+        "dataset": dataset_fingerprint,
     }
-    resume = _resume_point(out, name, checkpoint_steps, say)
-    _check_settings(settings_path(out, name), settings, resuming=resume is not None)
-
-    device = base.device
+    resume = _resume_point(out, name, settings.checkpoint_steps, say)
+    _check_settings(settings_path(out, name), record, resuming=resume is not None)
     hn, optimizer_state, resumed_from = _starting_point(resume, name, options, seed, base, say)
-    hn.to(device).train()
-    step = hn.step
-    csv_path = loss_csv_path(out, name)
-    history = _read_loss_csv(csv_path, step)
-    lr_schedule = Schedule(learning_rate, max_steps, step)
+    hn.to(base.device).train()
+    history = _read_loss_csv(loss_csv_path(out, name), hn.step)
+    lr_schedule = Schedule(settings.learning_rate, settings.max_steps, hn.step)
     optimizer = torch.optim.AdamW(hn.parameters(), lr=lr_schedule.value, weight_decay=WEIGHT_DECAY)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     for group in optimizer.param_groups:
         group["lr"] = lr_schedule.value
-    if lr_schedule.finished or step >= max_steps:
-        say(f"{name}: nothing to train at step {step} (max_steps {max_steps})")
+    if lr_schedule.finished or hn.step >= settings.max_steps:
+        say(f"{name}: nothing to train at step {hn.step} (max_steps {settings.max_steps})")
         if resumed_from != final_path(out, name):
             save_hypernetwork(hn, final_path(out, name), optimizer=optimizer)
         return _finish(name, out, hn, 0.0, 0, history, base, resumed_from, interrupted=False)
-
-    dataset = build_dataset(base, images_dir, name=name, templates=templates, resolution=resolution,
-                            latent_sampling=latent_sampling, seed=seed, log=say)
-    n_images = len(dataset)
-    batch = min(batch_size, n_images)
-    accumulation = min(gradient_accumulation, n_images // batch)
-    if (batch, accumulation) != (batch_size, gradient_accumulation):
-        say(f"{n_images} images: batch size {batch_size} -> {batch}, gradient accumulation "
-            f"{gradient_accumulation} -> {accumulation}")
-    batches_per_epoch = n_images // batch - (n_images // batch) % accumulation
-
-    clip_schedule = Schedule(clip_value, max_steps, step) if clip_mode != "disabled" else None
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and base.dtype == torch.float16)
-
-    orders: dict[int, np.ndarray] = {}
-    start_step, started, interrupted = step, time.perf_counter(), False
-    say(f"training {name} on {device} from step {step} to {max_steps}: {n_images} images, batch {batch} x "
-        f"{accumulation}, lr {learning_rate!r}, clip {clip_mode}")
-
-    def batch_indices(micro_batch: int) -> list[int]:
-        epoch, position = divmod(micro_batch, batches_per_epoch)
-        if epoch not in orders:
-            orders.clear()
-            orders[epoch] = np.random.default_rng(derive_seed(seed, "epoch", epoch)).permutation(n_images)
-        return orders[epoch][position * batch : (position + 1) * batch].tolist()
-
-    progress = tqdm(total=max_steps, initial=step, desc=f"train {name}", unit="step", disable=None)
-    try:
-        with apply_hypernetwork(base.unet, hn):
-            while True:
-                if lr_schedule.advance(step):
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr_schedule.value
-                if lr_schedule.finished or step >= max_steps:
-                    break
-                window_loss = 0.0
-                for micro in range(accumulation):
-                    generator = torch.Generator().manual_seed(derive_seed(seed, "step", step, micro))
-                    indices = batch_indices(step * accumulation + micro)
-                    rng = (_seeded_global_rng(derive_seed(seed, "dropout", step, micro), device)
-                           if options.use_dropout else contextlib.nullcontext())
-                    with rng:
-                        loss = diffusion_loss(base, noise_scheduler, dataset.latents(indices, generator),
-                                              dataset.conditioning[indices], generator)
-                    if not torch.isfinite(loss):
-                        _write_loss_csv(csv_path, history)
-                        raise NonFiniteLossError(step + 1, f"non-finite loss ({loss.item()}) at step {step + 1} of "
-                                                           f"{name}; earlier checkpoints are intact")
-                    scaler.scale(loss / accumulation).backward()
-                    window_loss += loss.item() / accumulation
-                if clip_schedule is not None:
-                    clip_schedule.advance(step)
-                    if clip_compat == "correct":
-                        scaler.unscale_(optimizer)
-                    if clip_mode == "value":
-                        torch.nn.utils.clip_grad_value_(hn.parameters(), clip_schedule.value)
-                    else:
-                        torch.nn.utils.clip_grad_norm_(hn.parameters(), clip_schedule.value)
-                lr = optimizer.param_groups[0]["lr"]
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                hn.step = step
-                history.append(LossRecord(step, window_loss, lr))
-                progress.update(1)
-                progress.set_postfix(loss=f"{window_loss:.4f}", lr=f"{lr:.3g}")
-
-                steps_done = step + 1
-                if steps_done in checkpoint_set:
-                    _require_finite_weights(hn, step)
-                    path = save_hypernetwork(hn, checkpoint_path(out, name, steps_done), optimizer=optimizer)
-                    _write_loss_csv(csv_path, history)
-                    say(f"step {step}: saved {path.name}")
-                    if on_checkpoint is not None:
-                        on_checkpoint(path)
-                if step % loss_log_every == 0:
-                    window = history[-loss_log_every:]
-                    rate = (step - start_step) / max(time.perf_counter() - started, 1e-9)
-                    say(f"step {step}/{max_steps}: mean loss {sum(r.loss for r in window) / len(window):.5f}, "
-                        f"lr {lr:.3g}, {rate:.2f} steps/s")
-                    _write_loss_csv(csv_path, history)
-                if stop_after is not None and step >= stop_after:
-                    interrupted = True
-                    say(f"stopped after step {step} (stop_after)")
-                    break
-    finally:
-        progress.close()
-    elapsed = time.perf_counter() - started
+    dataset = build_dataset(base, images_dir, name=name, templates=settings.templates, resolution=resolution,
+                            latent_sampling=settings.latent_sampling, seed=seed, log=say)
+    run = _TrainingRun(name, base, hn, optimizer, lr_schedule, noise_scheduler, dataset, settings, seed, clip_compat,
+                       out, history, say, on_checkpoint)
+    interrupted, elapsed, steps_run = run.train(stop_after)
     if not interrupted:
-        _require_finite_weights(hn, step)
+        _require_finite_weights(hn, hn.step)
         save_hypernetwork(hn, final_path(out, name), optimizer=optimizer)
-        say(f"step {step}: saved final {final_path(out, name).name}")
-    return _finish(name, out, hn, elapsed, step - start_step, history, base, resumed_from, interrupted)
+        say(f"step {hn.step}: saved final {final_path(out, name).name}")
+    return _finish(name, out, hn, elapsed, steps_run, history, base, resumed_from, interrupted)
+
+
+def _checked_scheduler(base: BaseModel, settings: TrainingSettings, name: str, options: HypernetworkOptions,
+                       resolution: int, clip_compat: str, stop_after: int | None) -> DDPMScheduler:
+    """Every setting checked before anything is written; the training noise scheduler of the base model."""
+    _validate(name, settings.batch_size, settings.gradient_accumulation, settings.max_steps,
+              list(settings.checkpoint_steps), settings.clip_mode, clip_compat, resolution, settings.loss_log_every,
+              stop_after)
+    if settings.latent_sampling not in LATENT_SAMPLING:
+        raise TrainingError(f"latent_sampling must be one of {LATENT_SAMPLING}, got {settings.latent_sampling!r}")
+    if not any(line.strip() for line in settings.templates):
+        raise TrainingError("templates must hold at least one non-empty prompt template line")
+    check_hypernetwork_sizes(options.sizes, base.unet)
+    Schedule(settings.learning_rate, settings.max_steps)
+    if settings.clip_mode != "disabled":
+        Schedule(settings.clip_value, settings.max_steps)
+    noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
+    if noise_scheduler.config.prediction_type != "epsilon":
+        raise TrainingError(f"only ε-prediction models are supported (SD 1.x); this one predicts "
+                            f"{noise_scheduler.config.prediction_type!r}")
+    return noise_scheduler
+
+
+class _TrainingRun:
+    """The state one training call moves forward: a method per optimizer update and per after-update chore."""
+
+    def __init__(self, name: str, base: BaseModel, hn: Hypernetwork, optimizer: torch.optim.Optimizer, lr_schedule: Schedule,
+                 noise_scheduler: DDPMScheduler, dataset: TrainingDataset, settings: TrainingSettings, seed: int,
+                 clip_compat: str, out: Path, history: list[LossRecord], say: Log,
+                 on_checkpoint: Callable[[Path], None] | None) -> None:
+        self.name, self.base, self.hn, self.optimizer, self.lr_schedule = name, base, hn, optimizer, lr_schedule
+        self.noise_scheduler, self.dataset, self.settings, self.seed = noise_scheduler, dataset, settings, seed
+        self.clip_compat, self.out, self.history, self.say = clip_compat, out, history, say
+        self.on_checkpoint = on_checkpoint
+        self.checkpoint_set = sorted(set(settings.checkpoint_steps))
+        self.csv_path = loss_csv_path(out, name)
+        n_images = len(dataset)
+        self.batch = min(settings.batch_size, n_images)
+        self.accumulation = min(settings.gradient_accumulation, n_images // self.batch)
+        if (self.batch, self.accumulation) != (settings.batch_size, settings.gradient_accumulation):
+            say(f"{n_images} images: batch size {settings.batch_size} -> {self.batch}, gradient accumulation "
+                f"{settings.gradient_accumulation} -> {self.accumulation}")
+        self.batches_per_epoch = n_images // self.batch - (n_images // self.batch) % self.accumulation
+        self.clip_schedule = (Schedule(settings.clip_value, settings.max_steps, hn.step)
+                              if settings.clip_mode != "disabled" else None)
+        device = base.device
+        self.scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and base.dtype == torch.float16)
+        self.orders: dict[int, np.ndarray] = {}
+
+    def batch_indices(self, micro_batch: int) -> list[int]:
+        epoch, position = divmod(micro_batch, self.batches_per_epoch)
+        if epoch not in self.orders:
+            self.orders.clear()
+            self.orders[epoch] = np.random.default_rng(derive_seed(self.seed, "epoch", epoch)).permutation(len(self.dataset))
+        return self.orders[epoch][position * self.batch : (position + 1) * self.batch].tolist()
+
+    def train(self, stop_after: int | None) -> tuple[bool, float, int]:
+        """Updates until the schedule or ``stop_after`` ends them: (interrupted, seconds, updates run)."""
+        settings, hn = self.settings, self.hn
+        start_step, started, interrupted = hn.step, time.perf_counter(), False
+        self.say(f"training {self.name} on {self.base.device} from step {hn.step} to {settings.max_steps}: "
+                 f"{len(self.dataset)} images, batch {self.batch} x {self.accumulation}, lr {settings.learning_rate!r}, "
+                 f"clip {settings.clip_mode}")
+        progress = tqdm(total=settings.max_steps, initial=hn.step, desc=f"train {self.name}", unit="step", disable=None)
+        try:
+            with apply_hypernetwork(self.base.unet, hn):
+                while True:
+                    if self.lr_schedule.advance(hn.step):
+                        for group in self.optimizer.param_groups:
+                            group["lr"] = self.lr_schedule.value
+                    if self.lr_schedule.finished or hn.step >= settings.max_steps:
+                        break
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    loss = self.update()
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}")
+                    self.after_update(lr, start_step, started)
+                    if stop_after is not None and hn.step >= stop_after:
+                        interrupted = True
+                        self.say(f"stopped after step {hn.step} (stop_after)")
+                        break
+        finally:
+            progress.close()
+        return interrupted, time.perf_counter() - started, hn.step - start_step
+
+    def update(self) -> float:
+        """One optimizer update over ``accumulation`` micro-batches; the mean loss, also added to the history."""
+        hn, step, accumulation = self.hn, self.hn.step, self.accumulation
+        window_loss = 0.0
+        for micro in range(accumulation):
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, "step", step, micro))
+            indices = self.batch_indices(step * accumulation + micro)
+            rng = (_seeded_global_rng(derive_seed(self.seed, "dropout", step, micro), self.base.device)
+                   if hn.options.use_dropout else contextlib.nullcontext())
+            with rng:
+                loss = diffusion_loss(self.base, self.noise_scheduler, self.dataset.latents(indices, generator),
+                                      self.dataset.conditioning[indices], generator)
+            if not torch.isfinite(loss):
+                _write_loss_csv(self.csv_path, self.history)
+                raise NonFiniteLossError(step + 1, f"non-finite loss ({loss.item()}) at step {step + 1} of "
+                                                   f"{self.name}; earlier checkpoints are intact")
+            self.scaler.scale(loss / accumulation).backward()
+            window_loss += loss.item() / accumulation
+        if self.clip_schedule is not None:
+            self.clip_schedule.advance(step)
+            if self.clip_compat == "correct":
+                self.scaler.unscale_(self.optimizer)
+            if self.settings.clip_mode == "value":
+                torch.nn.utils.clip_grad_value_(hn.parameters(), self.clip_schedule.value)
+            else:
+                torch.nn.utils.clip_grad_norm_(hn.parameters(), self.clip_schedule.value)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        hn.step = step + 1
+        self.history.append(LossRecord(hn.step, window_loss, lr))
+        return window_loss
+
+    def after_update(self, lr: float, start_step: int, started: float) -> None:
+        """A checkpoint when A1111 would write one (after step N-1, §7.7), and the loss log every few steps."""
+        hn, every = self.hn, self.settings.loss_log_every
+        steps_done = hn.step + 1
+        if steps_done in self.checkpoint_set:
+            _require_finite_weights(hn, hn.step)
+            path = save_hypernetwork(hn, checkpoint_path(self.out, self.name, steps_done), optimizer=self.optimizer)
+            _write_loss_csv(self.csv_path, self.history)
+            self.say(f"step {hn.step}: saved {path.name}")
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(path)
+        if hn.step % every == 0:
+            window = self.history[-every:]
+            rate = (hn.step - start_step) / max(time.perf_counter() - started, 1e-9)
+            self.say(f"step {hn.step}/{self.settings.max_steps}: mean loss "
+                     f"{sum(r.loss for r in window) / len(window):.5f}, lr {lr:.3g}, {rate:.2f} steps/s")
+            _write_loss_csv(self.csv_path, self.history)
 
 
 def _finish(name: str, out: Path, hn: Hypernetwork, elapsed: float, steps_run: int,
@@ -725,22 +785,8 @@ def write_hypernetwork_checkpoints(
     if prepare_resumable(out, resume):
         log(f"{tissue_class}: continuing the training run in {out} (interrupted, extended or missing checkpoints)")
     result = train_hypernetwork(
-        base, images_dir, out,
-        name=sanitize_name(tissue_class),
-        options=options,
-        templates=list(training["templates"]),
-        resolution=resolution,
-        seed=derive_seed(master_seed, "hypernetwork", tissue_class),
-        max_steps=int(training["max_steps"]),
-        learning_rate=str(training["learning_rate"]),
-        batch_size=int(training["batch_size"]),
-        gradient_accumulation=int(training["gradient_accumulation"]),
-        checkpoint_steps=[int(s) for s in training["checkpoint_steps"]],
-        clip_mode=training["clip_mode"],
-        clip_value=str(training["clip_value"]),
-        latent_sampling=training["latent_sampling"],
-        loss_log_every=int(training["loss_log_every"]),
-        log=log,
+        base, images_dir, out, TrainingSettings.from_params(training), name=sanitize_name(tissue_class),
+        options=options, resolution=resolution, seed=derive_seed(master_seed, "hypernetwork", tissue_class), log=log,
         on_checkpoint=on_checkpoint,
     )
     history = result.loss_history
