@@ -546,9 +546,6 @@ def train_hypernetwork(
     """
     say = log or (lambda _message: None)
     noise_scheduler = _checked_scheduler(base, settings, name, options, resolution, clip_compat, stop_after)
-    dataset_fingerprint = _dataset_fingerprint(list_images(images_dir))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     record = {
         "name": name, "options": asdict(options), "templates": list(settings.templates), "resolution": resolution,
         "seed": seed, "learning_rate": settings.learning_rate, "batch_size": settings.batch_size,
@@ -556,8 +553,10 @@ def train_hypernetwork(
         "clip_value": settings.clip_value, "clip_compat": clip_compat, "latent_sampling": settings.latent_sampling,
         "max_steps": settings.max_steps, "checkpoint_steps": sorted(set(settings.checkpoint_steps)),
         "loss_log_every": settings.loss_log_every, "base_model_sha256": base.sha256, "base_model_name": base.name,
-        "dataset": dataset_fingerprint,
+        "dataset": _dataset_fingerprint(list_images(images_dir)),
     }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     resume = _resume_point(out, name, settings.checkpoint_steps, say)
     _check_settings(settings_path(out, name), record, resuming=resume is not None)
     hn, optimizer_state, resumed_from = _starting_point(resume, name, options, seed, base, say)
