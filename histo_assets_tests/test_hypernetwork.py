@@ -19,6 +19,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from safetensors import safe_open
 
+from histo_assets.core.a1111_text import short_hash
+from histo_assets.core.io import sha256_file
 from histo_assets.core.hypernetwork import (
     Hypernetwork,
     HypernetworkAttnProcessor,
@@ -31,7 +33,6 @@ from histo_assets.core.hypernetwork import (
     load_optimizer_state,
     sanitize_name,
     save_hypernetwork,
-    short_hash,
     write_imported_index,
 )
 
@@ -493,7 +494,7 @@ def test_activation_names_follow_spec():
 def test_short_hash_is_first_ten_hex_digits_of_sha256(tmp_path):
     path = tmp_path / "blob.bin"
     path.write_bytes(b"histo")
-    assert short_hash(path) == hashlib.sha256(b"histo").hexdigest()[:10]
+    assert short_hash(sha256_file(path)) == hashlib.sha256(b"histo").hexdigest()[:10]
 
 
 def test_optimizer_sidecar_round_trip_and_hash_rule(tmp_path):
@@ -506,7 +507,7 @@ def test_optimizer_sidecar_round_trip_and_hash_rule(tmp_path):
     sidecar_path = tmp_path / "opt.pt.optim"
 
     sidecar = torch.load(sidecar_path, weights_only=True)
-    assert sidecar["optimizer_name"] == "AdamW" and sidecar["hash"] == short_hash(path)
+    assert sidecar["optimizer_name"] == "AdamW" and sidecar["hash"] == short_hash(sha256_file(path))
     state = load_optimizer_state(path)
     resumed = torch.optim.AdamW(load_hypernetwork(path).parameters(), lr=1e-5)
     resumed.load_state_dict(state)

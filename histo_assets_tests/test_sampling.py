@@ -17,7 +17,7 @@ from PIL import Image
 
 from histo_assets.core.a1111_text import PARAMETERS_KEY, SAMPLER_NAMES, a1111_parameters, parse_a1111_parameters
 from histo_assets.core.base_model import TINY_HYPERNETWORK_SIZES
-from histo_assets.core.hypernetwork import short_hash
+from histo_assets.core.a1111_text import short_hash
 from histo_assets.core.io import sha256_file
 from histo_assets.core.sampling import (
     SAMPLERS,
@@ -147,7 +147,7 @@ def test_png_parameters_round_trip_with_every_key(tiny_base, strong_hn, hn_run):
     assert list(parsed) == ["Prompt", "Negative prompt", "Steps", "Sampler", "CFG scale", "Seed", "Size",
                             "Model hash", "Model", "RNG"]
     assert record.hypernetwork_sha256 == sha256_file(strong_hn)
-    assert record.hypernetwork_short_hash == short_hash(strong_hn)
+    assert record.hypernetwork_short_hash == short_hash(sha256_file(strong_hn))
     assert (record.base_model_sha256, record.base_model_short_hash) == (tiny_base.sha256, tiny_base.short_hash)
 
 

@@ -20,6 +20,11 @@ PARAMETERS_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"
 # A1111 names a file by the first 10 hex digits of its SHA-256 ("Model hash").
 SHORT_HASH_LENGTH = 10
+
+
+def short_hash(sha256: str) -> str:
+    """A1111's short form of a file's SHA-256: its "Model hash", ``sd_checkpoint`` and sidecar ``hash``."""
+    return sha256[:SHORT_HASH_LENGTH]
 # Our initial noise is drawn on the CPU; the WebUI assumes GPU noise for a text without an RNG key (§8b).
 RNG_SOURCE = "CPU"
 # Keys the WebUI no longer writes: its paste turns a `Hypernet` key into a second <hypernet:...> token,

@@ -36,7 +36,7 @@ from diffusers.models.attention_processor import Attention
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from histo_assets.core.a1111_text import SHORT_HASH_LENGTH
+from histo_assets.core.a1111_text import short_hash
 from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.io import atomic_directory, sha256_file, stable_hash
 
@@ -171,11 +171,6 @@ def webui_model_name(name: str) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
-
-
-def short_hash(sha256: str) -> str:
-    """A1111's ``sd_checkpoint`` form of a hash."""
-    return sha256[:SHORT_HASH_LENGTH]
 
 
 def component_weight_files(folder: str | os.PathLike, component: str) -> list[Path]:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from histo_assets.core.a1111_text import SHORT_HASH_LENGTH
+from histo_assets.core.a1111_text import short_hash
 from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.io import (
     atomic_directory,
@@ -310,11 +310,6 @@ def webui_loadable_bytes(obj: Any) -> bytes:
     return out.getvalue()
 
 
-def short_hash(path: str | Path) -> str:
-    """A1111's short hash: the first 10 hex digits of the file's SHA-256."""
-    return sha256_file(path)[:SHORT_HASH_LENGTH]
-
-
 def optimizer_sidecar_path(path: str | Path) -> Path:
     path = Path(path)
     return path.with_name(path.name + OPTIMIZER_SUFFIX)
@@ -330,7 +325,7 @@ def save_hypernetwork(hn: Hypernetwork, path: str | Path, *, optimizer: torch.op
     if optimizer is not None:
         sidecar = {
             "optimizer_name": type(optimizer).__name__,
-            "hash": short_hash(path),
+            "hash": short_hash(sha256_file(path)),
             "optimizer_state_dict": optimizer.state_dict(),
         }
         atomic_write_bytes(optimizer_sidecar_path(path), webui_loadable_bytes(sidecar))
@@ -343,7 +338,7 @@ def load_optimizer_state(path: str | Path) -> dict | None:
     if not sidecar_path.is_file():
         return None
     sidecar = torch.load(sidecar_path, map_location="cpu", weights_only=True)
-    if not isinstance(sidecar, Mapping) or sidecar.get("hash") != short_hash(path):
+    if not isinstance(sidecar, Mapping) or sidecar.get("hash") != short_hash(sha256_file(path)):
         return None
     return sidecar.get("optimizer_state_dict")
 

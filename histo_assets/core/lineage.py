@@ -28,9 +28,9 @@ from histo_assets.core.a1111_text import (
     PARAMETERS_KEY,
     RNG_SOURCE,
     SAMPLER_NAMES,
-    SHORT_HASH_LENGTH,
     hypernetwork_token,
     parse_a1111_parameters,
+    short_hash,
 )
 from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.io import sha256_file, stable_hash
@@ -306,7 +306,7 @@ def png_text_disagreements(parsed: dict[str, str], generation: dict, checkpoint:
     if LEGACY_HYPERNET_KEYS[0] in parsed:
         expected.update(zip(LEGACY_HYPERNET_KEYS, (
             hypernet,
-            checkpoint["sha256"][:SHORT_HASH_LENGTH] if checkpoint.get("sha256") else None,
+            short_hash(checkpoint["sha256"]) if checkpoint.get("sha256") else None,
             multiplier if hypernet else None,
         )))
     return [f"{key}: png {parsed.get(key)!r}, record {value!r}" for key, value in expected.items()

@@ -44,7 +44,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
-from histo_assets.core.a1111_text import PARAMETERS_KEY, SHORT_HASH_LENGTH, WEBUI_SAMPLERS, a1111_parameters
+from histo_assets.core.a1111_text import PARAMETERS_KEY, WEBUI_SAMPLERS, a1111_parameters, short_hash
 from histo_assets.core.base_model import BaseModel
 from histo_assets.core.hypernetwork import apply_hypernetwork, load_hypernetwork
 from histo_assets.core.io import atomic_save_png, atomic_write_parquet, sha256_file, stable_hash
@@ -294,7 +294,7 @@ def generate_images(
         hypernetwork.requires_grad_(False)
         hn_name = hypernetwork.name
         hn_sha256 = sha256_file(hypernetwork_path)
-        hn_short = hn_sha256[:SHORT_HASH_LENGTH]
+        hn_short = short_hash(hn_sha256)
         hn_file = hypernetwork_path.name
         # The WebUI lists (and resolves <hypernet:...> against) hypernetworks by file stem.
         hn_webui_name = hypernetwork_path.stem
