@@ -11,12 +11,14 @@ the Helm chart (deploy/values.yaml).
 import dagster as dg
 from dagster_k8s import k8s_job_executor
 
-from histo_assets.definitions import pipeline_definitions
+from histo_assets.definitions import build_definitions
 from histo_assets.core.object_store import STORE_URL_ENV
+from histo_assets.params import load_params
 from histo_assets.resources import BaseModelResource, ObjectStoreResource
 
 # One step per pod: each step's torch threads get the pod's whole CPU quota (histo_assets.core.threads).
-defs = pipeline_definitions(
+defs = build_definitions(
+    load_params(),
     object_store=ObjectStoreResource(url=dg.EnvVar(STORE_URL_ENV)),
     executor=k8s_job_executor,
     base_model=BaseModelResource(concurrent_steps=1),

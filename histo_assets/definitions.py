@@ -10,6 +10,14 @@ Per tissue class x checkpoint step (step 0: the base model without a hypernetwor
 Across everything:
     metrics_summary -> classifier_utility -> dataset_release (dvc add + push + git tag)
 
+The classes, the checkpoint steps, every asset's run-config schema and the base
+model's inputs come from params, so `build_definitions(params)` builds the
+assets from a Params object, and one process can hold the pipeline for several
+params files. `defs` is the pipeline for the file HISTO_ASSETS_PARAMS names
+(default params.yaml), the one `dagster dev` and `histo-assets materialize`
+load. Jobs, sensors and schedules name assets by key, so they are the same for
+any params.
+
 Pool `gpu` (training, generation) runs one step at a time, so concurrent runs never share a GPU;
 `dead_run_reaper` gives the slots of runs whose process died back to the pool.
 """
@@ -20,28 +28,29 @@ import dagster as dg
 
 from histo_assets.assets import base_model, evaluation, generation, ingest, release, training, utility
 from histo_assets.automation import automation_condition_sensor, build_automation
+from histo_assets.core.layout import BASE_MODEL_ASSET
 from histo_assets.core.object_store import STORE_URL_ENV
+from histo_assets.params import Params, load_params
+from histo_assets.partitions import Partitions
 from histo_assets.resources import BaseModelResource, DvcResource, ObjectStoreResource, ParamsResource
 from histo_assets.run_health import dead_run_sensor
 
-ingest_assets = [ingest.raw_slides, ingest.square_crops, ingest.augmented_crops]
-base_model_assets = [base_model.base_model_asset]
-training_assets = [training.hypernetwork_checkpoints, training.imported_hypernetworks, generation.imported_synthetic_images]
-per_checkpoint_assets = [generation.synthetic_images, evaluation.checkpoint_metrics]
-summary_assets = [evaluation.metrics_summary, utility.classifier_utility_asset]
-release_assets = [release.dataset_release]
 
-
-def _job(name: str, assets: list, description: str):
+def _job(name: str, assets: list[str], description: str):
     return dg.define_asset_job(name, selection=dg.AssetSelection.assets(*assets), description=description)
 
 
-ingest_job = _job("ingest_pipeline", ingest_assets, "Inventory, square crops and augmentation for one tissue class.")
-base_model_job = _job("base_model_pipeline", base_model_assets, "The base model: verified and described, or trained on every class's training crops.")
-training_job = _job("training_pipeline", training_assets, "Hypernetwork training (and imported hypernetworks) for one tissue class.")
-per_checkpoint_job = _job("checkpoint_pipeline", per_checkpoint_assets, "Synthetic images and their metrics for one class x checkpoint step.")
-summary_job = _job("summary_pipeline", summary_assets, "Metric summary across classes and checkpoints, and the classifier utility of every release candidate.")
-release_job = _job("release_pipeline", release_assets, "Assemble, DVC-version, push and tag the synthetic dataset release.")
+ingest_job = _job("ingest_pipeline", ["raw_slides", "square_crops", "augmented_crops"],
+                  "Inventory, square crops and augmentation for one tissue class.")
+base_model_job = _job("base_model_pipeline", [BASE_MODEL_ASSET],
+                      "The base model: verified and described, or trained on every class's training crops.")
+training_job = _job("training_pipeline", ["hypernetwork_checkpoints", "imported_hypernetworks", "imported_synthetic_images"],
+                    "Hypernetwork training (and imported hypernetworks) for one tissue class.")
+per_checkpoint_job = _job("checkpoint_pipeline", ["synthetic_images", "checkpoint_metrics"],
+                          "Synthetic images and their metrics for one class x checkpoint step.")
+summary_job = _job("summary_pipeline", ["metrics_summary", "classifier_utility"],
+                   "Metric summary across classes and checkpoints, and the classifier utility of every release candidate.")
+release_job = _job("release_pipeline", ["dataset_release"], "Assemble, DVC-version, push and tag the synthetic dataset release.")
 
 # The order in which `histo-assets materialize` runs the jobs over their partitions (and dvc.yaml's stages).
 pipeline_jobs = [ingest_job, base_model_job, training_job, per_checkpoint_job, summary_job, release_job]
@@ -49,20 +58,35 @@ pipeline_jobs = [ingest_job, base_model_job, training_job, per_checkpoint_job, s
 raw_slides_sensor, weekly_refresh = build_automation(ingest_job)
 
 
-def pipeline_definitions(object_store: ObjectStoreResource | None = None, executor=None,
-                         base_model: BaseModelResource | None = None) -> dg.Definitions:
-    """The pipeline with deployment choices filled in: where stage folders live, and how steps run.
+def build_assets(p: Params) -> list[dg.AssetsDefinition]:
+    partitions = Partitions.from_params(p)
+    return [
+        *ingest.build_assets(p, partitions),
+        *base_model.build_assets(p),
+        *training.build_assets(p, partitions),
+        *generation.build_assets(p, partitions),
+        *evaluation.build_assets(p, partitions),
+        *utility.build_assets(p),
+        *release.build_assets(p),
+    ]
 
-    Without an explicit store, $HISTO_ASSETS_STORE_URL names one, so `histo-assets materialize`
-    and `dagster dev` can use it too; unset, everything stays in the local data_dir.
+
+def build_definitions(params: Params, object_store: ObjectStoreResource | None = None, executor=None,
+                      base_model: BaseModelResource | None = None) -> dg.Definitions:
+    """The pipeline for these params, with deployment choices filled in: where stage folders live, and how steps run.
+
+    Runs read the params file these definitions were built from, so their
+    classes and steps are the partitions'. Without an explicit store,
+    $HISTO_ASSETS_STORE_URL names one, so `histo-assets materialize` and
+    `dagster dev` can use it too; unset, everything stays in the local data_dir.
     """
     return dg.Definitions(
-        assets=[*ingest_assets, *base_model_assets, *training_assets, *per_checkpoint_assets, *summary_assets, *release_assets],
+        assets=build_assets(params),
         jobs=pipeline_jobs,
         sensors=[raw_slides_sensor, automation_condition_sensor, dead_run_sensor],
         schedules=[weekly_refresh],
         resources={
-            "params": ParamsResource(),
+            "params": ParamsResource(params_file=str(params.source)),
             "base_model": base_model or BaseModelResource(),
             "dvc": DvcResource(),
             "object_store": object_store or ObjectStoreResource(url=os.environ.get(STORE_URL_ENV) or None),
@@ -71,4 +95,4 @@ def pipeline_definitions(object_store: ObjectStoreResource | None = None, execut
     )
 
 
-defs = pipeline_definitions()
+defs = build_definitions(load_params())

@@ -1,30 +1,42 @@
-"""Partitions, read from params at definition load time.
+"""Partitions, built from the params the definitions are built from.
 
 Per-class assets are partitioned by tissue class; per-checkpoint assets by
 tissue class x checkpoint step, so every checkpoint of every class is its own
 partition in the UI, as in the thesis's per-checkpoint tables; step 0 is the
-base model without a hypernetwork (core/steps.py).
+base model without a hypernetwork (core/steps.py). They are built from a
+Params object, not read at import, so one process can hold definitions for
+several params files (tests, a lab's own file next to the thesis's).
 """
 
+from __future__ import annotations
+
 import warnings
+from dataclasses import dataclass
 
 import dagster as dg
 
 from histo_assets.core.steps import evaluated_steps
-from histo_assets.params import load_params
-
-# The params the definitions are built from (partitions, run-config schema, the base model's inputs), read once.
-DEFINITION_PARAMS = load_params()
-
-tissue_class_partitions = dg.StaticPartitionsDefinition(DEFINITION_PARAMS.classes)
-checkpoint_step_partitions = dg.StaticPartitionsDefinition(
-    [str(step) for step in evaluated_steps(DEFINITION_PARAMS["training"]["checkpoint_steps"])]
-)
-class_and_step_partitions = dg.MultiPartitionsDefinition({"tissue_class": tissue_class_partitions, "step": checkpoint_step_partitions})
+from histo_assets.params import Params
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", dg.BetaWarning)
     by_tissue_class = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="tissue_class")
+
+
+@dataclass(frozen=True)
+class Partitions:
+    tissue_class: dg.StaticPartitionsDefinition
+    checkpoint_step: dg.StaticPartitionsDefinition
+    class_and_step: dg.MultiPartitionsDefinition
+
+    @classmethod
+    def from_params(cls, p: Params) -> Partitions:
+        tissue_class = dg.StaticPartitionsDefinition(p.classes)
+        checkpoint_step = dg.StaticPartitionsDefinition(
+            [str(step) for step in evaluated_steps(p["training"]["checkpoint_steps"])]
+        )
+        return cls(tissue_class, checkpoint_step,
+                   dg.MultiPartitionsDefinition({"tissue_class": tissue_class, "step": checkpoint_step}))
 
 
 def class_and_step(context) -> tuple[str, int]:

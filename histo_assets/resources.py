@@ -9,7 +9,6 @@ from pydantic import Field
 
 from histo_assets.core.layout import Layout
 from histo_assets.params import Params, load_params, value_kind
-from histo_assets.partitions import DEFINITION_PARAMS
 
 # base_model.source for a model the base_model asset trains on the training crops (core/base_model_training.py).
 TRAINED_SOURCE = "trained"
@@ -37,6 +36,8 @@ def _list_config_type(items: list) -> list:
 def params_config_schema(values: Mapping[str, Any], prefix: str = "") -> dict[str, dg.Field]:
     """Dagster run config shaped like params, every key optional and typed by its params value.
 
+    Every asset takes it, so a launch can set any params key, e.g.
+    {augmentation: {total: 50}}, like `dvc exp run -S augmentation.total=50`.
     The launchpad validates run config against this before a run starts, so a
     misspelt key or a value of the wrong type is refused there, naming the
     key's path, the value and the expected type, as ``--set`` refuses it.
@@ -67,10 +68,6 @@ class ParamsResource(dg.ConfigurableResource):
 
     def layout(self) -> Layout:
         return Layout(self.load().data_dir)
-
-
-# Every asset's run config: any params key, e.g. {augmentation: {total: 50}}, like `dvc exp run -S augmentation.total=50`.
-STAGE_CONFIG_SCHEMA = params_config_schema(DEFINITION_PARAMS.values)
 
 
 class BaseModelResource(dg.ConfigurableResource):

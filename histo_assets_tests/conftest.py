@@ -7,6 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pathlib import Path
 
+import dagster as dg
 import numpy as np
 import pytest
 import torch
@@ -15,11 +16,17 @@ from PIL import Image
 
 from histo_assets.core.dvc import DvcNotFoundError, resolve_dvc_executable
 from histo_assets.core.io import sha256_file
-from histo_assets.params import DEFAULT_PARAMS_FILE, load_params
+from histo_assets.definitions import build_assets
+from histo_assets.params import DEFAULT_PARAMS_FILE, Params, load_params
 from histo_assets_tests.s3_server import S3Server, running_s3_server
 from histo_assets_tests.postgres_server import PostgresServer, running_postgres
 
 THESIS_CLASSES = load_params(DEFAULT_PARAMS_FILE).classes
+
+
+def assets_by_name(p: Params) -> dict[str, dg.AssetsDefinition]:
+    """The pipeline's assets built in this process from a test's params, so their partitions are its classes and steps."""
+    return {asset.key.to_user_string(): asset for asset in build_assets(p)}
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:

@@ -3,12 +3,11 @@
 import dagster as dg
 import pandas as pd
 
-from histo_assets.assets.base_model import base_model_asset
 from histo_assets.core.base_model import folder_weights_sha256
-from histo_assets.core.layout import Layout
+from histo_assets.core.layout import BASE_MODEL_ASSET, Layout
 from histo_assets.params import load_params
 from histo_assets.resources import TRAINED_MODEL_FOLDER, BaseModelResource, ObjectStoreResource, ParamsResource
-from histo_assets_tests.conftest import SMALL, THESIS_CLASSES, tree_hashes, write_params
+from histo_assets_tests.conftest import SMALL, THESIS_CLASSES, assets_by_name, tree_hashes, write_params
 from histo_assets_tests.test_ingest_assets import materialize as materialize_ingest
 
 QUICK_TRAINING = {
@@ -21,7 +20,7 @@ QUICK_TRAINING = {
 
 def materialize_base(params_file, instance):
     return dg.materialize(
-        [base_model_asset],
+        [assets_by_name(load_params(params_file))[BASE_MODEL_ASSET]],
         resources={"params": ParamsResource(params_file=str(params_file)),
                    "base_model": BaseModelResource(device="cpu", threads=1), "object_store": ObjectStoreResource()},
         instance=instance, raise_on_error=False,

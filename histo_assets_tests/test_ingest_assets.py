@@ -8,19 +8,19 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from histo_assets.assets.ingest import augmented_crops, raw_slides, square_crops
 from histo_assets.params import PROJECT_ROOT, load_params
 from histo_assets.resources import ObjectStoreResource, ParamsResource
-from histo_assets_tests.conftest import THESIS_CLASSES, tissue_image, tree_hashes
+from histo_assets_tests.conftest import THESIS_CLASSES, assets_by_name, tissue_image, tree_hashes
 
-ASSETS = [raw_slides, square_crops, augmented_crops]
+ASSETS = ["raw_slides", "square_crops", "augmented_crops"]
 FIRST, SECOND, THIRD = THESIS_CLASSES
 
 
 def materialize(params_file: Path, partition: str, instance=None, overrides: list[str] | None = None):
-    run_config = {"ops": {a.key.path[-1]: {"config": load_params(params_file, overrides or []).nested_overrides(overrides or [])} for a in ASSETS}}
+    run_config = {"ops": {name: {"config": load_params(params_file, overrides or []).nested_overrides(overrides or [])} for name in ASSETS}}
+    available = assets_by_name(load_params(params_file))
     return dg.materialize(
-        ASSETS,
+        [available[name] for name in ASSETS],
         partition_key=partition,
         resources={"params": ParamsResource(params_file=str(params_file)), "object_store": ObjectStoreResource()},
         instance=instance or dg.DagsterInstance.ephemeral(),

@@ -21,10 +21,8 @@ import pandas as pd
 import pytest
 
 from histo_assets.assets.generation import checkpoint_entry
-from histo_assets.assets.ingest import augmented_crops, raw_slides, square_crops
 from histo_assets.assets.release import CODE_VERSION
 from histo_assets.core.lineage import training_lineage
-from histo_assets.assets.training import hypernetwork_checkpoints
 from histo_assets.cli import main
 from histo_assets.core.io import atomic_write_json, sha256_file, stable_hash
 from histo_assets.core.lineage import LineageNotFound, png_text_disagreements, trace_image
@@ -33,7 +31,7 @@ from histo_assets.core.sampling import GenerationSettings, generate_images, writ
 from histo_assets.core.layout import HOLDOUT, IMAGES, INDEX, INVENTORY, SUMMARY, Layout
 from histo_assets.params import PARAMS_ENV, load_params
 from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
-from histo_assets_tests.conftest import THESIS_CLASSES, tissue_image, write_params
+from histo_assets_tests.conftest import THESIS_CLASSES, assets_by_name, tissue_image, write_params
 
 CLASS = THESIS_CLASSES[0]
 STEPS = [3, 6]
@@ -76,7 +74,7 @@ class Project:
 
 
 def generate(p, base, step: int) -> None:
-    """The synthetic_images asset's work for one partition, without Dagster (its partitions are params.yaml's steps)."""
+    """The synthetic_images asset's work for one partition, without Dagster."""
     layout = Layout(p.data_dir)
     checkpoint = checkpoint_entry(p, CLASS, step)
     folder = layout.synthetic_images(CLASS, step)
@@ -125,12 +123,13 @@ def project(tmp_path_factory, tiny_model_cache, tiny_base) -> Project:
         tissue_image((256, 192), seed=index).save(raw / f"slide{index}.png")
     shutil.copytree(tiny_model_cache, root / "data" / ".cache" / "tiny_sd")
     built = Project(root, write_params(root, root / "data", **TINY))
-    assets = [raw_slides, square_crops, augmented_crops, hypernetwork_checkpoints]
+    names = ["raw_slides", "square_crops", "augmented_crops", "hypernetwork_checkpoints"]
+    available = assets_by_name(load_params(built.params))
     result = dg.materialize(
-        assets, partition_key=CLASS, instance=dg.DagsterInstance.ephemeral(), raise_on_error=False,
+        [available[name] for name in names], partition_key=CLASS, instance=dg.DagsterInstance.ephemeral(), raise_on_error=False,
         resources={"params": ParamsResource(params_file=str(built.params)), "base_model": BaseModelResource(device="cpu"),
                    "object_store": ObjectStoreResource()},
-        run_config={"ops": {a.key.path[-1]: {"config": {}} for a in assets}},
+        run_config={"ops": {name: {"config": {}} for name in names}},
     )
     assert result.success
     p = load_params(built.params)

@@ -15,12 +15,11 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from histo_assets.assets.ingest import augmented_crops, raw_slides, square_crops
 from histo_assets.core.io import sha256_file
 from histo_assets.core.object_store import ObjectStore, ObjectStoreError, folder_files
 from histo_assets.params import PROJECT_ROOT, load_params
 from histo_assets.resources import ObjectStoreResource, ParamsResource
-from histo_assets_tests.conftest import SMALL, THESIS_CLASSES, write_params
+from histo_assets_tests.conftest import SMALL, THESIS_CLASSES, assets_by_name, write_params
 from histo_assets_tests.tiny_pipeline import CLASSES, EVALUATED_STEPS, empty_pipeline, run_ok
 
 FIRST = THESIS_CLASSES[0]
@@ -127,7 +126,7 @@ def test_unsafe_folder_keys_and_missing_folders_are_refused(store, tmp_path):
 
 # --- the assets, in three pods that share only the store ---------------------------------------------
 
-INGEST = [raw_slides, square_crops, augmented_crops]
+INGEST = ["raw_slides", "square_crops", "augmented_crops"]
 
 
 def pod(tmp_path: Path, name: str) -> Path:
@@ -136,13 +135,14 @@ def pod(tmp_path: Path, name: str) -> Path:
     return write_params(tmp_path / name, data, **SMALL)
 
 
-def materialize_in(params_file: Path, assets: list, store_url: str | None):
+def materialize_in(params_file: Path, names: list[str], store_url: str | None):
+    available = assets_by_name(load_params(params_file))
     return dg.materialize(
-        assets,
+        [available[name] for name in names],
         partition_key=FIRST,
         resources={"params": ParamsResource(params_file=str(params_file)), "object_store": ObjectStoreResource(url=store_url)},
         instance=dg.DagsterInstance.ephemeral(),
-        run_config={"ops": {a.key.path[-1]: {"config": {}} for a in assets}},
+        run_config={"ops": {name: {"config": {}} for name in names}},
     )
 
 
@@ -158,9 +158,9 @@ def test_pods_sharing_only_the_store_hand_data_on_and_skip_unchanged_work(small_
     assert f"pushed raw/{FIRST}: 2 of 2 file(s)" in uploaded.stdout
 
     first = pod(tmp_path, "pod-a")
-    materialize_in(first, [raw_slides, square_crops], url)
+    materialize_in(first, ["raw_slides", "square_crops"], url)
     second = pod(tmp_path, "pod-b")
-    result = materialize_in(second, [augmented_crops], url)
+    result = materialize_in(second, ["augmented_crops"], url)
     data_b = second.parent / "data"
     assert not (data_b / "raw").exists(), "augmenting needs only the square crops"
     assert (data_b / "square_crops" / FIRST / "index.parquet").is_file()

@@ -3,9 +3,11 @@
 import subprocess
 import sys
 
+import dagster as dg
 import pytest
 import yaml
 
+from histo_assets.definitions import build_definitions
 from histo_assets.params import DEFAULT_PARAMS_FILE, PARAMS_ENV, ParamsError, load_params, write_resolved
 
 
@@ -83,12 +85,38 @@ def test_bad_files_give_clear_errors(tmp_path):
         load_params(bad)
 
 
-def test_env_var_points_the_project_at_another_file(tmp_path):
+def test_env_var_points_the_project_at_another_file(tmp_path, monkeypatch):
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump({"extends": str(DEFAULT_PARAMS_FILE), "classes": ["x_one", "x_two"]}))
-    code = "from histo_assets.partitions import tissue_class_partitions as p; print(p.get_partition_keys())"
-    out = subprocess.run([sys.executable, "-c", code], env={PARAMS_ENV: str(other), "PATH": ""}, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "['x_one', 'x_two']"
+    monkeypatch.setenv(PARAMS_ENV, str(other))
+    defs = build_definitions(load_params())
+    assert defs.resolve_assets_def("raw_slides").partitions_def.get_partition_keys() == ["x_one", "x_two"]
+
+
+def test_two_params_files_give_two_pipelines_in_one_process(tmp_path):
+    """Definitions take their partitions from the Params they are built from, so one process can hold both."""
+    def built(name: str, classes: list[str], steps: list[int]) -> dg.Definitions:
+        path = tmp_path / f"params.{name}.yaml"
+        path.write_text(yaml.safe_dump({"extends": str(DEFAULT_PARAMS_FILE), "classes": classes,
+                                        "training": {"checkpoint_steps": steps}}))
+        return build_definitions(load_params(path))
+
+    def partitions(defs: dg.Definitions, asset: str) -> set:
+        keys = defs.resolve_assets_def(asset).partitions_def.get_partition_keys()
+        return {tuple(key.keys_by_dimension[d] for d in ("tissue_class", "step")) if isinstance(key, dg.MultiPartitionKey) else key
+                for key in keys}
+
+    lab, tiny = built("lab", ["alpha", "beta", "gamma"], [100, 200]), built("tiny", ["x_one", "x_two"], [3])
+    for asset in ("raw_slides", "hypernetwork_checkpoints", "imported_synthetic_images"):
+        assert partitions(lab, asset) == {"alpha", "beta", "gamma"}
+        assert partitions(tiny, asset) == {"x_one", "x_two"}
+    for asset in ("synthetic_images", "checkpoint_metrics"):
+        assert partitions(lab, asset) == {(c, s) for c in ("alpha", "beta", "gamma") for s in ("0", "100", "200")}
+        assert partitions(tiny, asset) == {(c, s) for c in ("x_one", "x_two") for s in ("0", "3")}
+    assert lab.resolve_job_def("checkpoint_pipeline").partitions_def.get_partition_keys() != \
+        tiny.resolve_job_def("checkpoint_pipeline").partitions_def.get_partition_keys()
+    with dg.build_resources({"params": tiny.resolve_job_def("ingest_pipeline").resource_defs["params"]}) as resources:
+        assert resources.params.load().classes == ["x_one", "x_two"], "runs read the params the definitions were built from"
 
 
 def _launch_errors(job_name: str, op_config: dict) -> list[str]:

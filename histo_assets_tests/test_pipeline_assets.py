@@ -4,9 +4,8 @@ The graph runs on the tiny dataset of ``tiny_pipeline`` (conftest's
 ``pipeline`` fixture), in a subprocess whose partitions come from tiny params.
 
 Per-class assets (training, imported hypernetworks, the checkpoint check) are
-also materialised in-process with ``dg.materialize``: their partition keys are
-class names, and the tiny params use two of the thesis's classes so that the
-partitions built here from params.yaml hold them.
+also materialised in-process with ``dg.materialize``, built from the same tiny
+params (conftest's ``assets_by_name``).
 """
 
 from __future__ import annotations
@@ -26,8 +25,6 @@ import torch
 from PIL import Image
 
 from histo_assets.assets.evaluation import TABLE_COLUMNS
-from histo_assets.assets.generation import imported_synthetic_images
-from histo_assets.assets.training import hypernetwork_checkpoints, imported_hypernetworks
 from histo_assets.core.a1111_text import parse_a1111_parameters
 from histo_assets.core.base_model import folder_weights_sha256, tiny_model_dir
 from histo_assets.core.evaluation import FID_RANK_DEFICIENT, SMALL_REFERENCE
@@ -38,7 +35,7 @@ from histo_assets.core.sampling import image_seed
 from histo_assets.core.layout import Layout
 from histo_assets.params import PROJECT_ROOT, load_params
 from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
-from histo_assets_tests.conftest import TINY_MODEL_SEED, write_params
+from histo_assets_tests.conftest import TINY_MODEL_SEED, assets_by_name, write_params
 from histo_assets_tests.tiny_pipeline import (
     BASE_MODEL_NAME,
     CLASSES,
@@ -101,15 +98,16 @@ def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def materialize_in_process(pipeline: Pipeline, assets: list, partition: str, overrides: list[str] | None = None):
-    """Per-class assets in this process, on the thesis-class partitions built from params.yaml."""
+def materialize_in_process(pipeline: Pipeline, names: list[str], partition: str, overrides: list[str] | None = None):
+    """Per-class assets in this process, built from the pipeline's params."""
     instance = dg.DagsterInstance.ephemeral()
+    available = assets_by_name(load_params(pipeline.params))
     result = dg.materialize(
-        assets,
+        [available[name] for name in names],
         partition_key=partition,
         resources={"params": ParamsResource(params_file=str(pipeline.params)), "base_model": BaseModelResource(device="cpu"),
                    "object_store": ObjectStoreResource()},
-        run_config={"ops": {a.key.path[-1]: {"config": load_params(pipeline.params, overrides or []).nested_overrides(overrides or [])} for a in assets}},
+        run_config={"ops": {name: {"config": load_params(pipeline.params, overrides or []).nested_overrides(overrides or [])} for name in names}},
         instance=instance,
         raise_on_error=False,
     )
@@ -368,7 +366,7 @@ def test_interrupted_training_resumes_to_the_same_weights(pipeline, tmp_path):
         (folder / name).unlink()
     assert (folder / "run.json").is_file() and (folder / f"{FIRST}-3.pt").is_file()
 
-    result, logs = materialize_in_process(work, [hypernetwork_checkpoints], FIRST)
+    result, logs = materialize_in_process(work, ["hypernetwork_checkpoints"], FIRST)
 
     assert result.success
     assert any("continuing the training run" in m for m in logs), logs
@@ -389,7 +387,7 @@ def test_resume_retrains_a_checkpoint_lost_before_the_final_file(pipeline, tmp_p
     for name in (f"{FIRST}-6.pt", f"{FIRST}-6.pt.optim", "summary.json"):
         (folder / name).unlink()
 
-    result, _ = materialize_in_process(work, [hypernetwork_checkpoints], FIRST)
+    result, _ = materialize_in_process(work, ["hypernetwork_checkpoints"], FIRST)
 
     assert in_process_checks(result)["all_checkpoints_load"].passed
     assert result.success
@@ -437,7 +435,7 @@ def test_imported_hypernetworks_are_indexed_and_bad_files_skipped_with_reasons(t
     torch.save({"payload": NotAHypernetwork()}, inbox / "pickled.pt")
     (inbox / "README.txt").write_text("not a hypernetwork")
 
-    result, logs = materialize_in_process(work, [imported_hypernetworks], FIRST)
+    result, logs = materialize_in_process(work, ["imported_hypernetworks"], FIRST)
 
     assert result.success
     out = work.data / "imported_hypernetwork_index" / FIRST
@@ -457,11 +455,11 @@ def test_imported_hypernetworks_are_indexed_and_bad_files_skipped_with_reasons(t
     assert shown["imported"].value == 2 and "corrupt.pt" in shown["skipped"].value
     assert sum("skipped imported hypernetwork" in m for m in logs) == 3
 
-    empty, _ = materialize_in_process(work, [imported_hypernetworks], SECOND)
+    empty, _ = materialize_in_process(work, ["imported_hypernetworks"], SECOND)
     assert empty.success
     assert len(pd.read_parquet(work.data / "imported_hypernetwork_index" / SECOND / "index.parquet")) == 0
 
-    generated, _ = materialize_in_process(work, [imported_synthetic_images], FIRST)
+    generated, _ = materialize_in_process(work, ["imported_synthetic_images"], FIRST)
     assert generated.success
     for stem, step in (("lab_net", 1234), ("wider", 500)):
         images = sorted((work.data / "imported_synthetic_images" / FIRST / stem / "images").glob("*.png"))
@@ -481,7 +479,7 @@ def test_corrupted_checkpoint_fails_the_blocking_check_on_rerun(pipeline, tmp_pa
     path = work.data / "hypernetwork_checkpoints" / FIRST / f"{FIRST}-3.pt"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
-    result, _ = materialize_in_process(work, [hypernetwork_checkpoints], FIRST)
+    result, _ = materialize_in_process(work, ["hypernetwork_checkpoints"], FIRST)
 
     check = in_process_checks(result)["all_checkpoints_load"]
     assert check.passed is False
@@ -501,7 +499,7 @@ def test_checkpoint_that_does_not_load_fails_the_check_with_a_reason(pipeline, t
     # train) and records the damaged file with its own hash, so only loading it can catch the damage.
     (folder / "summary.json").unlink()
 
-    result, _ = materialize_in_process(work, [hypernetwork_checkpoints], FIRST)
+    result, _ = materialize_in_process(work, ["hypernetwork_checkpoints"], FIRST)
 
     assert not result.success
     check = in_process_checks(result)["all_checkpoints_load"]

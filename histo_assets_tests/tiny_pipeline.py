@@ -1,13 +1,13 @@
 """The whole graph on a tiny dataset, materialised by `histo-assets materialize` in a subprocess.
 
-Partitions are built when ``histo_assets.partitions`` is imported, from the
-params file HISTO_ASSETS_PARAMS names (default: params.yaml). The thesis's
-checkpoint partitions (steps 5000..40000) cannot be trained on a CPU in a
-test, so end-to-end runs happen in a subprocess whose HISTO_ASSETS_PARAMS
-names a tiny params file (two classes, checkpoints at steps 3 and 6): the
-demo path, with DAGSTER_HOME in a temp folder. Tests then read the files and
-that Dagster instance. conftest's ``pipeline`` fixture builds it once per
-session; tests that change it work on copies.
+The thesis's checkpoints (steps 5000..40000) cannot be trained on a CPU in a
+test, so the graph runs on a tiny params file (two classes, checkpoints at
+steps 3 and 6). End-to-end runs go through the CLI, as a lab runs them: a
+subprocess whose HISTO_ASSETS_PARAMS names that file, with DAGSTER_HOME in a
+temp folder. Tests then read the files and that Dagster instance. conftest's
+``pipeline`` fixture builds it once per session; tests that change it work on
+copies. Single assets run in the test's own process are built from the same
+params by conftest's ``assets_by_name``.
 """
 
 from __future__ import annotations

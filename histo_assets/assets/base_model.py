@@ -6,7 +6,6 @@ import dagster as dg
 import pandas as pd
 
 from histo_assets.assets import FOLLOW_UPSTREAM, GPU_TAGS
-from histo_assets.assets.ingest import augmented_crops
 from histo_assets.assets.stage import Stage
 from histo_assets.core.base_model import describe_base_model
 from histo_assets.core.base_model_training import LOSS_PLOT, SAMPLES_PLOT, train_from_crops, training_summary
@@ -14,69 +13,73 @@ from histo_assets.core.layout import BASE_MODEL_ASSET, IMAGES
 from histo_assets.core.previews import markdown_png_file, markdown_table
 from histo_assets.core.sampling import GenerationSettings
 from histo_assets.core.stage import read_summary
-from histo_assets.partitions import DEFINITION_PARAMS
+from histo_assets.params import Params
 from histo_assets.resources import (
-    STAGE_CONFIG_SCHEMA,
     TRAINED_MODEL_FOLDER,
     TRAINED_SOURCE,
     BaseModelResource,
     ObjectStoreResource,
     ParamsResource,
+    params_config_schema,
     trained_model_dir,
 )
 
 GROUP = "base_model"
 BASE_MODEL_VERSION = "1"
 
-# Only a model trained here has inputs in this graph; a file or folder from elsewhere has none to show.
-_TRAINS_ON_CROPS = DEFINITION_PARAMS["base_model"]["source"] == TRAINED_SOURCE
 
+def build_assets(p: Params) -> list[dg.AssetsDefinition]:
+    config_schema = params_config_schema(p.values)
+    # Only a model trained here has inputs in this graph; a file or folder from elsewhere has none to show.
+    trains_on_crops = p["base_model"]["source"] == TRAINED_SOURCE
 
-@dg.asset(
-    name=BASE_MODEL_ASSET,
-    config_schema=STAGE_CONFIG_SCHEMA,
-    group_name=GROUP,
-    code_version=BASE_MODEL_VERSION,
-    automation_condition=FOLLOW_UPSTREAM,
-    deps=[augmented_crops] if _TRAINS_ON_CROPS else [],
-    pool="gpu",
-    op_tags=GPU_TAGS,
-    kinds={"diffusers", "safetensors"},
-    description="The Stable Diffusion model every hypernetwork is trained on and every image generated from. "
-    "single_file and diffusers: the configured weights, verified against base_model.sha256 and described "
-    "(name, hash, architecture, attention widths). trained: a small Stable-Diffusion-architecture model trained "
-    "here on the training share of every class's crops (never the held-out ones), with one class-agnostic prompt.",
-)
-def base_model_asset(
-    context: dg.AssetExecutionContext,
-    params: ParamsResource,
-    base_model: BaseModelResource,
-    object_store: ObjectStoreResource,
-):
-    stage = Stage.start(context, params, object_store, lambda at: at.base_model)
-    p, section = stage.params, stage.params["base_model"]
-    trains = section["source"] == TRAINED_SOURCE
-    crops = [stage.layout.augmented_crops(c) for c in p.classes] if trains else []
-    object_store.pull(p.data_dir, *crops, log=stage.log)
-    training_set = {c: read_summary(folder)["data_version"] for c, folder in zip(p.classes, crops)} if trains else None
+    @dg.asset(
+        name=BASE_MODEL_ASSET,
+        config_schema=config_schema,
+        group_name=GROUP,
+        code_version=BASE_MODEL_VERSION,
+        automation_condition=FOLLOW_UPSTREAM,
+        deps=["augmented_crops"] if trains_on_crops else [],
+        pool="gpu",
+        op_tags=GPU_TAGS,
+        kinds={"diffusers", "safetensors"},
+        description="The Stable Diffusion model every hypernetwork is trained on and every image generated from. "
+        "single_file and diffusers: the configured weights, verified against base_model.sha256 and described "
+        "(name, hash, architecture, attention widths). trained: a small Stable-Diffusion-architecture model trained "
+        "here on the training share of every class's crops (never the held-out ones), with one class-agnostic prompt.",
+    )
+    def base_model_asset(
+        context: dg.AssetExecutionContext,
+        params: ParamsResource,
+        base_model: BaseModelResource,
+        object_store: ObjectStoreResource,
+    ):
+        stage = Stage.start(context, params, object_store, lambda at: at.base_model)
+        p, section = stage.params, stage.params["base_model"]
+        trains = section["source"] == TRAINED_SOURCE
+        crops = [stage.layout.augmented_crops(c) for c in p.classes] if trains else []
+        object_store.pull(p.data_dir, *crops, log=stage.log)
+        training_set = {c: read_summary(folder)["data_version"] for c, folder in zip(p.classes, crops)} if trains else None
 
-    def build(out: Path) -> dict:
-        if not trains:
-            return describe_base_model(base_model.load(p))
-        base_model.apply_threads()
-        result = train_from_crops(
-            out, [folder / IMAGES for folder in crops], section["training"], model_folder=TRAINED_MODEL_FOLDER,
-            resolution=p.resolution, master_seed=p.seed, log=stage.log,
-            preview=GenerationSettings.from_params(p["generation"], p.resolution),
-        )
-        model = base_model.load_folder(trained_model_dir(p), result.sha256, section["name"])
-        made = training_summary(result, p.classes, section["training"]["prompt"], training_set)
-        return describe_base_model(model) | {"source": TRAINED_SOURCE, **made}
+        def build(out: Path) -> dict:
+            if not trains:
+                return describe_base_model(base_model.load(p))
+            base_model.apply_threads()
+            result = train_from_crops(
+                out, [folder / IMAGES for folder in crops], section["training"], model_folder=TRAINED_MODEL_FOLDER,
+                resolution=p.resolution, master_seed=p.seed, log=stage.log,
+                preview=GenerationSettings.from_params(p["generation"], p.resolution),
+            )
+            model = base_model.load_folder(trained_model_dir(p), result.sha256, section["name"])
+            made = training_summary(result, p.classes, section["training"]["prompt"], training_set)
+            return describe_base_model(model) | {"source": TRAINED_SOURCE, **made}
 
-    summary = stage.build_or_reuse(build, in_place=True, base_model=section, training_set=training_set,
-                                   resolution=p.resolution, seed=p.seed, code=BASE_MODEL_VERSION)
-    yield dg.MaterializeResult(metadata=_metadata(summary, stage.out) | {"reused_unchanged_output": stage.reused},
-                               data_version=dg.DataVersion(summary["sha256"]))
+        summary = stage.build_or_reuse(build, in_place=True, base_model=section, training_set=training_set,
+                                       resolution=p.resolution, seed=p.seed, code=BASE_MODEL_VERSION)
+        yield dg.MaterializeResult(metadata=_metadata(summary, stage.out) | {"reused_unchanged_output": stage.reused},
+                                   data_version=dg.DataVersion(summary["sha256"]))
+
+    return [base_model_asset]
 
 
 def _metadata(summary: dict, out: Path) -> dict:

@@ -6,8 +6,6 @@ import dagster as dg
 from PIL import Image
 
 from histo_assets.assets import FOLLOW_UPSTREAM
-from histo_assets.assets.generation import synthetic_images
-from histo_assets.assets.ingest import augmented_crops, square_crops
 from histo_assets.assets.stage import Stage
 from histo_assets.core.evaluation import (
     CURVES_FILE,
@@ -28,8 +26,9 @@ from histo_assets.core.layout import Layout
 from histo_assets.core.previews import markdown_image, markdown_table
 from histo_assets.core.stage import read_summary
 from histo_assets.core.steps import evaluated_steps
-from histo_assets.partitions import by_tissue_class, class_and_step, class_and_step_partitions
-from histo_assets.resources import STAGE_CONFIG_SCHEMA, BaseModelResource, ObjectStoreResource, ParamsResource
+from histo_assets.params import Params
+from histo_assets.partitions import Partitions, by_tissue_class, class_and_step
+from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource, params_config_schema
 
 GROUP = "evaluation"
 CHECKPOINT_METRICS_VERSION = "2"
@@ -39,107 +38,112 @@ OPTIONAL_METRICS = ("fid", "kid_mean", "is_mean", "precision", "recall")
 INTERVALS = ("fid_ci_low", "fid_ci_high", "kid_ci_low", "kid_ci_high", "confidence_level")
 
 
-@dg.asset(
-    config_schema=STAGE_CONFIG_SCHEMA,
-    partitions_def=class_and_step_partitions,
-    group_name=GROUP,
-    code_version=CHECKPOINT_METRICS_VERSION,
-    automation_condition=FOLLOW_UPSTREAM,
-    deps=[
-        synthetic_images,
-        dg.AssetDep(augmented_crops, partition_mapping=by_tissue_class),
-        dg.AssetDep(square_crops, partition_mapping=by_tissue_class),
-    ],
-    kinds={"pytorch", "parquet"},
-    description="One metric row for one class and checkpoint: FID and KID against the class's held-out real "
-    "crops (and FID against the training images), IS where Inception logits exist, k-NN precision/recall and "
-    "the memorisation rate against training images. Real-set features are cached by content hash.",
-)
-def checkpoint_metrics(context: dg.AssetExecutionContext, params: ParamsResource,
-                       object_store: ObjectStoreResource, base_model: BaseModelResource):
-    base_model.apply_threads()
-    tissue_class, step = class_and_step(context)
-    stage = Stage.start(context, params, object_store, lambda at: at.checkpoint_metrics(tissue_class, step),
-                        lambda at: at.synthetic_images(tissue_class, step), lambda at: at.augmented_crops(tissue_class),
-                        lambda at: at.square_crops(tissue_class))
-    p, layout = stage.params, stage.layout
-    reference, train = real_sets(layout, tissue_class)
-    generated = generated_files(layout, tissue_class, step)
-    cache = feature_cache(p["metrics"], layout, p.source.parent, p.seed)
+def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]:
+    config_schema = params_config_schema(p.values)
 
-    def build(staging: Path) -> dict:
-        return {"row": checkpoint_row(cache, generated, reference, train, metric_settings(p["metrics"], p.seed),
-                                      tissue_class=tissue_class, step=step, log=stage.log)}
-
-    row = stage.build_or_reuse(
-        build, generated=read_summary(layout.synthetic_images(tissue_class, step))["data_version"],
-        reference=cache.path_for(reference).name, train=cache.path_for(train).name,
-        metrics=scoring_settings(p["metrics"]), seed=p.seed, code=CHECKPOINT_METRICS_VERSION,
-    )["row"]
-    stage.log(f"{tissue_class} step {step}: FID {row['fid']} [{row['fid_ci_low']}, {row['fid_ci_high']}], "
-              f"KID {row['kid_mean']} [{row['kid_ci_low']}, {row['kid_ci_high']}] ({row['extractor']}; "
-              f"flags: {row['flags'] or 'none'})")
-    return dg.MaterializeResult(
-        metadata={
-            **{name: float("nan") if row[name] is None else row[name] for name in OPTIONAL_METRICS},
-            "memorisation_rate": row["memorisation_rate"],
-            "n_generated / n_reference": f"{row['n_generated']} / {row['n_reference']}",
-            "feature_dim": row["feature_dim"],
-            "intervals": dg.MetadataValue.json({name: row[name] for name in INTERVALS}),
-            "flags": row["flags"] or "none",
-            **{name: row[name] for name in ("extractor", "comparable_with", "preprocessing", "is_note")},
-            "note": row["extractor_note"],
-            "reused_unchanged_output": stage.reused,
-        },
-        data_version=dg.DataVersion(stable_hash(row)),
+    @dg.asset(
+        config_schema=config_schema,
+        partitions_def=partitions.class_and_step,
+        group_name=GROUP,
+        code_version=CHECKPOINT_METRICS_VERSION,
+        automation_condition=FOLLOW_UPSTREAM,
+        deps=[
+            "synthetic_images",
+            dg.AssetDep("augmented_crops", partition_mapping=by_tissue_class),
+            dg.AssetDep("square_crops", partition_mapping=by_tissue_class),
+        ],
+        kinds={"pytorch", "parquet"},
+        description="One metric row for one class and checkpoint: FID and KID against the class's held-out real "
+        "crops (and FID against the training images), IS where Inception logits exist, k-NN precision/recall and "
+        "the memorisation rate against training images. Real-set features are cached by content hash.",
     )
+    def checkpoint_metrics(context: dg.AssetExecutionContext, params: ParamsResource,
+                           object_store: ObjectStoreResource, base_model: BaseModelResource):
+        base_model.apply_threads()
+        tissue_class, step = class_and_step(context)
+        stage = Stage.start(context, params, object_store, lambda at: at.checkpoint_metrics(tissue_class, step),
+                            lambda at: at.synthetic_images(tissue_class, step), lambda at: at.augmented_crops(tissue_class),
+                            lambda at: at.square_crops(tissue_class))
+        p, layout = stage.params, stage.layout
+        reference, train = real_sets(layout, tissue_class)
+        generated = generated_files(layout, tissue_class, step)
+        cache = feature_cache(p["metrics"], layout, p.source.parent, p.seed)
+
+        def build(staging: Path) -> dict:
+            return {"row": checkpoint_row(cache, generated, reference, train, metric_settings(p["metrics"], p.seed),
+                                          tissue_class=tissue_class, step=step, log=stage.log)}
+
+        row = stage.build_or_reuse(
+            build, generated=read_summary(layout.synthetic_images(tissue_class, step))["data_version"],
+            reference=cache.path_for(reference).name, train=cache.path_for(train).name,
+            metrics=scoring_settings(p["metrics"]), seed=p.seed, code=CHECKPOINT_METRICS_VERSION,
+        )["row"]
+        stage.log(f"{tissue_class} step {step}: FID {row['fid']} [{row['fid_ci_low']}, {row['fid_ci_high']}], "
+                  f"KID {row['kid_mean']} [{row['kid_ci_low']}, {row['kid_ci_high']}] ({row['extractor']}; "
+                  f"flags: {row['flags'] or 'none'})")
+        return dg.MaterializeResult(
+            metadata={
+                **{name: float("nan") if row[name] is None else row[name] for name in OPTIONAL_METRICS},
+                "memorisation_rate": row["memorisation_rate"],
+                "n_generated / n_reference": f"{row['n_generated']} / {row['n_reference']}",
+                "feature_dim": row["feature_dim"],
+                "intervals": dg.MetadataValue.json({name: row[name] for name in INTERVALS}),
+                "flags": row["flags"] or "none",
+                **{name: row[name] for name in ("extractor", "comparable_with", "preprocessing", "is_note")},
+                "note": row["extractor_note"],
+                "reused_unchanged_output": stage.reused,
+            },
+            data_version=dg.DataVersion(stable_hash(row)),
+        )
 
 
-@dg.asset(
-    config_schema=STAGE_CONFIG_SCHEMA,
-    group_name=GROUP,
-    code_version=METRICS_SUMMARY_VERSION,
-    automation_condition=FOLLOW_UPSTREAM,
-    deps=[checkpoint_metrics],
-    kinds={"parquet", "matplotlib"},
-    description="All checkpoint metrics in one table, plus an 'all' row per step with every class pooled (the "
-    "thesis's Table 3.6); the best checkpoint per class by metrics.best_checkpoint_metric; FID/KID/IS-versus-step "
-    "plots and originals-versus-generated grids. Written as DVC metrics (metrics.json) and plots (metrics.csv).",
-)
-def metrics_summary(context: dg.AssetExecutionContext, params: ParamsResource,
-                    object_store: ObjectStoreResource, base_model: BaseModelResource):
-    """Rebuilt on every run, so it pulls its inputs only, never its previous output."""
-    base_model.apply_threads()
-    p = params.load_for(context)
-    layout = Layout(p.data_dir)
-    steps = evaluated_steps(p["training"]["checkpoint_steps"])
-    object_store.pull(p.data_dir, *(folder for c in p.classes for folder in (
-        layout.square_crops(c), layout.augmented_crops(c),
-        *(f for step in steps for f in (layout.synthetic_images(c, step), layout.checkpoint_metrics(c, step))),
-    )), log=context.log.info)
-    scored = {(c, step): read_summary(layout.checkpoint_metrics(c, step)) for c in p.classes for step in steps}
-    for (tissue_class, step), found in scored.items():
-        if found is None:
-            raise dg.Failure(f"checkpoint_metrics missing for {tissue_class} step {step}; materialise it first")
-    cache = feature_cache(p["metrics"], layout, p.source.parent, p.seed)
-    rows = [found["row"] for found in scored.values()]
-    rows += combined_rows(cache, layout, p.classes, steps, metric_settings(p["metrics"], p.seed))
-    metric, tie = p["metrics"]["best_checkpoint_metric"], p["metrics"]["best_checkpoint_tie"]
-    table = metrics_table(rows, metric)
-    summary = write_metrics_summary(layout, table, p.classes, steps, metric, tie)
-    object_store.push(p.data_dir, layout.metrics_summary, log=context.log.info)
-    details = layout.metrics_details
-    return dg.MaterializeResult(
-        metadata={
-            "path": dg.MetadataValue.path(str(layout.metrics_summary)),
-            "table": dg.MetadataValue.md(markdown_table(table[TABLE_COLUMNS].round(4))),
-            "best_checkpoint": dg.MetadataValue.json({"metric": metric, "tie_rule": tie, "steps": summary["best"],
-                                                      "indistinguishable_steps": summary["indistinguishable"]}),
-            "how_to_read": dg.MetadataValue.md(summary["metrics_notes"]),
-            "against_base_model": dg.MetadataValue.json(summary["against_base_model"]),
-            "extractor_note": summary["extractor_note"],
-            "curves": dg.MetadataValue.md(markdown_image(Image.open(details / CURVES_FILE), "metric curves")),
-            **{f"grid_{c}": dg.MetadataValue.md(markdown_image(Image.open(details / grid_file(c)), c)) for c in p.classes},
-        },
-        data_version=dg.DataVersion(stable_hash(rows)),
+    @dg.asset(
+        config_schema=config_schema,
+        group_name=GROUP,
+        code_version=METRICS_SUMMARY_VERSION,
+        automation_condition=FOLLOW_UPSTREAM,
+        deps=[checkpoint_metrics],
+        kinds={"parquet", "matplotlib"},
+        description="All checkpoint metrics in one table, plus an 'all' row per step with every class pooled (the "
+        "thesis's Table 3.6); the best checkpoint per class by metrics.best_checkpoint_metric; FID/KID/IS-versus-step "
+        "plots and originals-versus-generated grids. Written as DVC metrics (metrics.json) and plots (metrics.csv).",
     )
+    def metrics_summary(context: dg.AssetExecutionContext, params: ParamsResource,
+                        object_store: ObjectStoreResource, base_model: BaseModelResource):
+        """Rebuilt on every run, so it pulls its inputs only, never its previous output."""
+        base_model.apply_threads()
+        p = params.load_for(context)
+        layout = Layout(p.data_dir)
+        steps = evaluated_steps(p["training"]["checkpoint_steps"])
+        object_store.pull(p.data_dir, *(folder for c in p.classes for folder in (
+            layout.square_crops(c), layout.augmented_crops(c),
+            *(f for step in steps for f in (layout.synthetic_images(c, step), layout.checkpoint_metrics(c, step))),
+        )), log=context.log.info)
+        scored = {(c, step): read_summary(layout.checkpoint_metrics(c, step)) for c in p.classes for step in steps}
+        for (tissue_class, step), found in scored.items():
+            if found is None:
+                raise dg.Failure(f"checkpoint_metrics missing for {tissue_class} step {step}; materialise it first")
+        cache = feature_cache(p["metrics"], layout, p.source.parent, p.seed)
+        rows = [found["row"] for found in scored.values()]
+        rows += combined_rows(cache, layout, p.classes, steps, metric_settings(p["metrics"], p.seed))
+        metric, tie = p["metrics"]["best_checkpoint_metric"], p["metrics"]["best_checkpoint_tie"]
+        table = metrics_table(rows, metric)
+        summary = write_metrics_summary(layout, table, p.classes, steps, metric, tie)
+        object_store.push(p.data_dir, layout.metrics_summary, log=context.log.info)
+        details = layout.metrics_details
+        return dg.MaterializeResult(
+            metadata={
+                "path": dg.MetadataValue.path(str(layout.metrics_summary)),
+                "table": dg.MetadataValue.md(markdown_table(table[TABLE_COLUMNS].round(4))),
+                "best_checkpoint": dg.MetadataValue.json({"metric": metric, "tie_rule": tie, "steps": summary["best"],
+                                                          "indistinguishable_steps": summary["indistinguishable"]}),
+                "how_to_read": dg.MetadataValue.md(summary["metrics_notes"]),
+                "against_base_model": dg.MetadataValue.json(summary["against_base_model"]),
+                "extractor_note": summary["extractor_note"],
+                "curves": dg.MetadataValue.md(markdown_image(Image.open(details / CURVES_FILE), "metric curves")),
+                **{f"grid_{c}": dg.MetadataValue.md(markdown_image(Image.open(details / grid_file(c)), c)) for c in p.classes},
+            },
+            data_version=dg.DataVersion(stable_hash(rows)),
+        )
+
+    return [checkpoint_metrics, metrics_summary]

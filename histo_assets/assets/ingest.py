@@ -18,8 +18,9 @@ from histo_assets.core.previews import markdown_png_file, markdown_table
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.slides import UnusableClassError, unknown_class_folders, write_inventory
 from histo_assets.core.stage import output_settings
-from histo_assets.partitions import tissue_class_partitions
-from histo_assets.resources import STAGE_CONFIG_SCHEMA, ObjectStoreResource, ParamsResource
+from histo_assets.params import Params
+from histo_assets.partitions import Partitions
+from histo_assets.resources import ObjectStoreResource, ParamsResource, params_config_schema
 
 GROUP = "ingest"
 RAW_SLIDES_VERSION = "1"
@@ -52,128 +53,133 @@ def _crops_metadata(folder: Path, summary: dict) -> dict:
     return metadata
 
 
-@dg.asset(
-    config_schema=STAGE_CONFIG_SCHEMA,
-    partitions_def=tissue_class_partitions,
-    group_name=GROUP,
-    code_version=RAW_SLIDES_VERSION,
-    kinds={"python", "parquet"},
-    description="Inventory of the raw slide files of one tissue class (data/raw/<class>/): sha256, bytes, "
-    "dimensions, pyramid levels and microns-per-pixel. Unusable files are skipped with a reason; the data "
-    "version is the hash of the content hashes, so unchanged classes are not recomputed downstream.",
-)
-def raw_slides(
-    context: dg.AssetExecutionContext, params: ParamsResource, object_store: ObjectStoreResource
-) -> dg.MaterializeResult:
-    p, tissue_class = params.load_for(context), context.partition_key
-    layout = Layout(p.data_dir)
-    unknown = unknown_class_folders(layout.raw_root, p.classes)
-    if unknown:
-        context.log.warning(f"class folder(s) under {layout.raw_root} not in params 'classes', ignored: {', '.join(unknown)}")
-    object_store.pull(p.data_dir, layout.raw(tissue_class), log=context.log.info)
-    out = layout.raw_slides(tissue_class)
-    with _refusals_as_failures():
-        summary, inventory = write_inventory(out, layout.raw(tissue_class), p.data_dir, p["ingest"],
-                                             tissue_class=tissue_class, warn=context.log.warning)
-    object_store.push(p.data_dir, out, log=context.log.info)
-    return dg.MaterializeResult(
-        metadata={
-            "path": dg.MetadataValue.path(str(out / INVENTORY)),
-            "slides": summary["count"],
-            "total_bytes": int(inventory["bytes"].sum()),
-            "inventory": dg.MetadataValue.md(
-                markdown_table(inventory[["path", "width", "height", "levels", "mpp", "reader"]])
-            ),
-            "skipped": _skipped(summary["problems"]),
-            "unknown_class_folders": ", ".join(unknown) or "none",
-        },
-        data_version=dg.DataVersion(summary["fingerprint"]),
+def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]:
+    config_schema = params_config_schema(p.values)
+
+    @dg.asset(
+        config_schema=config_schema,
+        partitions_def=partitions.tissue_class,
+        group_name=GROUP,
+        code_version=RAW_SLIDES_VERSION,
+        kinds={"python", "parquet"},
+        description="Inventory of the raw slide files of one tissue class (data/raw/<class>/): sha256, bytes, "
+        "dimensions, pyramid levels and microns-per-pixel. Unusable files are skipped with a reason; the data "
+        "version is the hash of the content hashes, so unchanged classes are not recomputed downstream.",
     )
-
-
-@dg.asset(
-    config_schema=STAGE_CONFIG_SCHEMA,
-    partitions_def=tissue_class_partitions,
-    group_name=GROUP,
-    code_version=SQUARE_CROPS_VERSION,
-    automation_condition=FOLLOW_UPSTREAM,
-    deps=[raw_slides],
-    kinds={"python", "png", "parquet"},
-    check_specs=image_check_specs("square_crops"),
-    description="Square crops of one class at the training resolution: one centred crop per image (mode "
-    "'center', the thesis way) or a tissue-masked grid of tiles at a chosen level or mpp (mode 'tiles'). "
-    "Names encode the source hash, level and level-0 coordinates; index.parquet records provenance.",
-)
-def square_crops(context: dg.AssetExecutionContext, params: ParamsResource, object_store: ObjectStoreResource):
-    tissue_class = context.partition_key
-    stage = Stage.start(context, params, object_store, lambda at: at.square_crops(tissue_class),
-                        lambda at: at.raw(tissue_class), lambda at: at.raw_slides(tissue_class))
-    p = stage.params
-    inventory = pd.read_parquet(stage.layout.raw_slides(tissue_class) / INVENTORY)
-    sources = sorted(zip(inventory["path"], inventory["sha256"]))
-    crops, ingest = p["crops"], p["ingest"]
-
-    def build(staging: Path) -> dict:
-        return write_square_crops(staging, sources, p.data_dir, CropSettings.from_params(crops, ingest, p.resolution),
-                                  tissue_class=tissue_class, workers=int(crops["workers"]), log=stage.log,
-                                  warn=context.log.warning)
-
-    with _refusals_as_failures():
-        summary = stage.build_or_reuse(build, sources=sources, crops=output_settings(crops), ingest=ingest,
-                                       resolution=p.resolution, code=SQUARE_CROPS_VERSION)
-    yield stage.result(summary["data_version"], _crops_metadata(stage.out, summary) | {"mode": crops["mode"]})
-    yield from image_check_results("square_crops", stage.out / IMAGES, p.resolution,
-                                   int(p["checks"]["min_square_crops"]))
-
-
-@dg.asset(
-    config_schema=STAGE_CONFIG_SCHEMA,
-    partitions_def=tissue_class_partitions,
-    group_name=GROUP,
-    code_version=AUGMENTED_CROPS_VERSION,
-    automation_condition=FOLLOW_UPSTREAM,
-    deps=[square_crops],
-    kinds={"python", "png", "parquet"},
-    check_specs=image_check_specs("augmented_crops"),
-    description="The thesis's rudi/Augmentor recipe (rotate +-15, distortion grid 8 magnitude 5, skew 0.7, "
-    "zoom 1-1.2, flip; p 0.7) applied to the training share of the square crops, with the originals kept "
-    "alongside. Held-out crops (holdout.parquet) are never augmented or trained on: they are the metric "
-    "reference set, chosen by source slide (or the lab's groups), or where a class has too few, from a band of "
-    "a slide with a guard band of tiles dropped from training; the rule is recorded. Deterministic for a seed, "
-    "stable names, index.parquet maps outputs to sources and operations.",
-)
-def augmented_crops(context: dg.AssetExecutionContext, params: ParamsResource, object_store: ObjectStoreResource):
-    tissue_class = context.partition_key
-    stage = Stage.start(context, params, object_store, lambda at: at.augmented_crops(tissue_class),
-                        lambda at: at.square_crops(tissue_class))
-    p, section = stage.params, stage.params["augmentation"]
-    crops_dir = stage.layout.square_crops(tissue_class)
-    index = pd.read_parquet(crops_dir / INDEX)
-    split_settings = SplitSettings.from_params(p["split"])
-    groups_csv = p["split"]["groups_csv"]
-    groups = source_groups(index["source_path"], read_groups(p.source.parent / groups_csv) if groups_csv else None)
-    seed = derive_seed(p.seed, "augmented_crops", tissue_class)
-
-    def build(staging: Path) -> dict:
-        return write_augmented_crops(staging, crops_dir / IMAGES, index, split_settings=split_settings, groups=groups,
-                                     augmentation=section, tissue_class=tissue_class, seed=seed, log=stage.log,
-                                     warn=context.log.warning)
-
-    with _refusals_as_failures():
-        summary = stage.build_or_reuse(
-            build, crops=sorted(dict(zip(index["crop_file"], index["crop_sha256"])).items()),
-            augmentation=output_settings(section), split=p["split"], groups=sorted(groups.items()), seed=seed,
-            code=AUGMENTED_CROPS_VERSION,
+    def raw_slides(
+        context: dg.AssetExecutionContext, params: ParamsResource, object_store: ObjectStoreResource
+    ) -> dg.MaterializeResult:
+        p, tissue_class = params.load_for(context), context.partition_key
+        layout = Layout(p.data_dir)
+        unknown = unknown_class_folders(layout.raw_root, p.classes)
+        if unknown:
+            context.log.warning(f"class folder(s) under {layout.raw_root} not in params 'classes', ignored: {', '.join(unknown)}")
+        object_store.pull(p.data_dir, layout.raw(tissue_class), log=context.log.info)
+        out = layout.raw_slides(tissue_class)
+        with _refusals_as_failures():
+            summary, inventory = write_inventory(out, layout.raw(tissue_class), p.data_dir, p["ingest"],
+                                                 tissue_class=tissue_class, warn=context.log.warning)
+        object_store.push(p.data_dir, out, log=context.log.info)
+        return dg.MaterializeResult(
+            metadata={
+                "path": dg.MetadataValue.path(str(out / INVENTORY)),
+                "slides": summary["count"],
+                "total_bytes": int(inventory["bytes"].sum()),
+                "inventory": dg.MetadataValue.md(
+                    markdown_table(inventory[["path", "width", "height", "levels", "mpp", "reader"]])
+                ),
+                "skipped": _skipped(summary["problems"]),
+                "unknown_class_folders": ", ".join(unknown) or "none",
+            },
+            data_version=dg.DataVersion(summary["fingerprint"]),
         )
-    yield stage.result(summary["data_version"], _crops_metadata(stage.out, summary) | {
-        "train_crops": summary["train_crops"],
-        "held_out_crops": summary["held_out_crops"],
-        "holdout_rule": summary["holdout_rule"],
-        "holdout_reason": summary["holdout_reason"],
-        "guard_crops": len(summary["guard_crops"]),
-        "holdout_by_source": dg.MetadataValue.md(
-            markdown_table(pd.DataFrame(summary["holdout_by_source"], columns=list(BY_SOURCE_COLUMNS)))
-        ),
-    })
-    yield from image_check_results("augmented_crops", stage.out / IMAGES, p.resolution,
-                                   int(p["checks"]["min_augmented_crops"]))
+
+
+    @dg.asset(
+        config_schema=config_schema,
+        partitions_def=partitions.tissue_class,
+        group_name=GROUP,
+        code_version=SQUARE_CROPS_VERSION,
+        automation_condition=FOLLOW_UPSTREAM,
+        deps=[raw_slides],
+        kinds={"python", "png", "parquet"},
+        check_specs=image_check_specs("square_crops"),
+        description="Square crops of one class at the training resolution: one centred crop per image (mode "
+        "'center', the thesis way) or a tissue-masked grid of tiles at a chosen level or mpp (mode 'tiles'). "
+        "Names encode the source hash, level and level-0 coordinates; index.parquet records provenance.",
+    )
+    def square_crops(context: dg.AssetExecutionContext, params: ParamsResource, object_store: ObjectStoreResource):
+        tissue_class = context.partition_key
+        stage = Stage.start(context, params, object_store, lambda at: at.square_crops(tissue_class),
+                            lambda at: at.raw(tissue_class), lambda at: at.raw_slides(tissue_class))
+        p = stage.params
+        inventory = pd.read_parquet(stage.layout.raw_slides(tissue_class) / INVENTORY)
+        sources = sorted(zip(inventory["path"], inventory["sha256"]))
+        crops, ingest = p["crops"], p["ingest"]
+
+        def build(staging: Path) -> dict:
+            return write_square_crops(staging, sources, p.data_dir, CropSettings.from_params(crops, ingest, p.resolution),
+                                      tissue_class=tissue_class, workers=int(crops["workers"]), log=stage.log,
+                                      warn=context.log.warning)
+
+        with _refusals_as_failures():
+            summary = stage.build_or_reuse(build, sources=sources, crops=output_settings(crops), ingest=ingest,
+                                           resolution=p.resolution, code=SQUARE_CROPS_VERSION)
+        yield stage.result(summary["data_version"], _crops_metadata(stage.out, summary) | {"mode": crops["mode"]})
+        yield from image_check_results("square_crops", stage.out / IMAGES, p.resolution,
+                                       int(p["checks"]["min_square_crops"]))
+
+
+    @dg.asset(
+        config_schema=config_schema,
+        partitions_def=partitions.tissue_class,
+        group_name=GROUP,
+        code_version=AUGMENTED_CROPS_VERSION,
+        automation_condition=FOLLOW_UPSTREAM,
+        deps=[square_crops],
+        kinds={"python", "png", "parquet"},
+        check_specs=image_check_specs("augmented_crops"),
+        description="The thesis's rudi/Augmentor recipe (rotate +-15, distortion grid 8 magnitude 5, skew 0.7, "
+        "zoom 1-1.2, flip; p 0.7) applied to the training share of the square crops, with the originals kept "
+        "alongside. Held-out crops (holdout.parquet) are never augmented or trained on: they are the metric "
+        "reference set, chosen by source slide (or the lab's groups), or where a class has too few, from a band of "
+        "a slide with a guard band of tiles dropped from training; the rule is recorded. Deterministic for a seed, "
+        "stable names, index.parquet maps outputs to sources and operations.",
+    )
+    def augmented_crops(context: dg.AssetExecutionContext, params: ParamsResource, object_store: ObjectStoreResource):
+        tissue_class = context.partition_key
+        stage = Stage.start(context, params, object_store, lambda at: at.augmented_crops(tissue_class),
+                            lambda at: at.square_crops(tissue_class))
+        p, section = stage.params, stage.params["augmentation"]
+        crops_dir = stage.layout.square_crops(tissue_class)
+        index = pd.read_parquet(crops_dir / INDEX)
+        split_settings = SplitSettings.from_params(p["split"])
+        groups_csv = p["split"]["groups_csv"]
+        groups = source_groups(index["source_path"], read_groups(p.source.parent / groups_csv) if groups_csv else None)
+        seed = derive_seed(p.seed, "augmented_crops", tissue_class)
+
+        def build(staging: Path) -> dict:
+            return write_augmented_crops(staging, crops_dir / IMAGES, index, split_settings=split_settings, groups=groups,
+                                         augmentation=section, tissue_class=tissue_class, seed=seed, log=stage.log,
+                                         warn=context.log.warning)
+
+        with _refusals_as_failures():
+            summary = stage.build_or_reuse(
+                build, crops=sorted(dict(zip(index["crop_file"], index["crop_sha256"])).items()),
+                augmentation=output_settings(section), split=p["split"], groups=sorted(groups.items()), seed=seed,
+                code=AUGMENTED_CROPS_VERSION,
+            )
+        yield stage.result(summary["data_version"], _crops_metadata(stage.out, summary) | {
+            "train_crops": summary["train_crops"],
+            "held_out_crops": summary["held_out_crops"],
+            "holdout_rule": summary["holdout_rule"],
+            "holdout_reason": summary["holdout_reason"],
+            "guard_crops": len(summary["guard_crops"]),
+            "holdout_by_source": dg.MetadataValue.md(
+                markdown_table(pd.DataFrame(summary["holdout_by_source"], columns=list(BY_SOURCE_COLUMNS)))
+            ),
+        })
+        yield from image_check_results("augmented_crops", stage.out / IMAGES, p.resolution,
+                                       int(p["checks"]["min_augmented_crops"]))
+
+    return [raw_slides, square_crops, augmented_crops]

@@ -5,11 +5,9 @@ import pandas as pd
 
 from histo_assets import __version__
 from histo_assets.assets import FOLLOW_UPSTREAM
-from histo_assets.assets.evaluation import checkpoint_metrics, metrics_summary
 from histo_assets.assets.generation import SYNTHETIC_IMAGES_VERSION
 from histo_assets.assets.ingest import AUGMENTED_CROPS_VERSION, SQUARE_CROPS_VERSION
 from histo_assets.assets.training import HYPERNETWORK_CHECKPOINTS_VERSION
-from histo_assets.assets.utility import classifier_utility_asset
 from histo_assets.core.dvc import ensure_git_identity, git_last_commit, git_toplevel
 from histo_assets.core.evaluation import TABLE_COLUMNS
 from histo_assets.core.layout import Layout
@@ -23,8 +21,8 @@ from histo_assets.core.release import (
     selected_steps,
 )
 from histo_assets.core.stage import read_summary
-from histo_assets.params import PROJECT_ROOT
-from histo_assets.resources import STAGE_CONFIG_SCHEMA, DvcResource, ObjectStoreResource, ParamsResource
+from histo_assets.params import PROJECT_ROOT, Params
+from histo_assets.resources import DvcResource, ObjectStoreResource, ParamsResource, params_config_schema
 
 GROUP = "release"
 CODE_VERSION = (
@@ -36,63 +34,68 @@ CODE_PATHS = ["histo_assets", "pyproject.toml"]
 PIPELINE_AUTHOR = ("histo-assets", "histo-assets@localhost")
 
 
-@dg.asset(
-    config_schema=STAGE_CONFIG_SCHEMA,
-    group_name=GROUP,
-    automation_condition=FOLLOW_UPSTREAM,
-    deps=[metrics_summary, checkpoint_metrics, classifier_utility_asset],
-    kinds={"dvc", "parquet"},
-    description="The versioned synthetic dataset: images of the selected checkpoints (release.checkpoints: best per "
-    "class, the step that most helps a classifier (utility), all, or listed steps), manifest.parquet with full provenance per image, lineage.parquet back to the raw "
-    "slides, metrics and a dataset card. Recorded with `dvc add`, pushed to the DVC remote, tagged "
-    "release/<name>/<content hash>.",
-)
-def dataset_release(
-    context: dg.AssetExecutionContext,
-    params: ParamsResource,
-    dvc: DvcResource,
-    object_store: ObjectStoreResource,
-):
-    p = params.load_for(context)
-    layout, section = Layout(p.data_dir), p["release"]
-    object_store.pull(p.data_dir, layout.metrics_summary, layout.classifier_utility, log=context.log.info)
-    summary, utility = read_summary(layout.metrics_details), read_summary(layout.classifier_utility)
-    if summary is None:
-        raise dg.Failure("metrics_summary has not been materialised")
-    try:
-        steps = selected_steps(section["checkpoints"], p["training"]["checkpoint_steps"], p.classes, summary, utility)
-    except ReleaseSelectionError as error:
-        raise dg.Failure(str(error)) from error
-    object_store.pull(p.data_dir, *release_inputs(layout, steps), log=context.log.info)
-    repo, local_remote = git_toplevel(p.data_dir), local_remote_path(section["remote"]["url"], p.source.parent)
-    info = build_dataset_release(
-        layout, steps, section=section, metrics_summary=summary, utility_summary=utility,
-        metrics_table=pd.read_parquet(layout.metrics_details / "metrics.parquet")[TABLE_COLUMNS],
-        lineage=pd.concat([training_lineage(layout, tissue_class) for tissue_class in steps], ignore_index=True),
-        code_version=CODE_VERSION, git_commit=git_last_commit(PROJECT_ROOT, CODE_PATHS), repo=repo,
-        local_remote=local_remote,
+def build_assets(p: Params) -> list[dg.AssetsDefinition]:
+    config_schema = params_config_schema(p.values)
+
+    @dg.asset(
+        config_schema=config_schema,
+        group_name=GROUP,
+        automation_condition=FOLLOW_UPSTREAM,
+        deps=["metrics_summary", "checkpoint_metrics", "classifier_utility"],
+        kinds={"dvc", "parquet"},
+        description="The versioned synthetic dataset: images of the selected checkpoints (release.checkpoints: best per "
+        "class, the step that most helps a classifier (utility), all, or listed steps), manifest.parquet with full provenance per image, lineage.parquet back to the raw "
+        "slides, metrics and a dataset card. Recorded with `dvc add`, pushed to the DVC remote, tagged "
+        "release/<name>/<content hash>.",
     )
-    metadata = {
-        "path": dg.MetadataValue.path(str(layout.release(section["name"]))),
-        "images": sum(info.counts.values()),
-        "per_class": dg.MetadataValue.json(info.counts),
-        "checkpoints": dg.MetadataValue.json(steps),
-        "tag": info.tag,
-        "card": dg.MetadataValue.md(info.card.read_text()),
-    }
-    if repo is None:
-        context.log.warning(f"{p.data_dir} is not inside a git repository: the release was built but not versioned")
-        return dg.MaterializeResult(metadata=metadata | {"published": False}, data_version=dg.DataVersion(info.content_hash))
-    ensure_git_identity(repo, *PIPELINE_AUTHOR)
-    published = publish_dataset_release(dvc.cli(repo), repo, info, section, local_remote, log=context.log.info)
-    return dg.MaterializeResult(
-        metadata=metadata | {
-            "published": True,
-            "dvc_md5": published.md5,
-            "git_commit": published.commit,
-            "new_commit": published.new_commit,
-            "dvc_file": dg.MetadataValue.path(str(published.dvc_file)),
-            "git_remote": section["git_remote"] or "none (tag kept in the local repository)",
-        },
-        data_version=dg.DataVersion(published.md5),
-    )
+    def dataset_release(
+        context: dg.AssetExecutionContext,
+        params: ParamsResource,
+        dvc: DvcResource,
+        object_store: ObjectStoreResource,
+    ):
+        p = params.load_for(context)
+        layout, section = Layout(p.data_dir), p["release"]
+        object_store.pull(p.data_dir, layout.metrics_summary, layout.classifier_utility, log=context.log.info)
+        summary, utility = read_summary(layout.metrics_details), read_summary(layout.classifier_utility)
+        if summary is None:
+            raise dg.Failure("metrics_summary has not been materialised")
+        try:
+            steps = selected_steps(section["checkpoints"], p["training"]["checkpoint_steps"], p.classes, summary, utility)
+        except ReleaseSelectionError as error:
+            raise dg.Failure(str(error)) from error
+        object_store.pull(p.data_dir, *release_inputs(layout, steps), log=context.log.info)
+        repo, local_remote = git_toplevel(p.data_dir), local_remote_path(section["remote"]["url"], p.source.parent)
+        info = build_dataset_release(
+            layout, steps, section=section, metrics_summary=summary, utility_summary=utility,
+            metrics_table=pd.read_parquet(layout.metrics_details / "metrics.parquet")[TABLE_COLUMNS],
+            lineage=pd.concat([training_lineage(layout, tissue_class) for tissue_class in steps], ignore_index=True),
+            code_version=CODE_VERSION, git_commit=git_last_commit(PROJECT_ROOT, CODE_PATHS), repo=repo,
+            local_remote=local_remote,
+        )
+        metadata = {
+            "path": dg.MetadataValue.path(str(layout.release(section["name"]))),
+            "images": sum(info.counts.values()),
+            "per_class": dg.MetadataValue.json(info.counts),
+            "checkpoints": dg.MetadataValue.json(steps),
+            "tag": info.tag,
+            "card": dg.MetadataValue.md(info.card.read_text()),
+        }
+        if repo is None:
+            context.log.warning(f"{p.data_dir} is not inside a git repository: the release was built but not versioned")
+            return dg.MaterializeResult(metadata=metadata | {"published": False}, data_version=dg.DataVersion(info.content_hash))
+        ensure_git_identity(repo, *PIPELINE_AUTHOR)
+        published = publish_dataset_release(dvc.cli(repo), repo, info, section, local_remote, log=context.log.info)
+        return dg.MaterializeResult(
+            metadata=metadata | {
+                "published": True,
+                "dvc_md5": published.md5,
+                "git_commit": published.commit,
+                "new_commit": published.new_commit,
+                "dvc_file": dg.MetadataValue.path(str(published.dvc_file)),
+                "git_remote": section["git_remote"] or "none (tag kept in the local repository)",
+            },
+            data_version=dg.DataVersion(published.md5),
+        )
+
+    return [dataset_release]

@@ -6,7 +6,6 @@ import dagster as dg
 import pandas as pd
 
 from histo_assets.assets import FOLLOW_UPSTREAM
-from histo_assets.assets.evaluation import metrics_summary
 from histo_assets.assets.stage import Stage
 from histo_assets.core.classifier_utility import (
     BALANCED_ACCURACY,
@@ -22,56 +21,62 @@ from histo_assets.core.previews import markdown_png_file, markdown_table
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.stage import read_summary
 from histo_assets.core.steps import evaluated_steps
-from histo_assets.resources import STAGE_CONFIG_SCHEMA, BaseModelResource, ObjectStoreResource, ParamsResource
+from histo_assets.params import Params
+from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource, params_config_schema
 
 CLASSIFIER_UTILITY_VERSION = "1"
 SHOWN_COLUMNS = ["candidate", "classifier", "variant", "value", "ci_low", "ci_high", "verdict"]
 
 
-@dg.asset(
-    name="classifier_utility",
-    config_schema=STAGE_CONFIG_SCHEMA,
-    group_name="evaluation",
-    code_version=CLASSIFIER_UTILITY_VERSION,
-    automation_condition=FOLLOW_UPSTREAM,
-    deps=[metrics_summary],
-    kinds={"pytorch", "csv"},
-    description="The question downstream teams ask: does adding these synthetic images to a training set make a "
-    "classifier better on real slides? For every release candidate (step 0, every checkpoint, and each class's chosen "
-    "checkpoint), the same classifier (utility.classifier) is trained with fixed seeds and budget on the real training "
-    "crops, on real plus synthetic, and on synthetic only, and scored on the held-out, source-disjoint real crops: "
-    "balanced accuracy, macro-F1 and the confusion matrix, each with a bootstrap interval.",
-)
-def classifier_utility_asset(
-    context: dg.AssetExecutionContext,
-    params: ParamsResource,
-    base_model: BaseModelResource,
-    object_store: ObjectStoreResource,
-):
-    base_model.apply_threads()
-    stage = Stage.start(context, params, object_store, lambda at: at.classifier_utility, lambda at: at.metrics_summary)
-    p, layout = stage.params, stage.layout
-    steps = evaluated_steps(p["training"]["checkpoint_steps"])
-    object_store.pull(
-        p.data_dir, *(folder for c in p.classes for folder in (layout.square_crops(c), layout.augmented_crops(c))),
-        *(layout.synthetic_images(c, step) for c in p.classes for step in steps), log=stage.log,
+def build_assets(p: Params) -> list[dg.AssetsDefinition]:
+    config_schema = params_config_schema(p.values)
+
+    @dg.asset(
+        name="classifier_utility",
+        config_schema=config_schema,
+        group_name="evaluation",
+        code_version=CLASSIFIER_UTILITY_VERSION,
+        automation_condition=FOLLOW_UPSTREAM,
+        deps=["metrics_summary"],
+        kinds={"pytorch", "csv"},
+        description="The question downstream teams ask: does adding these synthetic images to a training set make a "
+        "classifier better on real slides? For every release candidate (step 0, every checkpoint, and each class's chosen "
+        "checkpoint), the same classifier (utility.classifier) is trained with fixed seeds and budget on the real training "
+        "crops, on real plus synthetic, and on synthetic only, and scored on the held-out, source-disjoint real crops: "
+        "balanced accuracy, macro-F1 and the confusion matrix, each with a bootstrap interval.",
     )
-    train, test, candidates = utility_inputs(layout, p.classes, steps, read_summary(layout.metrics_details)["best"])
-    settings = UtilitySettings.from_params(p["utility"], derive_seed(p.seed, "utility"))
-    cache = feature_cache(p["metrics"], layout, p.source.parent, p.seed)
+    def classifier_utility_asset(
+        context: dg.AssetExecutionContext,
+        params: ParamsResource,
+        base_model: BaseModelResource,
+        object_store: ObjectStoreResource,
+    ):
+        base_model.apply_threads()
+        stage = Stage.start(context, params, object_store, lambda at: at.classifier_utility, lambda at: at.metrics_summary)
+        p, layout = stage.params, stage.layout
+        steps = evaluated_steps(p["training"]["checkpoint_steps"])
+        object_store.pull(
+            p.data_dir, *(folder for c in p.classes for folder in (layout.square_crops(c), layout.augmented_crops(c))),
+            *(layout.synthetic_images(c, step) for c in p.classes for step in steps), log=stage.log,
+        )
+        train, test, candidates = utility_inputs(layout, p.classes, steps, read_summary(layout.metrics_details)["best"])
+        settings = UtilitySettings.from_params(p["utility"], derive_seed(p.seed, "utility"))
+        cache = feature_cache(p["metrics"], layout, p.source.parent, p.seed)
 
-    def build(staging: Path) -> dict:
-        return write_candidates(staging, train, test, candidates, settings, steps,
-                                featurize=lambda paths: cache.features(paths, log=stage.log).features,
-                                features_label=cache.info.name, log=stage.log)
+        def build(staging: Path) -> dict:
+            return write_candidates(staging, train, test, candidates, settings, steps,
+                                    featurize=lambda paths: cache.features(paths, log=stage.log).features,
+                                    features_label=cache.info.name, log=stage.log)
 
-    summary = stage.build_or_reuse(build, sets=image_sets_hash(train, test, candidates), utility=p["utility"],
-                                   features=cache.identity, code=CLASSIFIER_UTILITY_VERSION)
-    table = pd.read_csv(stage.out / RESULTS_FILE)
-    return stage.result(summary["fingerprint"], {
-        "summary": dg.MetadataValue.md(summary["notes"]),
-        "plot": dg.MetadataValue.md(markdown_png_file(stage.out / PLOT_FILE, "classifier utility per release candidate")),
-        "table": dg.MetadataValue.md(markdown_table(table[table["metric"].eq(BALANCED_ACCURACY)][SHOWN_COLUMNS].round(3))),
-        "verdicts": dg.MetadataValue.json(summary["verdicts"]),
-        "best_step_by_utility": summary["best_step_by_utility"],
-    })
+        summary = stage.build_or_reuse(build, sets=image_sets_hash(train, test, candidates), utility=p["utility"],
+                                       features=cache.identity, code=CLASSIFIER_UTILITY_VERSION)
+        table = pd.read_csv(stage.out / RESULTS_FILE)
+        return stage.result(summary["fingerprint"], {
+            "summary": dg.MetadataValue.md(summary["notes"]),
+            "plot": dg.MetadataValue.md(markdown_png_file(stage.out / PLOT_FILE, "classifier utility per release candidate")),
+            "table": dg.MetadataValue.md(markdown_table(table[table["metric"].eq(BALANCED_ACCURACY)][SHOWN_COLUMNS].round(3))),
+            "verdicts": dg.MetadataValue.json(summary["verdicts"]),
+            "best_step_by_utility": summary["best_step_by_utility"],
+        })
+
+    return [classifier_utility_asset]
