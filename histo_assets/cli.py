@@ -105,7 +105,7 @@ def _materialize(args: argparse.Namespace) -> int:
     ensure_dagster_home()
     from dagster import DagsterInstance
 
-    from histo_assets.definitions import defs, pipeline_jobs
+    from histo_assets.definitions import build_definitions, pipeline_jobs
     from histo_assets.run_health import HOST_TAG, end_interrupted_run, this_host, wait_for_pools
 
     try:
@@ -122,6 +122,8 @@ def _materialize(args: argparse.Namespace) -> int:
     if unknown_jobs:
         print(f"error: unknown job(s) {', '.join(unknown_jobs)}; choose from {', '.join(j.name for j in pipeline_jobs)}", file=sys.stderr)
         return 2
+    # Built from the overridden params, so `--set classes=...` or new checkpoint steps give their partitions.
+    defs = build_definitions(params)
     instance = DagsterInstance.get()
     stop = StopSignals()
     failed_classes: set[str] = set()

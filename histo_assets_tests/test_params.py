@@ -239,3 +239,19 @@ def test_resolving_into_another_folder_is_refused_naming_the_file(tmp_path):
     with pytest.raises(ParamsError, match="params.lab.yaml is not in"):
         write_resolved(load_params(child), tmp_path / "params.resolved.yaml")
     assert not (tmp_path / "params.resolved.yaml").exists()
+
+
+def test_materialize_runs_the_partitions_of_the_overridden_params(tmp_path):
+    """`--set` reaches the partitions too: one per new step (the first fails, nothing being ingested; the rest wait)."""
+    lab = tmp_path / "params.lab.yaml"
+    lab.write_text(f"extends: {DEFAULT_PARAMS_FILE}\ndata_dir: data\nclasses: [only_class]\nresolution: 64\n"
+                   "generation: {images_per_checkpoint: 1, steps: 2}\n")
+    env = {"DAGSTER_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin", PARAMS_ENV: str(lab)}
+    completed = subprocess.run(
+        [sys.executable, "-m", "histo_assets.cli", "materialize", "--job", "checkpoint_pipeline",
+         "--set", "training.max_steps=30", "--set", "training.checkpoint_steps=[10, 30]"],
+        capture_output=True, text=True, env=env, timeout=300)
+    labels = sorted({line.split(":")[0] for line in completed.stdout.splitlines() if line.startswith("checkpoint_pipeline [")})
+    assert [label.split("]")[0] for label in labels] == [f"checkpoint_pipeline [{n}/3" for n in (1, 2, 3)]
+    assert [label.split("] ")[1] for label in labels] == ["0|only_class", "10|only_class", "30|only_class"]
+    assert completed.returncode == 1
