@@ -20,7 +20,7 @@ SENSOR_INTERVAL_SECONDS = 60
 
 
 def raw_folder_signatures(p: Params, object_store: ObjectStoreResource) -> dict[str, str]:
-    """A cheap signature per class folder; content hashes come later, in raw_slides.
+    """A cheap signature per class folder; content hashes come later, in slide_inventory.
 
     Locally: file names, sizes and modification times. With an object store
     (a cluster, where the lab uploads with `histo-assets store push raw/<class>`):

@@ -1,10 +1,10 @@
 """The whole pipeline at a glance: assets, jobs and resources.
 
 Per tissue class:
-    raw_slides -> square_crops -> augmented_crops -> hypernetwork_checkpoints
+    slide_inventory -> square_crops -> augmented_crops -> hypernetwork_checkpoints
 Across classes, under every checkpoint and image:
     base_model (trained on every class's augmented_crops when base_model.source is trained)
-    imported_hypernetworks -> imported_synthetic_images
+    imported_hypernetwork_index -> imported_synthetic_images
 Per tissue class x checkpoint step (step 0: the base model without a hypernetwork):
     synthetic_images -> checkpoint_metrics
 Across everything:
@@ -40,11 +40,11 @@ def _job(name: str, assets: list[str], description: str):
     return dg.define_asset_job(name, selection=dg.AssetSelection.assets(*assets), description=description)
 
 
-ingest_job = _job("ingest_pipeline", ["raw_slides", "square_crops", "augmented_crops"],
+ingest_job = _job("ingest_pipeline", ["slide_inventory", "square_crops", "augmented_crops"],
                   "Inventory, square crops and augmentation for one tissue class.")
 base_model_job = _job("base_model_pipeline", [BASE_MODEL_ASSET],
                       "The base model: verified and described, or trained on every class's training crops.")
-training_job = _job("training_pipeline", ["hypernetwork_checkpoints", "imported_hypernetworks", "imported_synthetic_images"],
+training_job = _job("training_pipeline", ["hypernetwork_checkpoints", "imported_hypernetwork_index", "imported_synthetic_images"],
                     "Hypernetwork training (and imported hypernetworks) for one tissue class.")
 per_checkpoint_job = _job("checkpoint_pipeline", ["synthetic_images", "checkpoint_metrics"],
                           "Synthetic images and their metrics for one class x checkpoint step.")

@@ -1,4 +1,4 @@
-"""Real Dagster materialisations of raw_slides -> square_crops -> augmented_crops on a temp dataset."""
+"""Real Dagster materialisations of slide_inventory -> square_crops -> augmented_crops on a temp dataset."""
 
 import shutil
 import subprocess
@@ -12,7 +12,7 @@ from histo_assets.params import PROJECT_ROOT, load_params
 from histo_assets.resources import ObjectStoreResource, ParamsResource
 from histo_assets_tests.conftest import THESIS_CLASSES, assets_by_name, tissue_image, tree_hashes
 
-ASSETS = ["raw_slides", "square_crops", "augmented_crops"]
+ASSETS = ["slide_inventory", "square_crops", "augmented_crops"]
 FIRST, SECOND, THIRD = THESIS_CLASSES
 
 
@@ -38,7 +38,7 @@ def test_three_assets_materialise_with_indexes_previews_and_passing_checks(small
     assert result.success
     checks = check_results(result)
     assert len(checks) == 8 and all(checks.values()), checks
-    inventory = pd.read_parquet(small_dataset / "raw_slides" / FIRST / "inventory.parquet")
+    inventory = pd.read_parquet(small_dataset / "slide_inventory" / FIRST / "inventory.parquet")
     assert list(inventory["path"]) == [f"raw/{FIRST}/slide0.png", f"raw/{FIRST}/slide1.png"]
     crops = pd.read_parquet(small_dataset / "square_crops" / FIRST / "index.parquet")
     assert set(crops["source_sha256"]) == set(inventory["sha256"])
@@ -84,7 +84,7 @@ def test_bad_files_are_skipped_and_reported_without_failing_the_class(small_para
     instance = dg.DagsterInstance.ephemeral()
     result = materialize(small_params, FIRST, instance)
     assert result.success
-    skipped = result.asset_materializations_for_node("raw_slides")[0].metadata["skipped"].value
+    skipped = result.asset_materializations_for_node("slide_inventory")[0].metadata["skipped"].value
     assert "empty.png" in skipped and "zero-byte" in skipped and "junk.jpg" in skipped and "notes.txt" in skipped
     logs = [entry.user_message for entry in instance.all_logs(result.run_id)]
     assert any("skipped" in m and "empty.png" in m and "zero-byte" in m for m in logs)
@@ -106,7 +106,7 @@ def test_unknown_class_folder_is_reported(small_params, small_dataset):
     tissue_image((64, 64), seed=1).save(small_dataset / "raw" / "mystery" / "a.png")
     result = materialize(small_params, FIRST)
     assert result.success
-    metadata = result.asset_materializations_for_node("raw_slides")[0].metadata
+    metadata = result.asset_materializations_for_node("slide_inventory")[0].metadata
     assert metadata["unknown_class_folders"].value == "mystery"
 
 

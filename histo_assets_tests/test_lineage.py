@@ -123,7 +123,7 @@ def project(tmp_path_factory, tiny_model_cache, tiny_base) -> Project:
         tissue_image((256, 192), seed=index).save(raw / f"slide{index}.png")
     shutil.copytree(tiny_model_cache, root / "data" / ".cache" / "tiny_sd")
     built = Project(root, write_params(root, root / "data", **TINY))
-    names = ["raw_slides", "square_crops", "augmented_crops", "hypernetwork_checkpoints"]
+    names = ["slide_inventory", "square_crops", "augmented_crops", "hypernetwork_checkpoints"]
     available = assets_by_name(load_params(built.params))
     result = dg.materialize(
         [available[name] for name in names], partition_key=CLASS, instance=dg.DagsterInstance.ephemeral(), raise_on_error=False,
@@ -140,7 +140,7 @@ def project(tmp_path_factory, tiny_model_cache, tiny_base) -> Project:
 
 
 def raw_slide_hashes(project: Project) -> set[str]:
-    return set(pd.read_parquet(project.layout.raw_slides(CLASS) / INVENTORY)["sha256"])
+    return set(pd.read_parquet(project.layout.slide_inventory(CLASS) / INVENTORY)["sha256"])
 
 
 def failed(report) -> list:

@@ -126,7 +126,7 @@ def test_unsafe_folder_keys_and_missing_folders_are_refused(store, tmp_path):
 
 # --- the assets, in three pods that share only the store ---------------------------------------------
 
-INGEST = ["raw_slides", "square_crops", "augmented_crops"]
+INGEST = ["slide_inventory", "square_crops", "augmented_crops"]
 
 
 def pod(tmp_path: Path, name: str) -> Path:
@@ -158,7 +158,7 @@ def test_pods_sharing_only_the_store_hand_data_on_and_skip_unchanged_work(small_
     assert f"pushed raw/{FIRST}: 2 of 2 file(s)" in uploaded.stdout
 
     first = pod(tmp_path, "pod-a")
-    materialize_in(first, ["raw_slides", "square_crops"], url)
+    materialize_in(first, ["slide_inventory", "square_crops"], url)
     second = pod(tmp_path, "pod-b")
     result = materialize_in(second, ["augmented_crops"], url)
     data_b = second.parent / "data"
@@ -195,7 +195,7 @@ def test_every_job_in_its_own_empty_pod_gives_the_bytes_of_one_machine(pipeline,
 
     folders = sorted(path.removeprefix(f"{store.root}/manifests/").removesuffix(".json")
                      for path in store.fs.find(f"{store.root}/manifests"))
-    per_class = ["raw", "raw_slides", "square_crops", "augmented_crops", "hypernetwork_checkpoints",
+    per_class = ["raw", "slide_inventory", "square_crops", "augmented_crops", "hypernetwork_checkpoints",
                  "imported_hypernetwork_index", "imported_synthetic_images"]
     unpartitioned = ["base_model", "metrics_summary", "classifier_utility"]
     assert len(folders) == len(CLASSES) * (len(per_class) + 2 * len(EVALUATED_STEPS)) + len(unpartitioned), folders

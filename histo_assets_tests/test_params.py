@@ -90,7 +90,7 @@ def test_env_var_points_the_project_at_another_file(tmp_path, monkeypatch):
     other.write_text(yaml.safe_dump({"extends": str(DEFAULT_PARAMS_FILE), "classes": ["x_one", "x_two"]}))
     monkeypatch.setenv(PARAMS_ENV, str(other))
     defs = build_definitions(load_params())
-    assert defs.resolve_assets_def("raw_slides").partitions_def.get_partition_keys() == ["x_one", "x_two"]
+    assert defs.resolve_assets_def("slide_inventory").partitions_def.get_partition_keys() == ["x_one", "x_two"]
 
 
 def test_two_params_files_give_two_pipelines_in_one_process(tmp_path):
@@ -107,7 +107,7 @@ def test_two_params_files_give_two_pipelines_in_one_process(tmp_path):
                 for key in keys}
 
     lab, tiny = built("lab", ["alpha", "beta", "gamma"], [100, 200]), built("tiny", ["x_one", "x_two"], [3])
-    for asset in ("raw_slides", "hypernetwork_checkpoints", "imported_synthetic_images"):
+    for asset in ("slide_inventory", "hypernetwork_checkpoints", "imported_synthetic_images"):
         assert partitions(lab, asset) == {"alpha", "beta", "gamma"}
         assert partitions(tiny, asset) == {"x_one", "x_two"}
     for asset in ("synthetic_images", "checkpoint_metrics"):

@@ -58,7 +58,7 @@ from histo_assets_tests.tiny_pipeline import (
 REUSING_ASSETS = {"square_crops", "augmented_crops", "hypernetwork_checkpoints", "synthetic_images", "checkpoint_metrics"}
 # Output folders of assets without skip logic: cheap, they rewrite their files on every run
 # (with identical bytes, except the release: see test_release_is_unchanged_by_a_refresh_with_nothing_changed).
-ALWAYS_REWRITTEN = ("raw_slides/", "imported_hypernetwork_index/", "metrics_summary/", "releases/")
+ALWAYS_REWRITTEN = ("slide_inventory/", "imported_hypernetwork_index/", "metrics_summary/", "releases/")
 
 
 def base_model_sha256(data: Path) -> str:
@@ -435,7 +435,7 @@ def test_imported_hypernetworks_are_indexed_and_bad_files_skipped_with_reasons(t
     torch.save({"payload": NotAHypernetwork()}, inbox / "pickled.pt")
     (inbox / "README.txt").write_text("not a hypernetwork")
 
-    result, logs = materialize_in_process(work, ["imported_hypernetworks"], FIRST)
+    result, logs = materialize_in_process(work, ["imported_hypernetwork_index"], FIRST)
 
     assert result.success
     out = work.data / "imported_hypernetwork_index" / FIRST
@@ -451,11 +451,11 @@ def test_imported_hypernetworks_are_indexed_and_bad_files_skipped_with_reasons(t
     assert "not a loadable hypernetwork file" in problems["corrupt.pt"]
     assert "not a loadable hypernetwork file" in problems["pickled.pt"]
     assert "none of its sizes" in problems["sd2_only.pt"] and "[32, 48, 64]" in problems["sd2_only.pt"]
-    shown = result.asset_materializations_for_node("imported_hypernetworks")[0].metadata
+    shown = result.asset_materializations_for_node("imported_hypernetwork_index")[0].metadata
     assert shown["imported"].value == 2 and "corrupt.pt" in shown["skipped"].value
     assert sum("skipped imported hypernetwork" in m for m in logs) == 3
 
-    empty, _ = materialize_in_process(work, ["imported_hypernetworks"], SECOND)
+    empty, _ = materialize_in_process(work, ["imported_hypernetwork_index"], SECOND)
     assert empty.success
     assert len(pd.read_parquet(work.data / "imported_hypernetwork_index" / SECOND / "index.parquet")) == 0
 

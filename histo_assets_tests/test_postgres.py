@@ -34,7 +34,7 @@ INGEST_AND_TRAINING = ["--job", "ingest_pipeline", "--job", "training_pipeline",
 # Extends the tiny pipeline's 6 steps, so that the first contender trains while the second waits.
 CONTENDED_TRAINING = ["--job", "training_pipeline", "--partition", FIRST,
                       "--set", "training.max_steps=24", "--set", "training.checkpoint_steps=[12, 24]"]
-INGEST_ASSETS = ["raw_slides", "square_crops", "augmented_crops"]
+INGEST_ASSETS = ["slide_inventory", "square_crops", "augmented_crops"]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_materialisations_with_metadata_and_data_versions_live_in_postgres(pg_pi
         assert trained["training_set"] == read_summary(layout.augmented_crops(FIRST))["data_version"][:16]
         assert data_version(records["hypernetwork_checkpoints"]) == stable_hash(summary["checkpoints"])
         # Lineage: each stage points at the materialisation (a Postgres event row) of the stage it read.
-        for upstream, asset in [("raw_slides", "square_crops"), ("square_crops", "augmented_crops"),
+        for upstream, asset in [("slide_inventory", "square_crops"), ("square_crops", "augmented_crops"),
                                 ("augmented_crops", "hypernetwork_checkpoints")]:
             tags = records[asset].asset_materialization.tags
             assert tags[f"dagster/input_event_pointer/{upstream}"] == str(records[upstream].storage_id), asset

@@ -207,7 +207,7 @@ class Expected:
     generation: dict
     checkpoint_sha256: str
     run_id: str
-    raw_slides: dict[str, str]  # path relative to data_dir -> sha256, from the raw_slides inventory
+    raw_slides: dict[str, str]  # path relative to data_dir -> sha256, from the slide_inventory asset
 
 
 def expected(work: Pipeline, tissue_class: str, file: str) -> Expected:
@@ -217,7 +217,7 @@ def expected(work: Pipeline, tissue_class: str, file: str) -> Expected:
     index = pd.read_parquet(folder / INDEX)
     (row,) = index[index["file"] == file].to_dict("records")
     checkpoint = layout.hypernetwork_checkpoints(tissue_class) / f"{tissue_class}-{step}.pt"
-    inventory = pd.read_parquet(layout.raw_slides(tissue_class) / INVENTORY)
+    inventory = pd.read_parquet(layout.slide_inventory(tissue_class) / INVENTORY)
     return Expected(
         tissue_class=tissue_class,
         step=step,

@@ -179,7 +179,7 @@ def test_inventory_is_written_with_a_content_hash_version_and_its_skipped_files(
     tissue_image((120, 80), seed=1).save(class_dir / "a.png")
     (class_dir / "empty.png").write_bytes(b"")
     warnings = []
-    out = tmp_path / "raw_slides" / "alpha"
+    out = tmp_path / "slide_inventory" / "alpha"
     summary, frame = write_inventory(out, class_dir, tmp_path, INGEST, tissue_class="alpha", warn=warnings.append)
     assert pd.read_parquet(out / "inventory.parquet").equals(frame)
     assert list(frame["path"]) == ["raw/alpha/a.png"]
@@ -189,7 +189,7 @@ def test_inventory_is_written_with_a_content_hash_version_and_its_skipped_files(
 
 
 def test_a_class_with_no_folder_or_no_usable_file_is_refused_and_writes_nothing(class_dir, tmp_path):
-    out = tmp_path / "raw_slides" / "alpha"
+    out = tmp_path / "slide_inventory" / "alpha"
     with pytest.raises(UnusableClassError, match="class 'beta': no folder") as missing:
         write_inventory(out, tmp_path / "raw" / "beta", tmp_path, INGEST, tissue_class="beta")
     assert missing.value.problems is None

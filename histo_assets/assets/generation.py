@@ -99,7 +99,7 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         group_name=GROUP,
         code_version=IMPORTED_SYNTHETIC_IMAGES_VERSION,
         automation_condition=FOLLOW_UPSTREAM,
-        deps=["imported_hypernetworks", BASE_MODEL_ASSET],
+        deps=["imported_hypernetwork_index", BASE_MODEL_ASSET],
         pool="gpu",
         op_tags=GPU_TAGS,
         kinds={"diffusers", "png"},
@@ -114,10 +114,10 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
     ):
         tissue_class = context.partition_key
         stage = Stage.start(context, params, object_store, lambda at: at.imported_synthetic_images(tissue_class),
-                            lambda at: at.imported_hypernetworks(tissue_class),
+                            lambda at: at.imported_hypernetwork_index(tissue_class),
                             lambda at: at.imported_hypernetworks_inbox(tissue_class))
         p = stage.params
-        imported = pd.read_parquet(stage.layout.imported_hypernetworks(tissue_class) / INDEX)
+        imported = pd.read_parquet(stage.layout.imported_hypernetwork_index(tissue_class) / INDEX)
 
         def build(staging: Path) -> dict:
             counts = write_imported_images(

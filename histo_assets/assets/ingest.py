@@ -66,7 +66,7 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         "dimensions, pyramid levels and microns-per-pixel. Unusable files are skipped with a reason; the data "
         "version is the hash of the content hashes, so unchanged classes are not recomputed downstream.",
     )
-    def raw_slides(
+    def slide_inventory(
         context: dg.AssetExecutionContext, params: ParamsResource, object_store: ObjectStoreResource
     ) -> dg.MaterializeResult:
         p, tissue_class = params.load_for(context), context.partition_key
@@ -75,7 +75,7 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         if unknown:
             context.log.warning(f"class folder(s) under {layout.raw_root} not in params 'classes', ignored: {', '.join(unknown)}")
         object_store.pull(p.data_dir, layout.raw(tissue_class), log=context.log.info)
-        out = layout.raw_slides(tissue_class)
+        out = layout.slide_inventory(tissue_class)
         with _refusals_as_failures():
             summary, inventory = write_inventory(out, layout.raw(tissue_class), p.data_dir, p["ingest"],
                                                  tissue_class=tissue_class, warn=context.log.warning)
@@ -101,7 +101,7 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         group_name=GROUP,
         code_version=SQUARE_CROPS_VERSION,
         automation_condition=FOLLOW_UPSTREAM,
-        deps=[raw_slides],
+        deps=[slide_inventory],
         kinds={"python", "png", "parquet"},
         check_specs=image_check_specs("square_crops"),
         description="Square crops of one class at the training resolution: one centred crop per image (mode "
@@ -111,9 +111,9 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
     def square_crops(context: dg.AssetExecutionContext, params: ParamsResource, object_store: ObjectStoreResource):
         tissue_class = context.partition_key
         stage = Stage.start(context, params, object_store, lambda at: at.square_crops(tissue_class),
-                            lambda at: at.raw(tissue_class), lambda at: at.raw_slides(tissue_class))
+                            lambda at: at.raw(tissue_class), lambda at: at.slide_inventory(tissue_class))
         p = stage.params
-        inventory = pd.read_parquet(stage.layout.raw_slides(tissue_class) / INVENTORY)
+        inventory = pd.read_parquet(stage.layout.slide_inventory(tissue_class) / INVENTORY)
         sources = sorted(zip(inventory["path"], inventory["sha256"]))
         crops, ingest = p["crops"], p["ingest"]
 
@@ -182,4 +182,4 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         yield from image_check_results("augmented_crops", stage.out / IMAGES, p.resolution,
                                        int(p["checks"]["min_augmented_crops"]))
 
-    return [raw_slides, square_crops, augmented_crops]
+    return [slide_inventory, square_crops, augmented_crops]

@@ -96,14 +96,14 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         "data/imported_hypernetworks/<class>/ are validated (safe loading, spec defaults, sizes against the "
         "base model) and indexed, so synthetic images can be generated from them like from our own checkpoints.",
     )
-    def imported_hypernetworks(
+    def imported_hypernetwork_index(
         context: dg.AssetExecutionContext,
         params: ParamsResource,
         base_model: BaseModelResource,
         object_store: ObjectStoreResource,
     ):
         tissue_class = context.partition_key
-        stage = Stage.start(context, params, object_store, lambda at: at.imported_hypernetworks(tissue_class),
+        stage = Stage.start(context, params, object_store, lambda at: at.imported_hypernetwork_index(tissue_class),
                             lambda at: at.imported_hypernetworks_inbox(tissue_class))
         inbox = stage.layout.imported_hypernetworks_inbox(tissue_class)
         frame, problems = write_imported_index(
@@ -119,4 +119,4 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
             data_version=dg.DataVersion(stable_hash(sorted(frame["sha256"]))),
         )
 
-    return [hypernetwork_checkpoints, imported_hypernetworks]
+    return [hypernetwork_checkpoints, imported_hypernetwork_index]

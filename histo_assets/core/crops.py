@@ -262,7 +262,7 @@ def _plan_source(rel: str, sha: str, data_root: Path, out_dir: Path, settings: C
     """
     with open_source(data_root / rel, data_root, settings.max_image_pixels, settings.max_file_bytes) as source:
         if sha256_file(source.path) != sha:
-            raise UnusableFileError("file changed since it was inventoried; re-materialise raw_slides")
+            raise UnusableFileError("file changed since it was inventoried; re-materialise slide_inventory")
         windows = plan_windows(source, settings)
         if source.reader == "tiffslide":
             return _Plan(source.path, windows, None)

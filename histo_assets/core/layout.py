@@ -21,8 +21,8 @@ class Layout:
     def raw(self, tissue_class: str) -> Path:
         return self.raw_root / tissue_class
 
-    def raw_slides(self, tissue_class: str) -> Path:
-        return self.data_dir / "raw_slides" / tissue_class
+    def slide_inventory(self, tissue_class: str) -> Path:
+        return self.data_dir / "slide_inventory" / tissue_class
 
     @property
     def base_model(self) -> Path:
@@ -42,7 +42,7 @@ class Layout:
         """Where a lab drops AUTOMATIC1111 .pt hypernetworks it already has."""
         return self.data_dir / "imported_hypernetworks" / tissue_class
 
-    def imported_hypernetworks(self, tissue_class: str) -> Path:
+    def imported_hypernetwork_index(self, tissue_class: str) -> Path:
         return self.data_dir / "imported_hypernetwork_index" / tissue_class
 
     def imported_synthetic_images(self, tissue_class: str) -> Path:

@@ -527,7 +527,7 @@ class _Tracer:
                   .agg(square_crops=("square_crop", "size"), training_images=("training_images", "sum"))
                   .reset_index().sort_values("raw_slide"))
         inventory = {}
-        inventory_file = self.layout.raw_slides(self.tissue_class) / INVENTORY if self.layout is not None else None
+        inventory_file = self.layout.slide_inventory(self.tissue_class) / INVENTORY if self.layout is not None else None
         if inventory_file is not None and inventory_file.is_file():
             inventory = {row["sha256"]: row for row in _records(pd.read_parquet(inventory_file))}
         raw_slides = []
@@ -538,7 +538,7 @@ class _Tracer:
             if known is not None:
                 entry.update({key: known.get(key) for key in INVENTORY_FIELDS})
             # Not re-hashed (whole-slide images run to gigabytes): on disk means the file is there and the
-            # raw_slides inventory, which hashed it, records this sha256 for it.
+            # slide_inventory, which hashed it, records this sha256 for it.
             entry["on_disk"] = (None if self.layout is None else (self.layout.data_dir / slide["raw_slide"]).is_file()
                                 and known is not None and known.get("path") == slide["raw_slide"])
             raw_slides.append(entry)

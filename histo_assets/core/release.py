@@ -683,7 +683,7 @@ def release_inputs(layout: Layout, steps: Mapping[str, Sequence[int]]) -> list[P
     return [
         folder
         for tissue_class, class_steps in steps.items()
-        for folder in (layout.raw_slides(tissue_class), layout.square_crops(tissue_class),
+        for folder in (layout.slide_inventory(tissue_class), layout.square_crops(tissue_class),
                        layout.augmented_crops(tissue_class), layout.hypernetwork_checkpoints(tissue_class),
                        *(layout.synthetic_images(tissue_class, step) for step in class_steps))
     ]
