@@ -5,8 +5,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from histo_assets.assets import FOLLOW_UPSTREAM, GPU_TAGS
-from histo_assets.assets.stage import Stage
+from histo_assets.assets.stage import Stage, stage_asset
 from histo_assets.core.base_model import describe_base_model
 from histo_assets.core.base_model_training import LOSS_PLOT, SAMPLES_PLOT, train_from_crops, training_summary
 from histo_assets.core.layout import BASE_MODEL_ASSET, IMAGES
@@ -20,7 +19,6 @@ from histo_assets.resources import (
     BaseModelResource,
     ObjectStoreResource,
     ParamsResource,
-    params_config_schema,
     trained_model_dir,
 )
 
@@ -29,19 +27,15 @@ BASE_MODEL_VERSION = "1"
 
 
 def build_assets(p: Params) -> list[dg.AssetsDefinition]:
-    config_schema = params_config_schema(p.values)
     # Only a model trained here has inputs in this graph; a file or folder from elsewhere has none to show.
     trains_on_crops = p["base_model"]["source"] == TRAINED_SOURCE
 
-    @dg.asset(
+    @stage_asset(
+        p, on_gpu=True,
         name=BASE_MODEL_ASSET,
-        config_schema=config_schema,
         group_name=GROUP,
         code_version=BASE_MODEL_VERSION,
-        automation_condition=FOLLOW_UPSTREAM,
         deps=["augmented_crops"] if trains_on_crops else [],
-        pool="gpu",
-        op_tags=GPU_TAGS,
         kinds={"diffusers", "safetensors"},
         description="The Stable Diffusion model every hypernetwork is trained on and every image generated from. "
         "single_file and diffusers: the configured weights, verified against base_model.sha256 and described "

@@ -5,8 +5,7 @@ from pathlib import Path
 import dagster as dg
 from PIL import Image
 
-from histo_assets.assets import FOLLOW_UPSTREAM
-from histo_assets.assets.stage import Stage
+from histo_assets.assets.stage import Stage, stage_asset
 from histo_assets.core.evaluation import (
     CURVES_FILE,
     TABLE_COLUMNS,
@@ -28,7 +27,7 @@ from histo_assets.core.stage import read_summary
 from histo_assets.core.steps import evaluated_steps
 from histo_assets.params import Params
 from histo_assets.partitions import Partitions, by_tissue_class, class_and_step
-from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource, params_config_schema
+from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
 
 GROUP = "evaluation"
 CHECKPOINT_METRICS_VERSION = "2"
@@ -39,14 +38,11 @@ INTERVALS = ("fid_ci_low", "fid_ci_high", "kid_ci_low", "kid_ci_high", "confiden
 
 
 def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]:
-    config_schema = params_config_schema(p.values)
-
-    @dg.asset(
-        config_schema=config_schema,
+    @stage_asset(
+        p,
         partitions_def=partitions.class_and_step,
         group_name=GROUP,
         code_version=CHECKPOINT_METRICS_VERSION,
-        automation_condition=FOLLOW_UPSTREAM,
         deps=[
             "synthetic_images",
             dg.AssetDep("augmented_crops", partition_mapping=by_tissue_class),
@@ -97,11 +93,10 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         )
 
 
-    @dg.asset(
-        config_schema=config_schema,
+    @stage_asset(
+        p,
         group_name=GROUP,
         code_version=METRICS_SUMMARY_VERSION,
-        automation_condition=FOLLOW_UPSTREAM,
         deps=[checkpoint_metrics],
         kinds={"parquet", "matplotlib"},
         description="All checkpoint metrics in one table, plus an 'all' row per step with every class pooled (the "

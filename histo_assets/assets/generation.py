@@ -5,9 +5,8 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from histo_assets.assets import FOLLOW_UPSTREAM, GPU_TAGS
 from histo_assets.assets.checks import image_check_results, image_check_specs
-from histo_assets.assets.stage import Stage
+from histo_assets.assets.stage import Stage, stage_asset
 from histo_assets.core.layout import BASE_MODEL_ASSET, IMAGES, INDEX, PREVIEW, Layout
 from histo_assets.core.previews import markdown_png_file
 from histo_assets.core.sampling import GenerationSettings, write_checkpoint_images, write_imported_images
@@ -15,7 +14,7 @@ from histo_assets.core.stage import read_summary
 from histo_assets.core.steps import BASELINE_STEP
 from histo_assets.params import Params
 from histo_assets.partitions import Partitions, by_tissue_class, class_and_step
-from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource, params_config_schema
+from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
 
 GROUP = "generation"
 SYNTHETIC_IMAGES_VERSION = "2"
@@ -37,17 +36,12 @@ def checkpoint_entry(p: Params, tissue_class: str, step: int) -> dict:
 
 
 def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]:
-    config_schema = params_config_schema(p.values)
-
-    @dg.asset(
-        config_schema=config_schema,
+    @stage_asset(
+        p, on_gpu=True,
         partitions_def=partitions.class_and_step,
         group_name=GROUP,
         code_version=SYNTHETIC_IMAGES_VERSION,
-        automation_condition=FOLLOW_UPSTREAM,
         deps=[dg.AssetDep("hypernetwork_checkpoints", partition_mapping=by_tissue_class), BASE_MODEL_ASSET],
-        pool="gpu",
-        op_tags=GPU_TAGS,
         kinds={"diffusers", "png"},
         check_specs=image_check_specs("synthetic_images"),
         description="generation.images_per_checkpoint images from one checkpoint (thesis defaults: Euler, 20 steps, "
@@ -93,15 +87,12 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         yield from image_check_results("synthetic_images", stage.out / IMAGES, p.resolution, count)
 
 
-    @dg.asset(
-        config_schema=config_schema,
+    @stage_asset(
+        p, on_gpu=True,
         partitions_def=partitions.tissue_class,
         group_name=GROUP,
         code_version=IMPORTED_SYNTHETIC_IMAGES_VERSION,
-        automation_condition=FOLLOW_UPSTREAM,
         deps=["imported_hypernetwork_index", BASE_MODEL_ASSET],
-        pool="gpu",
-        op_tags=GPU_TAGS,
         kinds={"diffusers", "png"},
         description="The same generation as synthetic_images, from each AUTOMATIC1111 hypernetwork a lab imported for "
         "this class (one folder per file, named by its stem; the step in file names is the step the file records).",

@@ -7,9 +7,8 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from histo_assets.assets import FOLLOW_UPSTREAM
 from histo_assets.assets.checks import image_check_results, image_check_specs
-from histo_assets.assets.stage import Stage
+from histo_assets.assets.stage import Stage, stage_asset
 from histo_assets.core.augment import CaptionModeError, write_augmented_crops
 from histo_assets.core.crops import CropSettings, write_square_crops
 from histo_assets.core.holdout import BY_SOURCE_COLUMNS, SplitSettings, read_groups, source_groups
@@ -20,7 +19,7 @@ from histo_assets.core.slides import UnusableClassError, unknown_class_folders, 
 from histo_assets.core.stage import output_settings
 from histo_assets.params import Params
 from histo_assets.partitions import Partitions
-from histo_assets.resources import ObjectStoreResource, ParamsResource, params_config_schema
+from histo_assets.resources import ObjectStoreResource, ParamsResource
 
 GROUP = "ingest"
 RAW_SLIDES_VERSION = "1"
@@ -54,10 +53,8 @@ def _crops_metadata(folder: Path, summary: dict) -> dict:
 
 
 def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]:
-    config_schema = params_config_schema(p.values)
-
-    @dg.asset(
-        config_schema=config_schema,
+    @stage_asset(
+        p, follows_upstream=False,
         partitions_def=partitions.tissue_class,
         group_name=GROUP,
         code_version=RAW_SLIDES_VERSION,
@@ -95,12 +92,11 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         )
 
 
-    @dg.asset(
-        config_schema=config_schema,
+    @stage_asset(
+        p,
         partitions_def=partitions.tissue_class,
         group_name=GROUP,
         code_version=SQUARE_CROPS_VERSION,
-        automation_condition=FOLLOW_UPSTREAM,
         deps=[slide_inventory],
         kinds={"python", "png", "parquet"},
         check_specs=image_check_specs("square_crops"),
@@ -130,12 +126,11 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
                                        int(p["checks"]["min_square_crops"]))
 
 
-    @dg.asset(
-        config_schema=config_schema,
+    @stage_asset(
+        p,
         partitions_def=partitions.tissue_class,
         group_name=GROUP,
         code_version=AUGMENTED_CROPS_VERSION,
-        automation_condition=FOLLOW_UPSTREAM,
         deps=[square_crops],
         kinds={"python", "png", "parquet"},
         check_specs=image_check_specs("augmented_crops"),

@@ -4,10 +4,10 @@ import dagster as dg
 import pandas as pd
 
 from histo_assets import __version__
-from histo_assets.assets import FOLLOW_UPSTREAM
 from histo_assets.assets.generation import SYNTHETIC_IMAGES_VERSION
 from histo_assets.assets.ingest import AUGMENTED_CROPS_VERSION, SQUARE_CROPS_VERSION
 from histo_assets.assets.training import HYPERNETWORK_CHECKPOINTS_VERSION
+from histo_assets.assets.stage import stage_asset
 from histo_assets.core.dvc import ensure_git_identity, git_last_commit, git_toplevel
 from histo_assets.core.evaluation import TABLE_COLUMNS
 from histo_assets.core.layout import Layout
@@ -22,7 +22,7 @@ from histo_assets.core.release import (
 )
 from histo_assets.core.stage import read_summary
 from histo_assets.params import PROJECT_ROOT, Params
-from histo_assets.resources import DvcResource, ObjectStoreResource, ParamsResource, params_config_schema
+from histo_assets.resources import DvcResource, ObjectStoreResource, ParamsResource
 
 GROUP = "release"
 CODE_VERSION = (
@@ -35,12 +35,9 @@ PIPELINE_AUTHOR = ("histo-assets", "histo-assets@localhost")
 
 
 def build_assets(p: Params) -> list[dg.AssetsDefinition]:
-    config_schema = params_config_schema(p.values)
-
-    @dg.asset(
-        config_schema=config_schema,
+    @stage_asset(
+        p,
         group_name=GROUP,
-        automation_condition=FOLLOW_UPSTREAM,
         deps=["metrics_summary", "checkpoint_metrics", "classifier_utility"],
         kinds={"dvc", "parquet"},
         description="The versioned synthetic dataset: images of the selected checkpoints (release.checkpoints: best per "

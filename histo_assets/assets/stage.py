@@ -16,10 +16,30 @@ from typing import Any
 
 import dagster as dg
 
+from histo_assets.assets import FOLLOW_UPSTREAM, GPU_TAGS
 from histo_assets.core.layout import Layout
 from histo_assets.core.stage import build_or_reuse, fingerprint
 from histo_assets.params import Params
-from histo_assets.resources import ObjectStoreResource, ParamsResource
+from histo_assets.resources import ObjectStoreResource, ParamsResource, params_config_schema
+
+# The pool of steps that need the GPU: one at a time (dagster.yaml), so concurrent runs never share it.
+GPU_POOL = "gpu"
+
+
+def stage_asset(p: Params, *, on_gpu: bool = False, follows_upstream: bool = True, **asset_args: Any):
+    """``dg.asset`` with what the stages share.
+
+    Run config shaped like params, so the launchpad checks overrides before a
+    run exists; eager automation after the upstream, unless the stage reads
+    files a lab drops in (then a sensor or a person starts it); and for GPU
+    work the ``gpu`` pool and the pod's GPU request.
+    """
+    shared: dict[str, Any] = {"config_schema": params_config_schema(p.values)}
+    if follows_upstream:
+        shared["automation_condition"] = FOLLOW_UPSTREAM
+    if on_gpu:
+        shared |= {"pool": GPU_POOL, "op_tags": GPU_TAGS}
+    return dg.asset(**shared, **asset_args)
 
 
 @dataclass

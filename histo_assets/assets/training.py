@@ -5,8 +5,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from histo_assets.assets import FOLLOW_UPSTREAM, GPU_TAGS
-from histo_assets.assets.stage import Stage
+from histo_assets.assets.stage import Stage, stage_asset
 from histo_assets.core.base_model import attention_context_widths
 from histo_assets.core.hypernetwork import HypernetworkOptions, checkpoint_problems, write_imported_index
 from histo_assets.core.io import stable_hash
@@ -16,7 +15,7 @@ from histo_assets.core.stage import read_summary
 from histo_assets.core.training import resume_key, write_hypernetwork_checkpoints
 from histo_assets.params import Params
 from histo_assets.partitions import Partitions
-from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource, params_config_schema
+from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
 
 GROUP = "training"
 HYPERNETWORK_CHECKPOINTS_VERSION = "2"
@@ -24,17 +23,12 @@ IMPORTED_HYPERNETWORKS_VERSION = "1"
 
 
 def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]:
-    config_schema = params_config_schema(p.values)
-
-    @dg.asset(
-        config_schema=config_schema,
+    @stage_asset(
+        p, on_gpu=True,
         partitions_def=partitions.tissue_class,
         group_name=GROUP,
         code_version=HYPERNETWORK_CHECKPOINTS_VERSION,
-        automation_condition=FOLLOW_UPSTREAM,
         deps=["augmented_crops", BASE_MODEL_ASSET],
-        pool="gpu",
-        op_tags=GPU_TAGS,
         kinds={"pytorch", "diffusers"},
         check_specs=[
             dg.AssetCheckSpec("all_checkpoints_load", asset="hypernetwork_checkpoints", blocking=True,
@@ -86,8 +80,8 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
                                   metadata={"checkpoints": len(checkpoints), "problems": "; ".join(problems) or "none"})
 
 
-    @dg.asset(
-        config_schema=config_schema,
+    @stage_asset(
+        p, follows_upstream=False,
         partitions_def=partitions.tissue_class,
         group_name=GROUP,
         code_version=IMPORTED_HYPERNETWORKS_VERSION,

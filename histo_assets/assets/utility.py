@@ -5,8 +5,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from histo_assets.assets import FOLLOW_UPSTREAM
-from histo_assets.assets.stage import Stage
+from histo_assets.assets.stage import Stage, stage_asset
 from histo_assets.core.classifier_utility import (
     BALANCED_ACCURACY,
     PLOT_FILE,
@@ -22,21 +21,18 @@ from histo_assets.core.seeding import derive_seed
 from histo_assets.core.stage import read_summary
 from histo_assets.core.steps import evaluated_steps
 from histo_assets.params import Params
-from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource, params_config_schema
+from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
 
 CLASSIFIER_UTILITY_VERSION = "1"
 SHOWN_COLUMNS = ["candidate", "classifier", "variant", "value", "ci_low", "ci_high", "verdict"]
 
 
 def build_assets(p: Params) -> list[dg.AssetsDefinition]:
-    config_schema = params_config_schema(p.values)
-
-    @dg.asset(
+    @stage_asset(
+        p,
         name="classifier_utility",
-        config_schema=config_schema,
         group_name="evaluation",
         code_version=CLASSIFIER_UTILITY_VERSION,
-        automation_condition=FOLLOW_UPSTREAM,
         deps=["metrics_summary"],
         kinds={"pytorch", "csv"},
         description="The question downstream teams ask: does adding these synthetic images to a training set make a "
