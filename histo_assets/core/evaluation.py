@@ -16,6 +16,7 @@ import io
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,8 @@ ALL_CLASSES = "all"
 # Images per row of the originals-versus-generated grids.
 GRID_IMAGES = 8
 CURVES_FILE = "curves.png"
+# The full metric table in details/, which the release copies its metrics from.
+METRICS_TABLE_FILE = "metrics.parquet"
 
 
 @dataclass(frozen=True)
@@ -374,16 +377,17 @@ def checkpoint_row(
 
 def combined_rows(cache: FeatureCache, layout: Layout, classes: Sequence[str], steps: Sequence[int],
                   settings: MetricSettings) -> list[dict]:
-    """Table 3.6 of the thesis: all classes pooled, per step (from cached features)."""
+    """Table 3.6 of the thesis: all classes pooled, per step (from cached features).
+
+    The real sets are the same at every step, so they are pooled once: looking
+    them up in the cache hashes every image.
+    """
+    real = [real_sets(layout, tissue_class) for tissue_class in classes]
+    reference = reduce(FeatureSet.concat, [cache.features(files) for files, _ in real])
+    train = reduce(FeatureSet.concat, [cache.features(files) for _, files in real])
     rows = []
     for step in steps:
-        generated = reference = train = None
-        for tissue_class in classes:
-            ref_files, train_files = real_sets(layout, tissue_class)
-            parts = [cache.features(generated_files(layout, tissue_class, step)), cache.features(ref_files), cache.features(train_files)]
-            generated, reference, train = (
-                parts if generated is None else [a.concat(b) for a, b in zip((generated, reference, train), parts)]
-            )
+        generated = reduce(FeatureSet.concat, [cache.features(generated_files(layout, c, step)) for c in classes])
         row = score_checkpoint(generated, reference, train, cache.info, settings)
         rows.append({"tissue_class": ALL_CLASSES, "step": step} | row)
     return rows
@@ -641,7 +645,7 @@ def write_metrics_summary(layout: Layout, table: pd.DataFrame, classes: Sequence
     )
     for tissue_class in classes:
         atomic_save_png(details / grid_file(tissue_class), comparison_grid(layout, tissue_class, steps))
-    atomic_write_parquet(details / "metrics.parquet", table)
+    atomic_write_parquet(details / METRICS_TABLE_FILE, table)
     atomic_write_text(out / "metrics.csv", table[TABLE_COLUMNS].to_csv(index=False))
     for tissue_class, group in table.groupby("tissue_class"):
         atomic_write_text(out / "plots" / f"{tissue_class}.csv", group[TABLE_COLUMNS[1:]].sort_values("step").to_csv(index=False))
