@@ -655,11 +655,10 @@ class _TrainingRun:
                             group["lr"] = self.lr_schedule.value
                     if self.lr_schedule.finished or hn.step >= settings.max_steps:
                         break
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    loss = self.update()
+                    record = self.update()
                     progress.update(1)
-                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}")
-                    self.after_update(lr, start_step, started)
+                    progress.set_postfix(loss=f"{record.loss:.4f}", lr=f"{record.lr:.3g}")
+                    self.after_update(record.lr, start_step, started)
                     if stop_after is not None and hn.step >= stop_after:
                         interrupted = True
                         self.say(f"stopped after step {hn.step} (stop_after)")
@@ -668,8 +667,8 @@ class _TrainingRun:
             progress.close()
         return interrupted, time.perf_counter() - started, hn.step - start_step
 
-    def update(self) -> float:
-        """One optimizer update over ``accumulation`` micro-batches; the mean loss, also added to the history."""
+    def update(self) -> LossRecord:
+        """One optimizer update over ``accumulation`` micro-batches; its mean loss and rate, added to the history."""
         hn, step, accumulation = self.hn, self.hn.step, self.accumulation
         window_loss = 0.0
         for micro in range(accumulation):
@@ -700,7 +699,7 @@ class _TrainingRun:
         self.optimizer.zero_grad(set_to_none=True)
         hn.step = step + 1
         self.history.append(LossRecord(hn.step, window_loss, lr))
-        return window_loss
+        return self.history[-1]
 
     def after_update(self, lr: float, start_step: int, started: float) -> None:
         """A checkpoint when A1111 would write one (after step N-1, §7.7), and the loss log every few steps."""
