@@ -184,7 +184,6 @@ def test_synthetic_images_carry_a1111_parameters_naming_hypernetwork_and_seed(pi
                 assert parameters["Negative prompt"] == "grainy, blurry, low quality"
 
 
-
 def test_step_0_is_the_base_model_with_the_same_prompt_scored_but_never_released(pipeline):
     for tissue_class in CLASSES:
         baseline = pd.read_parquet(pipeline.data / "synthetic_images" / tissue_class / "0" / "index.parquet")

@@ -322,7 +322,6 @@ def test_fresh_clone_at_the_tag_pulls_the_release_byte_identically(published, cl
     assert {path: pulled[path] for path in manifest["path"]} == dict(zip(manifest["path"], manifest["sha256"]))
 
 
-
 def test_the_cards_dataset_snippet_loads_the_pulled_release_with_its_labels(published, clone):
     """The card's own code, copied out of the pulled card, run where `dvc get` would have put the folder."""
     release = clone / published.release_path

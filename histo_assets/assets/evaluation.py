@@ -92,7 +92,6 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
             data_version=dg.DataVersion(stable_hash(row)),
         )
 
-
     @stage_asset(
         p,
         group_name=GROUP,

@@ -86,7 +86,6 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         })
         yield from image_check_results("synthetic_images", stage.out / IMAGES, p.resolution, count)
 
-
     @stage_asset(
         p, on_gpu=True,
         partitions_def=partitions.tissue_class,

@@ -22,7 +22,7 @@ from histo_assets.partitions import Partitions
 from histo_assets.resources import ObjectStoreResource, ParamsResource
 
 GROUP = "ingest"
-RAW_SLIDES_VERSION = "1"
+SLIDE_INVENTORY_VERSION = "1"
 SQUARE_CROPS_VERSION = "2"
 AUGMENTED_CROPS_VERSION = "3"
 
@@ -57,7 +57,7 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         p, follows_upstream=False,
         partitions_def=partitions.tissue_class,
         group_name=GROUP,
-        code_version=RAW_SLIDES_VERSION,
+        code_version=SLIDE_INVENTORY_VERSION,
         kinds={"python", "parquet"},
         description="Inventory of the raw slide files of one tissue class (data/raw/<class>/): sha256, bytes, "
         "dimensions, pyramid levels and microns-per-pixel. Unusable files are skipped with a reason; the data "
@@ -91,7 +91,6 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
             data_version=dg.DataVersion(summary["fingerprint"]),
         )
 
-
     @stage_asset(
         p,
         partitions_def=partitions.tissue_class,
@@ -124,7 +123,6 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         yield stage.result(summary["data_version"], _crops_metadata(stage.out, summary) | {"mode": crops["mode"]})
         yield from image_check_results("square_crops", stage.out / IMAGES, p.resolution,
                                        int(p["checks"]["min_square_crops"]))
-
 
     @stage_asset(
         p,

@@ -19,7 +19,7 @@ from histo_assets.resources import BaseModelResource, ObjectStoreResource, Param
 
 GROUP = "training"
 HYPERNETWORK_CHECKPOINTS_VERSION = "2"
-IMPORTED_HYPERNETWORKS_VERSION = "1"
+IMPORTED_HYPERNETWORK_INDEX_VERSION = "1"
 
 
 def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]:
@@ -79,12 +79,11 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
                                   passed=not problems,
                                   metadata={"checkpoints": len(checkpoints), "problems": "; ".join(problems) or "none"})
 
-
     @stage_asset(
         p, follows_upstream=False,
         partitions_def=partitions.tissue_class,
         group_name=GROUP,
-        code_version=IMPORTED_HYPERNETWORKS_VERSION,
+        code_version=IMPORTED_HYPERNETWORK_INDEX_VERSION,
         kinds={"pytorch"},
         description="AUTOMATIC1111 hypernetworks a lab already has: .pt files dropped into "
         "data/imported_hypernetworks/<class>/ are validated (safe loading, spec defaults, sizes against the "

@@ -339,7 +339,6 @@ def _write_loss_csv(path: Path, vae_losses: Sequence[float], unet_losses: Sequen
     atomic_write_text(path, buffer.getvalue())
 
 
-
 class _Run:
     """One training run's models, optimizers and losses, and the periodic state that lets it resume."""
 

@@ -165,7 +165,6 @@ def tile_windows(source: SlideSource, settings: TileSettings, small_image_policy
     return windows
 
 
-
 @dataclass(frozen=True)
 class CropSettings:
     """Everything that decides a crop's bytes; the pipeline builds it from params' ``crops`` and ``ingest``."""
