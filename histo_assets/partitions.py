@@ -26,17 +26,13 @@ with warnings.catch_warnings():
 @dataclass(frozen=True)
 class Partitions:
     tissue_class: dg.StaticPartitionsDefinition
-    checkpoint_step: dg.StaticPartitionsDefinition
     class_and_step: dg.MultiPartitionsDefinition
 
     @classmethod
     def from_params(cls, p: Params) -> Partitions:
         tissue_class = dg.StaticPartitionsDefinition(p.classes)
-        checkpoint_step = dg.StaticPartitionsDefinition(
-            [str(step) for step in evaluated_steps(p["training"]["checkpoint_steps"])]
-        )
-        return cls(tissue_class, checkpoint_step,
-                   dg.MultiPartitionsDefinition({"tissue_class": tissue_class, "step": checkpoint_step}))
+        step = dg.StaticPartitionsDefinition([str(s) for s in evaluated_steps(p["training"]["checkpoint_steps"])])
+        return cls(tissue_class, dg.MultiPartitionsDefinition({"tissue_class": tissue_class, "step": step}))
 
 
 def class_and_step(context) -> tuple[str, int]:
