@@ -12,6 +12,7 @@ import dagster as dg
 
 from histo_assets.core.io import stable_hash
 from histo_assets.core.layout import Layout
+from histo_assets.core.stage import file_stats
 from histo_assets.params import Params
 from histo_assets.resources import ObjectStoreResource, ParamsResource
 
@@ -32,10 +33,8 @@ def raw_folder_signatures(p: Params, object_store: ObjectStoreResource) -> dict[
         folder = layout.raw(tissue_class)
         if object_store.enabled:
             entries = object_store.stored_files(p.data_dir, folder) or {}
-        elif folder.is_dir():
-            entries = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())
         else:
-            entries = []
+            entries = file_stats(folder)
         signatures[tissue_class] = stable_hash(entries)
     return signatures
 

@@ -105,7 +105,8 @@ def _materialize(args: argparse.Namespace) -> int:
     ensure_dagster_home()
     from dagster import DagsterInstance
 
-    from histo_assets.definitions import build_definitions, pipeline_jobs
+    from histo_assets.assets.stage import unchanged_since_last_run
+    from histo_assets.definitions import STAGES, build_definitions, pipeline_jobs
     from histo_assets.run_health import HOST_TAG, end_interrupted_run, this_host, wait_for_pools
 
     try:
@@ -124,6 +125,7 @@ def _materialize(args: argparse.Namespace) -> int:
         return 2
     # Built from the overridden params, so `--set classes=...` or new checkpoint steps give their partitions.
     defs = build_definitions(params)
+    skip_unchanged = not args.rerun_unchanged and not defs.resources["object_store"].enabled
     instance = DagsterInstance.get()
     stop = StopSignals()
     failed_classes: set[str] = set()
@@ -139,11 +141,16 @@ def _materialize(args: argparse.Namespace) -> int:
             keys = [None] if set(classes) == set(params.classes) else []
         else:
             keys = [k for k in job.partitions_def.get_partition_keys() if _partition_class(k) in classes]
+        assets = sorted(asset_key.to_user_string() for asset_key in job.asset_layer.selected_asset_keys)
         for position, key in enumerate(keys, start=1):
             label = f"{job.name} [{position}/{len(keys)}]" + (f" {key}" if key is not None else "")
             blocked = failed_classes if key is None else failed_classes & {_partition_class(key)}
             if blocked:
                 print(f"{label}: skipped, upstream failed for {', '.join(sorted(blocked))}", flush=True)
+                continue
+            if skip_unchanged and unchanged_since_last_run(instance, STAGES, assets, params, key,
+                                                           defs.resources["base_model"]):
+                print(f"{label}: unchanged since its last successful run, not launched", flush=True)
                 continue
             run_id = str(uuid.uuid4())
             try:
@@ -281,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     materialize.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override a params key, like `dvc exp run -S`.")
     materialize.add_argument("--job", action="append", help="Only this job (repeatable); default: all, in pipeline order.")
     materialize.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    materialize.add_argument(
+        "--rerun-unchanged", action="store_true",
+        help="Also launch runs for partitions whose stages are unchanged since their last successful run (each "
+        "then only confirms its reuse). Without it they are skipped, except with an object store, whose copies "
+        "are only compared inside a run.",
+    )
     materialize.set_defaults(handler=_materialize)
 
     ui = sub.add_parser("ui", help="Start the Dagster UI (dagster dev) on localhost with the project's Dagster home.")

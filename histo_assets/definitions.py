@@ -58,6 +58,11 @@ pipeline_jobs = [ingest_job, base_model_job, training_job, per_checkpoint_job, s
 raw_slides_sensor, weekly_refresh = build_automation(ingest_job)
 
 
+# Every stage whose reuse can be confirmed before a run is launched (assets/stage.py).
+STAGES = {**ingest.STAGES, **base_model.STAGES, **training.STAGES, **generation.STAGES, **evaluation.STAGES,
+          **utility.STAGES}
+
+
 def build_assets(p: Params) -> list[dg.AssetsDefinition]:
     partitions = Partitions.from_params(p)
     return [

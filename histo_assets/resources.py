@@ -7,6 +7,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from histo_assets.core.errors import BaseModelError
 from histo_assets.core.layout import Layout
 from histo_assets.params import Params, load_params, value_kind
 
@@ -142,7 +143,6 @@ class BaseModelResource(dg.ConfigurableResource):
 
     @staticmethod
     def _trained_sha256(p: Params) -> str:
-        from histo_assets.core.base_model import BaseModelError
         from histo_assets.core.stage import read_summary
 
         folder = Layout(p.data_dir).base_model

@@ -55,10 +55,11 @@ from histo_assets_tests.tiny_pipeline import (
 )
 
 # Stages that skip work when their inputs are unchanged, and report it.
-REUSING_ASSETS = {"square_crops", "augmented_crops", "hypernetwork_checkpoints", "synthetic_images", "checkpoint_metrics"}
-# Output folders of assets without skip logic: cheap, they rewrite their files on every run
-# (with identical bytes, except the release: see test_release_is_unchanged_by_a_refresh_with_nothing_changed).
-ALWAYS_REWRITTEN = ("slide_inventory/", "imported_hypernetwork_index/", "metrics_summary/", "releases/")
+REUSING_ASSETS = {"slide_inventory", "square_crops", "augmented_crops", "hypernetwork_checkpoints",
+                  "imported_hypernetwork_index", "synthetic_images", "checkpoint_metrics", "metrics_summary"}
+# The one output folder rewritten on every run (with identical bytes: see
+# test_release_is_unchanged_by_a_refresh_with_nothing_changed).
+ALWAYS_REWRITTEN = ("releases/",)
 
 
 def base_model_sha256(data: Path) -> str:
@@ -272,7 +273,8 @@ def refresh(pipeline) -> Refresh:
     files = snapshot(pipeline.data)
     with pipeline.instance() as instance:
         records = {key: latest(instance, *key) for key in all_asset_partitions()}
-    return Refresh(files, records, run_ok(pipeline.materialize()))
+    # Every run launched, as the UI or a schedule would, so that each must confirm its reuse itself.
+    return Refresh(files, records, run_ok(pipeline.materialize("--rerun-unchanged")))
 
 
 def test_second_materialize_with_nothing_changed_recomputes_nothing(pipeline, refresh):
@@ -306,6 +308,26 @@ def test_release_is_unchanged_by_a_refresh_with_nothing_changed(pipeline, refres
     assert data_version(new) == data_version(old)
 
 
+def test_a_default_materialize_with_nothing_changed_launches_only_the_release(pipeline, refresh):
+    files = snapshot(pipeline.data)
+    with pipeline.instance() as instance:
+        before = {key: latest(instance, *key) for key in all_asset_partitions()}
+
+    output = run_ok(pipeline.materialize())
+
+    assert [line for line in output.splitlines() if line.endswith(": materialising")] == \
+        ["release_pipeline [1/1]: materialising"]
+    per_class_runs = 2 * len(CLASSES) + len(CLASSES) * len(EVALUATED_STEPS)  # ingest, training, class x step
+    assert output.count("unchanged since its last successful run, not launched") == per_class_runs + 2
+    after = snapshot(pipeline.data)
+    assert {k: v for k, v in after.items() if not k.startswith(ALWAYS_REWRITTEN)} == \
+        {k: v for k, v in files.items() if not k.startswith(ALWAYS_REWRITTEN)}
+    with pipeline.instance() as instance:
+        for key, record in before.items():
+            if key[0] != "dataset_release":
+                assert latest(instance, *key).storage_id == record.storage_id, key
+
+
 # --- 3. a changed training param -----------------------------------------------------------------
 
 
@@ -316,7 +338,7 @@ def test_changed_learning_rate_retrains_and_regenerates_but_reuses_ingest(pipeli
     folder = work.data / "hypernetwork_checkpoints" / FIRST
     old = json.loads((folder / "summary.json").read_text())
 
-    output = run_ok(work.materialize("--partition", FIRST, "--set", "training.learning_rate=0.0002"))
+    output = run_ok(work.materialize("--partition", FIRST, "--set", "training.learning_rate=0.0002", "--rerun-unchanged"))
 
     assert "resuming" not in output, "a changed learning rate must start over, not resume"
     assert json.loads((folder / f"{FIRST}-settings.json").read_text())["learning_rate"] == "0.0002"

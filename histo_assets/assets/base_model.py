@@ -5,12 +5,9 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from histo_assets.assets.stage import Stage, stage_asset
-from histo_assets.core.base_model import describe_base_model
-from histo_assets.core.base_model_training import LOSS_PLOT, SAMPLES_PLOT, train_from_crops, training_summary
-from histo_assets.core.layout import BASE_MODEL_ASSET, IMAGES
+from histo_assets.assets.stage import Part, Stage, StageSpec, stage_asset
+from histo_assets.core.layout import BASE_MODEL_ASSET, IMAGES, Layout
 from histo_assets.core.previews import markdown_png_file, markdown_table
-from histo_assets.core.sampling import GenerationSettings
 from histo_assets.core.stage import read_summary
 from histo_assets.params import Params
 from histo_assets.resources import (
@@ -22,20 +19,38 @@ from histo_assets.resources import (
     trained_model_dir,
 )
 
+# core.base_model, core.base_model_training and core.sampling import diffusers, so asset bodies import them
+# when a run needs them: loading and unloading diffusers takes seconds that every CLI start and UI reload
+# would otherwise pay.
 GROUP = "base_model"
 BASE_MODEL_VERSION = "1"
 
 
+def _trains_on_crops(p: Params) -> bool:
+    return p["base_model"]["source"] == TRAINED_SOURCE
+
+
+def _base_model_inputs(p: Params, _part: Part, _base_model) -> dict:
+    layout = Layout(p.data_dir)
+    training_set = ({c: read_summary(layout.augmented_crops(c))["data_version"] for c in p.classes}
+                    if _trains_on_crops(p) else None)
+    return dict(base_model=p["base_model"], training_set=training_set, resolution=p.resolution, seed=p.seed,
+                code=BASE_MODEL_VERSION)
+
+
+# The crops it may train on depend on params' classes, so the asset pulls them itself.
+STAGES = {BASE_MODEL_ASSET: StageSpec(lambda at, _part: at.base_model, lambda _at, _part: [], _base_model_inputs)}
+
+
 def build_assets(p: Params) -> list[dg.AssetsDefinition]:
-    # Only a model trained here has inputs in this graph; a file or folder from elsewhere has none to show.
-    trains_on_crops = p["base_model"]["source"] == TRAINED_SOURCE
 
     @stage_asset(
         p, on_gpu=True,
         name=BASE_MODEL_ASSET,
         group_name=GROUP,
         code_version=BASE_MODEL_VERSION,
-        deps=["augmented_crops"] if trains_on_crops else [],
+        # Only a model trained here has inputs in this graph; a file or folder from elsewhere has none to show.
+        deps=["augmented_crops"] if _trains_on_crops(p) else [],
         kinds={"diffusers", "safetensors"},
         description="The Stable Diffusion model every hypernetwork is trained on and every image generated from. "
         "single_file and diffusers: the configured weights, verified against base_model.sha256 and described "
@@ -48,12 +63,15 @@ def build_assets(p: Params) -> list[dg.AssetsDefinition]:
         base_model: BaseModelResource,
         object_store: ObjectStoreResource,
     ):
-        stage = Stage.start(context, params, object_store, lambda at: at.base_model)
+        from histo_assets.core.base_model import describe_base_model
+        from histo_assets.core.base_model_training import train_from_crops, training_summary
+        from histo_assets.core.sampling import GenerationSettings
+
+        stage = Stage.start(context, params, object_store, STAGES[BASE_MODEL_ASSET])
         p, section = stage.params, stage.params["base_model"]
-        trains = section["source"] == TRAINED_SOURCE
+        trains = _trains_on_crops(p)
         crops = [stage.layout.augmented_crops(c) for c in p.classes] if trains else []
         object_store.pull(p.data_dir, *crops, log=stage.log)
-        training_set = {c: read_summary(folder)["data_version"] for c, folder in zip(p.classes, crops)} if trains else None
 
         def build(out: Path) -> dict:
             if not trains:
@@ -65,11 +83,10 @@ def build_assets(p: Params) -> list[dg.AssetsDefinition]:
                 preview=GenerationSettings.from_params(p["generation"], p.resolution),
             )
             model = base_model.load_folder(trained_model_dir(p), result.sha256, section["name"])
-            made = training_summary(result, p.classes, section["training"]["prompt"], training_set)
+            made = training_summary(result, p.classes, section["training"]["prompt"], stage.inputs["training_set"])
             return describe_base_model(model) | {"source": TRAINED_SOURCE, **made}
 
-        summary = stage.build_or_reuse(build, in_place=True, base_model=section, training_set=training_set,
-                                       resolution=p.resolution, seed=p.seed, code=BASE_MODEL_VERSION)
+        summary = stage.build_or_reuse(build, in_place=True)
         yield dg.MaterializeResult(metadata=_metadata(summary, stage.out) | {"reused_unchanged_output": stage.reused},
                                    data_version=dg.DataVersion(summary["sha256"]))
 
@@ -78,6 +95,8 @@ def build_assets(p: Params) -> list[dg.AssetsDefinition]:
 
 def _metadata(summary: dict, out: Path) -> dict:
     """The model's identity and architecture, and for a model trained here its data, loss curve and samples."""
+    from histo_assets.core.base_model_training import LOSS_PLOT, SAMPLES_PLOT
+
     architecture = summary["architecture"]
     trained = {
         "training_set": dg.MetadataValue.json(summary["training_set"]),

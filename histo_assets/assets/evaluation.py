@@ -3,11 +3,13 @@
 from pathlib import Path
 
 import dagster as dg
+import pandas as pd
 from PIL import Image
 
-from histo_assets.assets.stage import Stage, stage_asset
+from histo_assets.assets.stage import Part, Stage, StageSpec, stage_asset
 from histo_assets.core.evaluation import (
     CURVES_FILE,
+    METRICS_TABLE_FILE,
     TABLE_COLUMNS,
     checkpoint_row,
     combined_rows,
@@ -23,10 +25,10 @@ from histo_assets.core.evaluation import (
 from histo_assets.core.io import stable_hash
 from histo_assets.core.layout import Layout
 from histo_assets.core.previews import markdown_image, markdown_table
-from histo_assets.core.stage import read_summary
+from histo_assets.core.stage import output_settings, read_summary
 from histo_assets.core.steps import evaluated_steps
 from histo_assets.params import Params
-from histo_assets.partitions import Partitions, by_tissue_class, class_and_step
+from histo_assets.partitions import Partitions, by_tissue_class
 from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
 
 GROUP = "evaluation"
@@ -35,6 +37,37 @@ METRICS_SUMMARY_VERSION = "2"
 # Row values that are None where a metric could not be computed: numeric metadata shows them as NaN.
 OPTIONAL_METRICS = ("fid", "kid_mean", "is_mean", "precision", "recall")
 INTERVALS = ("fid_ci_low", "fid_ci_high", "kid_ci_low", "kid_ci_high", "confidence_level")
+
+
+def _checkpoint_metrics_inputs(p: Params, part: Part, _base_model) -> dict:
+    layout = Layout(p.data_dir)
+    reference, train = real_sets(layout, part.tissue_class)
+    cache = feature_cache(p["metrics"], layout, p.source.parent, p.seed)
+    return dict(generated=read_summary(layout.synthetic_images(part.tissue_class, part.step))["data_version"],
+                reference=cache.path_for(reference).name, train=cache.path_for(train).name,
+                metrics=scoring_settings(p["metrics"]), seed=p.seed, code=CHECKPOINT_METRICS_VERSION)
+
+
+def _scored(p: Params) -> dict[tuple[str, int], dict | None]:
+    layout = Layout(p.data_dir)
+    return {(c, step): read_summary(layout.checkpoint_metrics(c, step))
+            for c in p.classes for step in evaluated_steps(p["training"]["checkpoint_steps"])}
+
+
+def _metrics_summary_inputs(p: Params, _part: Part, _base_model) -> dict:
+    return dict(rows=[found["fingerprint"] for found in _scored(p).values()], metrics=output_settings(p["metrics"]),
+                classes=p.classes, code=METRICS_SUMMARY_VERSION)
+
+
+STAGES = {
+    "metrics_summary": StageSpec(lambda at, _part: at.metrics_summary, lambda _at, _part: [], _metrics_summary_inputs),
+    "checkpoint_metrics": StageSpec(
+        lambda at, part: at.checkpoint_metrics(part.tissue_class, part.step),
+        lambda at, part: [at.synthetic_images(part.tissue_class, part.step), at.augmented_crops(part.tissue_class),
+                          at.square_crops(part.tissue_class)],
+        _checkpoint_metrics_inputs,
+    ),
+}
 
 
 def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]:
@@ -56,24 +89,17 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
     def checkpoint_metrics(context: dg.AssetExecutionContext, params: ParamsResource,
                            object_store: ObjectStoreResource, base_model: BaseModelResource):
         base_model.apply_threads()
-        tissue_class, step = class_and_step(context)
-        stage = Stage.start(context, params, object_store, lambda at: at.checkpoint_metrics(tissue_class, step),
-                            lambda at: at.synthetic_images(tissue_class, step), lambda at: at.augmented_crops(tissue_class),
-                            lambda at: at.square_crops(tissue_class))
-        p, layout = stage.params, stage.layout
-        reference, train = real_sets(layout, tissue_class)
-        generated = generated_files(layout, tissue_class, step)
-        cache = feature_cache(p["metrics"], layout, p.source.parent, p.seed)
+        stage = Stage.start(context, params, object_store, STAGES["checkpoint_metrics"])
+        p, layout, (tissue_class, step) = stage.params, stage.layout, (stage.part.tissue_class, stage.part.step)
 
         def build(staging: Path) -> dict:
-            return {"row": checkpoint_row(cache, generated, reference, train, metric_settings(p["metrics"], p.seed),
-                                          tissue_class=tissue_class, step=step, log=stage.log)}
+            reference, train = real_sets(layout, tissue_class)
+            cache = feature_cache(p["metrics"], layout, p.source.parent, p.seed)
+            return {"row": checkpoint_row(cache, generated_files(layout, tissue_class, step), reference, train,
+                                          metric_settings(p["metrics"], p.seed), tissue_class=tissue_class, step=step,
+                                          log=stage.log)}
 
-        row = stage.build_or_reuse(
-            build, generated=read_summary(layout.synthetic_images(tissue_class, step))["data_version"],
-            reference=cache.path_for(reference).name, train=cache.path_for(train).name,
-            metrics=scoring_settings(p["metrics"]), seed=p.seed, code=CHECKPOINT_METRICS_VERSION,
-        )["row"]
+        row = stage.build_or_reuse(build)["row"]
         stage.log(f"{tissue_class} step {step}: FID {row['fid']} [{row['fid_ci_low']}, {row['fid_ci_high']}], "
                   f"KID {row['kid_mean']} [{row['kid_ci_low']}, {row['kid_ci_high']}] ({row['extractor']}; "
                   f"flags: {row['flags'] or 'none'})")
@@ -104,40 +130,39 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
     )
     def metrics_summary(context: dg.AssetExecutionContext, params: ParamsResource,
                         object_store: ObjectStoreResource, base_model: BaseModelResource):
-        """Rebuilt on every run, so it pulls its inputs only, never its previous output."""
         base_model.apply_threads()
-        p = params.load_for(context)
-        layout = Layout(p.data_dir)
+        stage = Stage.start(context, params, object_store, STAGES["metrics_summary"])
+        p, layout = stage.params, stage.layout
         steps = evaluated_steps(p["training"]["checkpoint_steps"])
         object_store.pull(p.data_dir, *(folder for c in p.classes for folder in (
             layout.square_crops(c), layout.augmented_crops(c),
             *(f for step in steps for f in (layout.synthetic_images(c, step), layout.checkpoint_metrics(c, step))),
-        )), log=context.log.info)
-        scored = {(c, step): read_summary(layout.checkpoint_metrics(c, step)) for c in p.classes for step in steps}
+        )), log=stage.log)
+        scored = _scored(p)
         for (tissue_class, step), found in scored.items():
             if found is None:
                 raise dg.Failure(f"checkpoint_metrics missing for {tissue_class} step {step}; materialise it first")
-        cache = feature_cache(p["metrics"], layout, p.source.parent, p.seed)
-        rows = [found["row"] for found in scored.values()]
-        rows += combined_rows(cache, layout, p.classes, steps, metric_settings(p["metrics"], p.seed))
         metric, tie = p["metrics"]["best_checkpoint_metric"], p["metrics"]["best_checkpoint_tie"]
-        table = metrics_table(rows, metric)
-        summary = write_metrics_summary(layout, table, p.classes, steps, metric, tie)
-        object_store.push(p.data_dir, layout.metrics_summary, log=context.log.info)
+
+        def build(_out: Path) -> dict:
+            cache = feature_cache(p["metrics"], layout, p.source.parent, p.seed)
+            rows = [found["row"] for found in scored.values()]
+            rows += combined_rows(cache, layout, p.classes, steps, metric_settings(p["metrics"], p.seed))
+            write_metrics_summary(layout, metrics_table(rows, metric), p.classes, steps, metric, tie)
+            return {"data_version": stable_hash(rows)}
+
+        data_version = stage.build_or_reuse(build, in_place=True)["data_version"]
         details = layout.metrics_details
-        return dg.MaterializeResult(
-            metadata={
-                "path": dg.MetadataValue.path(str(layout.metrics_summary)),
-                "table": dg.MetadataValue.md(markdown_table(table[TABLE_COLUMNS].round(4))),
-                "best_checkpoint": dg.MetadataValue.json({"metric": metric, "tie_rule": tie, "steps": summary["best"],
-                                                          "indistinguishable_steps": summary["indistinguishable"]}),
-                "how_to_read": dg.MetadataValue.md(summary["metrics_notes"]),
-                "against_base_model": dg.MetadataValue.json(summary["against_base_model"]),
-                "extractor_note": summary["extractor_note"],
-                "curves": dg.MetadataValue.md(markdown_image(Image.open(details / CURVES_FILE), "metric curves")),
-                **{f"grid_{c}": dg.MetadataValue.md(markdown_image(Image.open(details / grid_file(c)), c)) for c in p.classes},
-            },
-            data_version=dg.DataVersion(stable_hash(rows)),
-        )
+        summary, table = read_summary(details), pd.read_parquet(details / METRICS_TABLE_FILE)
+        return stage.result(data_version, {
+            "table": dg.MetadataValue.md(markdown_table(table[TABLE_COLUMNS].round(4))),
+            "best_checkpoint": dg.MetadataValue.json({"metric": metric, "tie_rule": tie, "steps": summary["best"],
+                                                      "indistinguishable_steps": summary["indistinguishable"]}),
+            "how_to_read": dg.MetadataValue.md(summary["metrics_notes"]),
+            "against_base_model": dg.MetadataValue.json(summary["against_base_model"]),
+            "extractor_note": summary["extractor_note"],
+            "curves": dg.MetadataValue.md(markdown_image(Image.open(details / CURVES_FILE), "metric curves")),
+            **{f"grid_{c}": dg.MetadataValue.md(markdown_image(Image.open(details / grid_file(c)), c)) for c in p.classes},
+        })
 
     return [checkpoint_metrics, metrics_summary]

@@ -6,16 +6,17 @@ import dagster as dg
 import pandas as pd
 
 from histo_assets.assets.checks import image_check_results, image_check_specs
-from histo_assets.assets.stage import Stage, stage_asset
+from histo_assets.assets.stage import Part, Stage, StageSpec, stage_asset
 from histo_assets.core.layout import BASE_MODEL_ASSET, IMAGES, INDEX, PREVIEW, Layout
 from histo_assets.core.previews import markdown_png_file
-from histo_assets.core.sampling import GenerationSettings, write_checkpoint_images, write_imported_images
 from histo_assets.core.stage import read_summary
 from histo_assets.core.steps import BASELINE_STEP
 from histo_assets.params import Params
-from histo_assets.partitions import Partitions, by_tissue_class, class_and_step
+from histo_assets.partitions import Partitions, by_tissue_class
 from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
 
+# core.sampling imports diffusers, so asset bodies import it when a run needs it: loading and unloading
+# diffusers takes seconds that every CLI start and UI reload would otherwise pay.
 GROUP = "generation"
 SYNTHETIC_IMAGES_VERSION = "2"
 IMPORTED_SYNTHETIC_IMAGES_VERSION = "2"
@@ -33,6 +34,33 @@ def checkpoint_entry(p: Params, tissue_class: str, step: int) -> dict:
         if int(entry["step"]) == step:
             return entry | {"name": summary["name"], "training_set": summary["training_set"]}
     raise dg.Failure(f"class {tissue_class!r}: no checkpoint for step {step}; materialise hypernetwork_checkpoints with these params")
+
+
+def _checkpoint(p: Params, part: Part) -> dict:
+    return BASELINE_CHECKPOINT if part.step == BASELINE_STEP else checkpoint_entry(p, part.tissue_class, part.step)
+
+
+def _synthetic_images_inputs(p: Params, part: Part, base_model: BaseModelResource) -> dict:
+    return dict(checkpoint=_checkpoint(p, part)["sha256"], generation=p["generation"], resolution=p.resolution,
+                base_model=base_model.identity(p), seed=p.seed, code=SYNTHETIC_IMAGES_VERSION)
+
+
+def _imported_synthetic_images_inputs(p: Params, part: Part, base_model: BaseModelResource) -> dict:
+    imported = pd.read_parquet(Layout(p.data_dir).imported_hypernetwork_index(part.tissue_class) / INDEX)
+    return dict(files=sorted(imported["sha256"]), generation=p["generation"], resolution=p.resolution,
+                base_model=base_model.identity(p), seed=p.seed, code=IMPORTED_SYNTHETIC_IMAGES_VERSION)
+
+
+STAGES = {
+    "synthetic_images": StageSpec(lambda at, part: at.synthetic_images(part.tissue_class, part.step),
+                                  lambda at, part: [at.hypernetwork_checkpoints(part.tissue_class)],
+                                  _synthetic_images_inputs),
+    "imported_synthetic_images": StageSpec(
+        lambda at, part: at.imported_synthetic_images(part.tissue_class),
+        lambda at, part: [at.imported_hypernetwork_index(part.tissue_class), at.imported_hypernetworks_inbox(part.tissue_class)],
+        _imported_synthetic_images_inputs,
+    ),
+}
 
 
 def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]:
@@ -54,15 +82,14 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         base_model: BaseModelResource,
         object_store: ObjectStoreResource,
     ):
-        tissue_class, step = class_and_step(context)
-        stage = Stage.start(context, params, object_store, lambda at: at.synthetic_images(tissue_class, step),
-                            lambda at: at.hypernetwork_checkpoints(tissue_class))
-        p = stage.params
-        baseline = step == BASELINE_STEP
-        checkpoint = BASELINE_CHECKPOINT if baseline else checkpoint_entry(p, tissue_class, step)
+        from histo_assets.core.sampling import GenerationSettings, write_checkpoint_images
+
+        stage = Stage.start(context, params, object_store, STAGES["synthetic_images"], base_model)
+        p, (tissue_class, step) = stage.params, (stage.part.tissue_class, stage.part.step)
+        checkpoint = _checkpoint(p, stage.part)
         settings = GenerationSettings.from_params(p["generation"], p.resolution)
         count = int(p["generation"]["images_per_checkpoint"])
-        checkpoint_path = None if baseline else stage.layout.hypernetwork_checkpoints(tissue_class) / checkpoint["file"]
+        checkpoint_path = None if step == BASELINE_STEP else stage.layout.hypernetwork_checkpoints(tissue_class) / checkpoint["file"]
 
         def build(staging: Path) -> dict:
             images = write_checkpoint_images(staging, base_model.load(p), checkpoint_path, tissue_class=tissue_class,
@@ -70,10 +97,7 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
             return images | {"checkpoint_file": checkpoint["file"], "checkpoint_sha256": checkpoint["sha256"],
                              "training_set": checkpoint["training_set"], "run_id": context.run_id}
 
-        summary = stage.build_or_reuse(
-            build, checkpoint=checkpoint["sha256"], generation=p["generation"], resolution=p.resolution,
-            base_model=base_model.identity(p), seed=p.seed, code=SYNTHETIC_IMAGES_VERSION,
-        )
+        summary = stage.build_or_reuse(build)
         index = pd.read_parquet(stage.out / INDEX)
         yield stage.result(summary["data_version"], {
             "images": summary["count"],
@@ -102,25 +126,21 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         base_model: BaseModelResource,
         object_store: ObjectStoreResource,
     ):
-        tissue_class = context.partition_key
-        stage = Stage.start(context, params, object_store, lambda at: at.imported_synthetic_images(tissue_class),
-                            lambda at: at.imported_hypernetwork_index(tissue_class),
-                            lambda at: at.imported_hypernetworks_inbox(tissue_class))
+        from histo_assets.core.sampling import GenerationSettings, write_imported_images
+
+        stage = Stage.start(context, params, object_store, STAGES["imported_synthetic_images"], base_model)
         p = stage.params
-        imported = pd.read_parquet(stage.layout.imported_hypernetwork_index(tissue_class) / INDEX)
+        imported = pd.read_parquet(stage.layout.imported_hypernetwork_index(context.partition_key) / INDEX)
 
         def build(staging: Path) -> dict:
             counts = write_imported_images(
-                staging, base_model.load(p) if len(imported) else None, imported, tissue_class=tissue_class,
+                staging, base_model.load(p) if len(imported) else None, imported, tissue_class=context.partition_key,
                 count=int(p["generation"]["images_per_checkpoint"]),
                 settings=GenerationSettings.from_params(p["generation"], p.resolution), master_seed=p.seed, log=stage.log,
             )
             return {"images": counts, "run_id": context.run_id}
 
-        summary = stage.build_or_reuse(
-            build, files=sorted(imported["sha256"]), generation=p["generation"], resolution=p.resolution,
-            base_model=base_model.identity(p), seed=p.seed, code=IMPORTED_SYNTHETIC_IMAGES_VERSION,
-        )
+        summary = stage.build_or_reuse(build)
         return stage.result(summary["fingerprint"], {
             "hypernetworks": len(summary["images"]),
             "images": dg.MetadataValue.json(summary["images"]),

@@ -8,7 +8,7 @@ import dagster as dg
 import pandas as pd
 
 from histo_assets.assets.checks import image_check_results, image_check_specs
-from histo_assets.assets.stage import Stage, stage_asset
+from histo_assets.assets.stage import Part, Stage, StageSpec, stage_asset
 from histo_assets.core.augment import CaptionModeError, write_augmented_crops
 from histo_assets.core.crops import CropSettings, write_square_crops
 from histo_assets.core.holdout import BY_SOURCE_COLUMNS, SplitSettings, read_groups, source_groups
@@ -16,7 +16,7 @@ from histo_assets.core.layout import IMAGES, INDEX, INVENTORY, PREVIEW, Layout
 from histo_assets.core.previews import markdown_png_file, markdown_table
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.slides import UnusableClassError, unknown_class_folders, write_inventory
-from histo_assets.core.stage import output_settings
+from histo_assets.core.stage import file_stats, output_settings
 from histo_assets.params import Params
 from histo_assets.partitions import Partitions
 from histo_assets.resources import ObjectStoreResource, ParamsResource
@@ -52,6 +52,41 @@ def _crops_metadata(folder: Path, summary: dict) -> dict:
     return metadata
 
 
+def _slide_inventory_inputs(p: Params, part: Part, _base_model) -> dict:
+    return dict(files=file_stats(Layout(p.data_dir).raw(part.tissue_class)), ingest=p["ingest"],
+                code=SLIDE_INVENTORY_VERSION)
+
+
+def _square_crops_inputs(p: Params, part: Part, _base_model) -> dict:
+    inventory = pd.read_parquet(Layout(p.data_dir).slide_inventory(part.tissue_class) / INVENTORY)
+    return dict(sources=sorted(zip(inventory["path"], inventory["sha256"])), crops=output_settings(p["crops"]),
+                ingest=p["ingest"], resolution=p.resolution, code=SQUARE_CROPS_VERSION)
+
+
+def _holdout_groups(p: Params, index: pd.DataFrame) -> dict[str, str]:
+    groups_csv = p["split"]["groups_csv"]
+    return source_groups(index["source_path"], read_groups(p.source.parent / groups_csv) if groups_csv else None)
+
+
+def _augmented_crops_inputs(p: Params, part: Part, _base_model) -> dict:
+    index = pd.read_parquet(Layout(p.data_dir).square_crops(part.tissue_class) / INDEX)
+    return dict(crops=sorted(dict(zip(index["crop_file"], index["crop_sha256"])).items()),
+                augmentation=output_settings(p["augmentation"]), split=p["split"],
+                groups=sorted(_holdout_groups(p, index).items()),
+                seed=derive_seed(p.seed, "augmented_crops", part.tissue_class), code=AUGMENTED_CROPS_VERSION)
+
+
+STAGES = {
+    "slide_inventory": StageSpec(lambda at, part: at.slide_inventory(part.tissue_class),
+                                 lambda at, part: [at.raw(part.tissue_class)], _slide_inventory_inputs),
+    "square_crops": StageSpec(lambda at, part: at.square_crops(part.tissue_class),
+                              lambda at, part: [at.raw(part.tissue_class), at.slide_inventory(part.tissue_class)],
+                              _square_crops_inputs),
+    "augmented_crops": StageSpec(lambda at, part: at.augmented_crops(part.tissue_class),
+                                 lambda at, part: [at.square_crops(part.tissue_class)], _augmented_crops_inputs),
+}
+
+
 def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]:
     @stage_asset(
         p, follows_upstream=False,
@@ -66,30 +101,25 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
     def slide_inventory(
         context: dg.AssetExecutionContext, params: ParamsResource, object_store: ObjectStoreResource
     ) -> dg.MaterializeResult:
-        p, tissue_class = params.load_for(context), context.partition_key
-        layout = Layout(p.data_dir)
-        unknown = unknown_class_folders(layout.raw_root, p.classes)
+        tissue_class = context.partition_key
+        stage = Stage.start(context, params, object_store, STAGES["slide_inventory"])
+        raw_root = stage.layout.raw_root
+        unknown = unknown_class_folders(raw_root, stage.params.classes)
         if unknown:
-            context.log.warning(f"class folder(s) under {layout.raw_root} not in params 'classes', ignored: {', '.join(unknown)}")
-        object_store.pull(p.data_dir, layout.raw(tissue_class), log=context.log.info)
-        out = layout.slide_inventory(tissue_class)
+            context.log.warning(f"class folder(s) under {raw_root} not in params 'classes', ignored: {', '.join(unknown)}")
         with _refusals_as_failures():
-            summary, inventory = write_inventory(out, layout.raw(tissue_class), p.data_dir, p["ingest"],
-                                                 tissue_class=tissue_class, warn=context.log.warning)
-        object_store.push(p.data_dir, out, log=context.log.info)
-        return dg.MaterializeResult(
-            metadata={
-                "path": dg.MetadataValue.path(str(out / INVENTORY)),
-                "slides": summary["count"],
-                "total_bytes": int(inventory["bytes"].sum()),
-                "inventory": dg.MetadataValue.md(
-                    markdown_table(inventory[["path", "width", "height", "levels", "mpp", "reader"]])
-                ),
-                "skipped": _skipped(summary["problems"]),
-                "unknown_class_folders": ", ".join(unknown) or "none",
-            },
-            data_version=dg.DataVersion(summary["fingerprint"]),
-        )
+            summary = stage.build_or_reuse(lambda staging: write_inventory(
+                staging, stage.layout.raw(tissue_class), stage.params.data_dir, stage.params["ingest"],
+                tissue_class=tissue_class, warn=context.log.warning))
+        inventory = pd.read_parquet(stage.out / INVENTORY)
+        return stage.result(summary["data_version"], {
+            "path": dg.MetadataValue.path(str(stage.out / INVENTORY)),
+            "slides": summary["count"],
+            "total_bytes": int(inventory["bytes"].sum()),
+            "inventory": dg.MetadataValue.md(markdown_table(inventory[["path", "width", "height", "levels", "mpp", "reader"]])),
+            "skipped": _skipped(summary["problems"]),
+            "unknown_class_folders": ", ".join(unknown) or "none",
+        })
 
     @stage_asset(
         p,
@@ -104,22 +134,17 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         "Names encode the source hash, level and level-0 coordinates; index.parquet records provenance.",
     )
     def square_crops(context: dg.AssetExecutionContext, params: ParamsResource, object_store: ObjectStoreResource):
-        tissue_class = context.partition_key
-        stage = Stage.start(context, params, object_store, lambda at: at.square_crops(tissue_class),
-                            lambda at: at.raw(tissue_class), lambda at: at.slide_inventory(tissue_class))
-        p = stage.params
-        inventory = pd.read_parquet(stage.layout.slide_inventory(tissue_class) / INVENTORY)
-        sources = sorted(zip(inventory["path"], inventory["sha256"]))
-        crops, ingest = p["crops"], p["ingest"]
+        stage = Stage.start(context, params, object_store, STAGES["square_crops"])
+        p, crops = stage.params, stage.params["crops"]
 
         def build(staging: Path) -> dict:
-            return write_square_crops(staging, sources, p.data_dir, CropSettings.from_params(crops, ingest, p.resolution),
-                                      tissue_class=tissue_class, workers=int(crops["workers"]), log=stage.log,
+            return write_square_crops(staging, stage.inputs["sources"], p.data_dir,
+                                      CropSettings.from_params(crops, p["ingest"], p.resolution),
+                                      tissue_class=context.partition_key, workers=int(crops["workers"]), log=stage.log,
                                       warn=context.log.warning)
 
         with _refusals_as_failures():
-            summary = stage.build_or_reuse(build, sources=sources, crops=output_settings(crops), ingest=ingest,
-                                           resolution=p.resolution, code=SQUARE_CROPS_VERSION)
+            summary = stage.build_or_reuse(build)
         yield stage.result(summary["data_version"], _crops_metadata(stage.out, summary) | {"mode": crops["mode"]})
         yield from image_check_results("square_crops", stage.out / IMAGES, p.resolution,
                                        int(p["checks"]["min_square_crops"]))
@@ -141,27 +166,20 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
     )
     def augmented_crops(context: dg.AssetExecutionContext, params: ParamsResource, object_store: ObjectStoreResource):
         tissue_class = context.partition_key
-        stage = Stage.start(context, params, object_store, lambda at: at.augmented_crops(tissue_class),
-                            lambda at: at.square_crops(tissue_class))
-        p, section = stage.params, stage.params["augmentation"]
+        stage = Stage.start(context, params, object_store, STAGES["augmented_crops"])
+        p = stage.params
         crops_dir = stage.layout.square_crops(tissue_class)
-        index = pd.read_parquet(crops_dir / INDEX)
-        split_settings = SplitSettings.from_params(p["split"])
-        groups_csv = p["split"]["groups_csv"]
-        groups = source_groups(index["source_path"], read_groups(p.source.parent / groups_csv) if groups_csv else None)
-        seed = derive_seed(p.seed, "augmented_crops", tissue_class)
 
         def build(staging: Path) -> dict:
-            return write_augmented_crops(staging, crops_dir / IMAGES, index, split_settings=split_settings, groups=groups,
-                                         augmentation=section, tissue_class=tissue_class, seed=seed, log=stage.log,
+            index = pd.read_parquet(crops_dir / INDEX)
+            return write_augmented_crops(staging, crops_dir / IMAGES, index,
+                                         split_settings=SplitSettings.from_params(p["split"]),
+                                         groups=_holdout_groups(p, index), augmentation=p["augmentation"],
+                                         tissue_class=tissue_class, seed=stage.inputs["seed"], log=stage.log,
                                          warn=context.log.warning)
 
         with _refusals_as_failures():
-            summary = stage.build_or_reuse(
-                build, crops=sorted(dict(zip(index["crop_file"], index["crop_sha256"])).items()),
-                augmentation=output_settings(section), split=p["split"], groups=sorted(groups.items()), seed=seed,
-                code=AUGMENTED_CROPS_VERSION,
-            )
+            summary = stage.build_or_reuse(build)
         yield stage.result(summary["data_version"], _crops_metadata(stage.out, summary) | {
             "train_crops": summary["train_crops"],
             "held_out_crops": summary["held_out_crops"],

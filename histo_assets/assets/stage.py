@@ -9,18 +9,19 @@ settings and chooses what the UI shows.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 from histo_assets.assets import FOLLOW_UPSTREAM, GPU_TAGS
-from histo_assets.core.layout import Layout
-from histo_assets.core.stage import build_or_reuse, fingerprint
+from histo_assets.core.layout import SUMMARY, Layout
+from histo_assets.core.stage import build_or_reuse, current_summary, fingerprint
 from histo_assets.params import Params
-from histo_assets.resources import ObjectStoreResource, ParamsResource, params_config_schema
+from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource, params_config_schema
 
 # The pool of steps that need the GPU: one at a time (dagster.yaml), so concurrent runs never share it.
 GPU_POOL = "gpu"
@@ -42,6 +43,70 @@ def stage_asset(p: Params, *, on_gpu: bool = False, follows_upstream: bool = Tru
     return dg.asset(**shared, **asset_args)
 
 
+@dataclass(frozen=True)
+class Part:
+    """The partition a run is for: a class, a class and a step, or neither for stages across everything."""
+
+    tissue_class: str | None = None
+    step: int | None = None
+
+    @classmethod
+    def of(cls, key: str | None) -> Part:
+        if key is None:
+            return cls()
+        if isinstance(key, dg.MultiPartitionKey):
+            return cls(key.keys_by_dimension["tissue_class"], int(key.keys_by_dimension["step"]))
+        return cls(key)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Where a stage writes, which folders it reads and what decides its output.
+
+    Declared apart from the asset's body so that a launcher can tell, before
+    starting a Dagster run, that the run would only confirm its reuse.
+    ``inputs`` returns the fingerprinted inputs; the build may use them too.
+    """
+
+    output: Callable[[Layout, Part], Path]
+    reads: Callable[[Layout, Part], Iterable[Path]]
+    inputs: Callable[[Params, Part, BaseModelResource], dict[str, Any]]
+
+    def is_current(self, p: Params, part: Part, base_model: BaseModelResource) -> bool:
+        """Whether the output folder was built from exactly the inputs a run would see now."""
+        try:
+            expected = fingerprint(**self.inputs(p, part, base_model))
+        except Exception:  # a missing or unreadable input: the run will report it properly
+            return False
+        return current_summary(self.output(Layout(p.data_dir), part), expected) is not None
+
+
+def unchanged_since_last_run(instance: dg.DagsterInstance, stages: dict[str, StageSpec], assets: Iterable[str],
+                              p: Params, partition_key: str | None, base_model: BaseModelResource) -> bool:
+    """Whether a run of these assets for this partition would only confirm that each reuses its output.
+
+    True only when every asset is a declared stage whose output folder was
+    built from the inputs it would see now, and Dagster's latest
+    materialisation of it came from a successful run after that folder's
+    summary was written: so what the UI shows is what is on disk.
+    """
+    part, layout = Part.of(partition_key), Layout(p.data_dir)
+    for asset in assets:
+        spec = stages.get(asset)
+        if spec is None or not spec.is_current(p, part, base_model):
+            return False
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(dg.AssetKey(asset), asset_partitions=None if partition_key is None else [partition_key]),
+            limit=1,
+        ).records
+        if not records or records[0].timestamp < (spec.output(layout, part) / SUMMARY).stat().st_mtime:
+            return False
+        run = instance.get_run_by_id(records[0].run_id)
+        if run is None or run.status != dg.DagsterRunStatus.SUCCESS:
+            return False
+    return True
+
+
 @dataclass
 class Stage:
     """One partition of one stage while it runs."""
@@ -49,32 +114,40 @@ class Stage:
     context: dg.AssetExecutionContext
     params: Params
     object_store: ObjectStoreResource
-    out: Path
+    spec: StageSpec
+    part: Part
+    base_model: BaseModelResource | None
     reused: bool = field(default=False, init=False)
 
     @classmethod
-    def start(
-        cls, context: dg.AssetExecutionContext, params: ParamsResource, object_store: ObjectStoreResource,
-        output: Callable[[Layout], Path], *inputs: Callable[[Layout], Path],
-    ) -> Stage:
-        """Read params and pull the stage's inputs and its previous output; folders are given as layout lookups."""
+    def start(cls, context: dg.AssetExecutionContext, params: ParamsResource, object_store: ObjectStoreResource,
+              spec: StageSpec, base_model: BaseModelResource | None = None) -> Stage:
+        """Read params with the launch's overrides, and pull the folders the stage reads and its previous output."""
         p = params.load_for(context)
-        layout = Layout(p.data_dir)
-        stage = cls(context, p, object_store, output(layout))
-        object_store.pull(p.data_dir, *(folder(layout) for folder in inputs), stage.out, log=context.log.info)
+        stage = cls(context, p, object_store, spec, Part.of(context.partition_key if context.has_partition_key else None),
+                    base_model)
+        object_store.pull(p.data_dir, *spec.reads(stage.layout, stage.part), stage.out, log=stage.log)
         return stage
 
     @property
     def layout(self) -> Layout:
         return Layout(self.params.data_dir)
 
+    @property
+    def out(self) -> Path:
+        return self.spec.output(self.layout, self.part)
+
+    @cached_property
+    def inputs(self) -> dict[str, Any]:
+        return self.spec.inputs(self.params, self.part, self.base_model)
+
     def log(self, message: str) -> None:
         self.context.log.info(message)
 
-    def build_or_reuse(self, build: Callable[[Path], dict[str, Any]], *, in_place: bool = False,
-                       **inputs: Any) -> dict[str, Any]:
-        """The summary: ``build`` runs only when the fingerprint of ``inputs`` changed; then the output is pushed."""
-        summary, self.reused = build_or_reuse(self.out, fingerprint(**inputs), build, log=self.log, in_place=in_place)
+    def build_or_reuse(self, build: Callable[[Path], dict[str, Any]], *, in_place: bool = False) -> dict[str, Any]:
+        """The summary: ``build`` runs only when the fingerprint of the inputs changed; then the output is pushed."""
+        summary, self.reused = build_or_reuse(self.out, fingerprint(**self.inputs), build, log=self.log,
+                                              in_place=in_place)
         self.push()
         return summary
 

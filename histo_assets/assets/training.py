@@ -5,21 +5,42 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from histo_assets.assets.stage import Stage, stage_asset
-from histo_assets.core.base_model import attention_context_widths
+from histo_assets.assets.stage import Part, Stage, StageSpec, stage_asset
 from histo_assets.core.hypernetwork import HypernetworkOptions, checkpoint_problems, write_imported_index
 from histo_assets.core.io import stable_hash
-from histo_assets.core.layout import BASE_MODEL_ASSET, IMAGES, LOSS_PLOT
+from histo_assets.core.layout import BASE_MODEL_ASSET, IMAGES, INDEX, LOSS_PLOT, Layout
 from histo_assets.core.previews import markdown_png_file, markdown_table
-from histo_assets.core.stage import read_summary
-from histo_assets.core.training import resume_key, write_hypernetwork_checkpoints
+from histo_assets.core.stage import file_stats, read_summary
 from histo_assets.params import Params
 from histo_assets.partitions import Partitions
 from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
 
+# core.training and core.base_model import diffusers, so asset bodies import them when a run needs them:
+# loading and unloading diffusers takes seconds that every CLI start and UI reload would otherwise pay.
 GROUP = "training"
 HYPERNETWORK_CHECKPOINTS_VERSION = "2"
 IMPORTED_HYPERNETWORK_INDEX_VERSION = "1"
+
+
+def _hypernetwork_checkpoints_inputs(p: Params, part: Part, base_model: BaseModelResource) -> dict:
+    return dict(training_set=read_summary(Layout(p.data_dir).augmented_crops(part.tissue_class))["data_version"],
+                base_model=base_model.identity(p), hypernetwork=p["hypernetwork"], training=p["training"],
+                resolution=p.resolution, seed=p.seed, code=HYPERNETWORK_CHECKPOINTS_VERSION)
+
+
+def _imported_hypernetwork_index_inputs(p: Params, part: Part, base_model: BaseModelResource) -> dict:
+    return dict(files=file_stats(Layout(p.data_dir).imported_hypernetworks_inbox(part.tissue_class)),
+                base_model=base_model.identity(p), code=IMPORTED_HYPERNETWORK_INDEX_VERSION)
+
+
+STAGES = {
+    "hypernetwork_checkpoints": StageSpec(lambda at, part: at.hypernetwork_checkpoints(part.tissue_class),
+                                          lambda at, part: [at.augmented_crops(part.tissue_class)],
+                                          _hypernetwork_checkpoints_inputs),
+    "imported_hypernetwork_index": StageSpec(lambda at, part: at.imported_hypernetwork_index(part.tissue_class),
+                                             lambda at, part: [at.imported_hypernetworks_inbox(part.tissue_class)],
+                                             _imported_hypernetwork_index_inputs),
+}
 
 
 def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]:
@@ -45,25 +66,22 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         object_store: ObjectStoreResource,
     ):
         tissue_class = context.partition_key
-        stage = Stage.start(context, params, object_store, lambda at: at.hypernetwork_checkpoints(tissue_class),
-                            lambda at: at.augmented_crops(tissue_class))
+        stage = Stage.start(context, params, object_store, STAGES["hypernetwork_checkpoints"], base_model)
         p = stage.params
-        crops_dir = stage.layout.augmented_crops(tissue_class)
-        inputs = dict(training_set=read_summary(crops_dir)["data_version"], base_model=base_model.identity(p),
-                      hypernetwork=p["hypernetwork"], resolution=p.resolution, seed=p.seed,
-                      code=HYPERNETWORK_CHECKPOINTS_VERSION)
 
         def build(out: Path) -> dict:
+            from histo_assets.core.training import resume_key, write_hypernetwork_checkpoints
+
             return write_hypernetwork_checkpoints(
-                out, base_model.load(p), crops_dir / IMAGES, tissue_class=tissue_class,
+                out, base_model.load(p), stage.layout.augmented_crops(tissue_class) / IMAGES, tissue_class=tissue_class,
                 options=HypernetworkOptions.from_params(p["hypernetwork"]), training=p["training"],
-                resolution=p.resolution, master_seed=p.seed, training_set=inputs["training_set"],
-                resume=resume_key(training=p["training"], **inputs), log=stage.log,
+                resolution=p.resolution, master_seed=p.seed, training_set=stage.inputs["training_set"],
+                resume=resume_key(**stage.inputs), log=stage.log,
                 # With an object store, a pod lost mid-run leaves its checkpoints for the next one to resume from.
                 on_checkpoint=lambda _path: stage.push(),
             )
 
-        summary = stage.build_or_reuse(build, in_place=True, training=p["training"], **inputs)
+        summary = stage.build_or_reuse(build, in_place=True)
         checkpoints = summary["checkpoints"]
         yield stage.result(stable_hash(checkpoints), {
             "loss_curve": dg.MetadataValue.md(markdown_png_file(stage.out / LOSS_PLOT, "loss curve")),
@@ -95,21 +113,18 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         base_model: BaseModelResource,
         object_store: ObjectStoreResource,
     ):
-        tissue_class = context.partition_key
-        stage = Stage.start(context, params, object_store, lambda at: at.imported_hypernetwork_index(tissue_class),
-                            lambda at: at.imported_hypernetworks_inbox(tissue_class))
-        inbox = stage.layout.imported_hypernetworks_inbox(tissue_class)
-        frame, problems = write_imported_index(
-            stage.out, inbox, lambda: attention_context_widths(base_model.load(stage.params).unet), warn=context.log.warning)
-        stage.push()
-        return dg.MaterializeResult(
-            metadata={
-                "inbox": dg.MetadataValue.path(str(inbox)),
-                "imported": len(frame),
-                "hypernetworks": dg.MetadataValue.md(markdown_table(frame.drop(columns=["path"])) if len(frame) else "none"),
-                "skipped": dg.MetadataValue.md(markdown_table(pd.DataFrame(problems)) if problems else "none"),
-            },
-            data_version=dg.DataVersion(stable_hash(sorted(frame["sha256"]))),
-        )
+        stage = Stage.start(context, params, object_store, STAGES["imported_hypernetwork_index"], base_model)
+        inbox = stage.layout.imported_hypernetworks_inbox(context.partition_key)
+        from histo_assets.core.base_model import attention_context_widths
+
+        summary = stage.build_or_reuse(lambda staging: write_imported_index(
+            staging, inbox, lambda: attention_context_widths(base_model.load(stage.params).unet), warn=context.log.warning))
+        frame = pd.read_parquet(stage.out / INDEX)
+        return stage.result(summary["data_version"], {
+            "inbox": dg.MetadataValue.path(str(inbox)),
+            "imported": summary["count"],
+            "hypernetworks": dg.MetadataValue.md(markdown_table(frame.drop(columns=["path"])) if len(frame) else "none"),
+            "skipped": dg.MetadataValue.md(markdown_table(pd.DataFrame(summary["problems"])) if summary["problems"] else "none"),
+        })
 
     return [hypernetwork_checkpoints, imported_hypernetwork_index]

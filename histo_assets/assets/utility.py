@@ -5,7 +5,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from histo_assets.assets.stage import Stage, stage_asset
+from histo_assets.assets.stage import Part, Stage, StageSpec, stage_asset
 from histo_assets.core.classifier_utility import (
     BALANCED_ACCURACY,
     PLOT_FILE,
@@ -16,6 +16,7 @@ from histo_assets.core.classifier_utility import (
     write_candidates,
 )
 from histo_assets.core.evaluation import feature_cache
+from histo_assets.core.layout import Layout
 from histo_assets.core.previews import markdown_png_file, markdown_table
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.stage import read_summary
@@ -25,6 +26,23 @@ from histo_assets.resources import BaseModelResource, ObjectStoreResource, Param
 
 CLASSIFIER_UTILITY_VERSION = "1"
 SHOWN_COLUMNS = ["candidate", "classifier", "variant", "value", "ci_low", "ci_high", "verdict"]
+
+
+def _utility_sets(p: Params) -> tuple:
+    layout = Layout(p.data_dir)
+    return utility_inputs(layout, p.classes, evaluated_steps(p["training"]["checkpoint_steps"]),
+                          read_summary(layout.metrics_details)["best"])
+
+
+def _classifier_utility_inputs(p: Params, _part: Part, _base_model) -> dict:
+    cache = feature_cache(p["metrics"], Layout(p.data_dir), p.source.parent, p.seed)
+    return dict(sets=image_sets_hash(*_utility_sets(p)), utility=p["utility"], features=cache.identity,
+                code=CLASSIFIER_UTILITY_VERSION)
+
+
+# The image folders it reads depend on params' classes and steps, so the asset pulls them itself.
+STAGES = {"classifier_utility": StageSpec(lambda at, _part: at.classifier_utility, lambda at, _part: [at.metrics_summary],
+                                          _classifier_utility_inputs)}
 
 
 def build_assets(p: Params) -> list[dg.AssetsDefinition]:
@@ -48,24 +66,22 @@ def build_assets(p: Params) -> list[dg.AssetsDefinition]:
         object_store: ObjectStoreResource,
     ):
         base_model.apply_threads()
-        stage = Stage.start(context, params, object_store, lambda at: at.classifier_utility, lambda at: at.metrics_summary)
+        stage = Stage.start(context, params, object_store, STAGES["classifier_utility"])
         p, layout = stage.params, stage.layout
         steps = evaluated_steps(p["training"]["checkpoint_steps"])
         object_store.pull(
             p.data_dir, *(folder for c in p.classes for folder in (layout.square_crops(c), layout.augmented_crops(c))),
             *(layout.synthetic_images(c, step) for c in p.classes for step in steps), log=stage.log,
         )
-        train, test, candidates = utility_inputs(layout, p.classes, steps, read_summary(layout.metrics_details)["best"])
         settings = UtilitySettings.from_params(p["utility"], derive_seed(p.seed, "utility"))
         cache = feature_cache(p["metrics"], layout, p.source.parent, p.seed)
 
         def build(staging: Path) -> dict:
-            return write_candidates(staging, train, test, candidates, settings, steps,
+            return write_candidates(staging, *_utility_sets(p), settings, steps,
                                     featurize=lambda paths: cache.features(paths, log=stage.log).features,
                                     features_label=cache.info.name, log=stage.log)
 
-        summary = stage.build_or_reuse(build, sets=image_sets_hash(train, test, candidates), utility=p["utility"],
-                                       features=cache.identity, code=CLASSIFIER_UTILITY_VERSION)
+        summary = stage.build_or_reuse(build)
         table = pd.read_csv(stage.out / RESULTS_FILE)
         return stage.result(summary["fingerprint"], {
             "summary": dg.MetadataValue.md(summary["notes"]),

@@ -37,7 +37,7 @@ from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from histo_assets.core.a1111_text import short_hash
-from histo_assets.core.errors import HistoAssetsError
+from histo_assets.core.errors import BaseModelError
 from histo_assets.core.io import atomic_directory, sha256_file, stable_hash
 
 SOURCES = ("tiny", "diffusers", "single_file")
@@ -91,10 +91,6 @@ SD1_SIGNATURE = {
     "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": (77, 768),
     "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc1.weight": (3072, 768),
 }
-
-
-class BaseModelError(HistoAssetsError, ValueError):
-    """A base-model setting that cannot be used; raised before any weights load."""
 
 
 @dataclass

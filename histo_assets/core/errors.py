@@ -11,3 +11,11 @@ handlers still catch it.
 
 class HistoAssetsError(Exception):
     """An input, file or tool the pipeline cannot use; the message names it."""
+
+
+class BaseModelError(HistoAssetsError, ValueError):
+    """A base-model setting that cannot be used; raised before any weights load.
+
+    Here rather than beside the loader so that code which only names the
+    base model (fingerprints, resources) need not import diffusers.
+    """

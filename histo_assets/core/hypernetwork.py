@@ -30,14 +30,8 @@ from torch import Tensor, nn
 
 from histo_assets.core.a1111_text import short_hash
 from histo_assets.core.errors import HistoAssetsError
-from histo_assets.core.io import (
-    atomic_directory,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_parquet,
-    sha256_file,
-)
-from histo_assets.core.layout import INDEX, SUMMARY
+from histo_assets.core.io import atomic_write_bytes, atomic_write_parquet, sha256_file, stable_hash
+from histo_assets.core.layout import INDEX
 
 OPTIMIZER_SUFFIX = ".optim"
 WEIGHT_INIT_SCHEMES = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
@@ -460,14 +454,14 @@ def _imported_row(path: Path, hn: Hypernetwork, widths: set[int]) -> dict[str, A
 
 
 def write_imported_index(out: Path, inbox: Path, context_widths: Callable[[], Iterable[int]],
-                         warn: Callable[[str], None]) -> tuple[pd.DataFrame, list[dict[str, str]]]:
-    """Index the ``.pt`` files a lab dropped into ``inbox`` in ``out``; the index and each skipped file's reason.
+                         warn: Callable[[str], None]) -> dict[str, Any]:
+    """Index the ``.pt`` files a lab dropped into ``inbox`` in ``out``; the summary's fields.
 
     An inbox holds whatever a lab had, so a file that fails to load or fits
     no attention width of the model is skipped, with the reason kept for
     people to read. ``context_widths`` (the base model's, slow to load) is
     asked for only once a file has loaded, so an inbox of unusable files never
-    needs the model.
+    needs the model. The data version is the hash of the indexed files' hashes.
     """
     rows, problems = [], []
     widths = None
@@ -485,10 +479,8 @@ def write_imported_index(out: Path, inbox: Path, context_widths: Callable[[], It
             continue
         rows.append(_imported_row(path, hn, widths))
     frame = pd.DataFrame(rows, columns=IMPORTED_INDEX_COLUMNS)
-    with atomic_directory(out) as staging:
-        atomic_write_parquet(staging / INDEX, frame)
-        atomic_write_json(staging / SUMMARY, {"count": len(rows), "problems": problems})
-    return frame, problems
+    atomic_write_parquet(out / INDEX, frame)
+    return {"count": len(rows), "problems": problems, "data_version": stable_hash(sorted(frame["sha256"]))}
 
 
 def export_safetensors(hn: Hypernetwork, path: str | Path) -> Path:

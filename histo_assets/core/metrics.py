@@ -8,7 +8,9 @@ similar size, and float32 loses most of the significant digits there.
 
 The Fréchet square-root term and the polynomial MMD come from torchmetrics
 (pinned in pyproject.toml) so the numbers match the library the field uses;
-both are importable without torch-fidelity. Everything random (KID subsets,
+both are importable without torch-fidelity. They are imported where used:
+importing torchmetrics takes about a second (its text metrics come with it),
+which every CLI start would pay only to check fingerprints. Everything random (KID subsets,
 IS splits, bootstrap resamples) draws from ``numpy.random.default_rng(seed)``,
 never global state, unlike torchmetrics' own metric classes.
 """
@@ -20,8 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.special import entr, softmax
-from torchmetrics.image.fid import _compute_fid
-from torchmetrics.image.kid import poly_mmd
 
 KID_KERNEL_DEGREE = 3
 KID_KERNEL_COEF = 1.0
@@ -73,6 +73,8 @@ def frechet_distance_from_stats(
     dim = mean1.shape[0]
     if cov1.shape != (dim, dim) or cov2.shape != (dim, dim):
         raise ValueError(f"covariances must be {dim}x{dim}, got {tuple(cov1.shape)}, {tuple(cov2.shape)}")
+    from torchmetrics.image.fid import _compute_fid  # see the module docstring: imported where used
+
     return float(_compute_fid(mean1, cov1, mean2, cov2))
 
 
@@ -120,6 +122,8 @@ def kernel_distance(
     2018. KID is unbiased, so unlike FID it is comparable across the small,
     unequal per-class sample sizes of this project; it can be slightly negative.
     """
+    from torchmetrics.image.kid import poly_mmd  # see the module docstring: imported where used
+
     a = _as_matrix(features_a, "features_a")
     b = _as_matrix(features_b, "features_b")
     _same_dimension(a, b, "features_a and features_b")

@@ -21,8 +21,8 @@ import pandas as pd
 from PIL import Image
 
 from histo_assets.core.errors import HistoAssetsError
-from histo_assets.core.io import atomic_directory, atomic_write_json, atomic_write_parquet, sha256_file, stable_hash
-from histo_assets.core.layout import INVENTORY, SUMMARY
+from histo_assets.core.io import atomic_write_parquet, sha256_file, stable_hash
+from histo_assets.core.layout import INVENTORY
 
 PYRAMID_SUFFIXES = {".svs", ".tif", ".tiff"}
 
@@ -304,13 +304,12 @@ def unknown_class_folders(raw_root: Path, classes: list[str]) -> list[str]:
 def write_inventory(
     out: Path, class_dir: Path, data_root: Path, ingest: Mapping[str, Any], *, tissue_class: str,
     warn: Log | None = None,
-) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Inventory one class folder into ``out``, swapped in whole; its summary, and the inventory for display.
+) -> dict[str, Any]:
+    """Inventory one class folder into ``out``; the summary's fields.
 
-    ``ingest`` is params' section of that name. The summary's fingerprint is
-    the hash of the files' content hashes rather than of the inputs: every
-    file is hashed anyway, and a class whose files did not change keeps its
-    data version, so nothing downstream reruns.
+    ``ingest`` is params' section of that name. The data version is the hash
+    of the files' content hashes: a class whose files did not change keeps
+    it, so nothing downstream reruns, even when the files were rewritten.
     """
     if not class_dir.is_dir():
         raise UnusableClassError(f"class {tissue_class!r}: no folder {class_dir}")
@@ -320,13 +319,9 @@ def write_inventory(
     report_problems(problems, warn)
     if not records:
         raise UnusableClassError(f"class {tissue_class!r} has no usable slide in {class_dir}", problems)
-    frame = pd.DataFrame([r.as_row() for r in records])
-    summary = {
-        "fingerprint": stable_hash(sorted((r.path, r.sha256) for r in records)),
+    atomic_write_parquet(out / INVENTORY, pd.DataFrame([r.as_row() for r in records]))
+    return {
+        "data_version": stable_hash(sorted((r.path, r.sha256) for r in records)),
         "count": len(records),
         "problems": [vars(x) for x in problems],
     }
-    with atomic_directory(out) as staging:
-        atomic_write_parquet(staging / INVENTORY, frame)
-        atomic_write_json(staging / SUMMARY, summary)
-    return summary, frame

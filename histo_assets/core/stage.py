@@ -33,6 +33,18 @@ def output_settings(section: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in section.items() if key not in SPEED_ONLY_SETTINGS}
 
 
+def file_stats(folder: Path) -> list[tuple[str, int, int]]:
+    """Name, size and modification time of each file in a flat folder: DVC's stand-in for content hashes.
+
+    Stages whose inputs are files a lab drops in (raw slides, imported
+    hypernetworks) fingerprint these, so an unchanged folder is not re-hashed;
+    a rewritten file with the same bytes is re-hashed and keeps its data version.
+    """
+    if not folder.is_dir():
+        return []
+    return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())
+
+
 def read_summary(folder: Path) -> dict[str, Any] | None:
     path = folder / SUMMARY
     if not path.is_file():
