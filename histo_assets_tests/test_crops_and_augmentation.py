@@ -17,8 +17,9 @@ from histo_assets.core.augment import (
     write_captions,
 )
 from histo_assets.core.crops import CropSettings, TileSettings, crop_class, tissue_mask, write_square_crops
-from histo_assets.core.holdout import HOLDOUT_COLUMNS, SplitSettings
+from histo_assets.core.holdout import SplitSettings
 from histo_assets.core.io import sha256_file, stable_hash
+from histo_assets.core.schemas import HELD_OUT_CROPS
 from histo_assets.core.slides import UnusableClassError
 from histo_assets.params import DEFAULT_PARAMS_FILE
 from histo_assets_tests.conftest import tissue_image
@@ -195,7 +196,7 @@ def test_augmented_crops_leave_the_held_out_crops_alone(crops, tmp_path):
                                     tissue_class="alpha", seed=7, log=logs.append)
     held_out = pd.read_parquet(tmp_path / "out" / "holdout.parquet")
     augmented = pd.read_parquet(tmp_path / "out" / "index.parquet")
-    assert list(held_out.columns) == list(HOLDOUT_COLUMNS) and len(held_out) == summary["held_out_crops"] == 1
+    assert tuple(held_out.columns) == HELD_OUT_CROPS.columns and len(held_out) == summary["held_out_crops"] == 1
     assert not set(held_out["crop_file"]) & set(augmented["source_crop"])
     assert summary["holdout_rule"] == "group" and summary["train_crops"] == 2 and summary["count"] == len(augmented)
     assert summary["data_version"] == stable_hash(sorted(zip(augmented["file"], augmented["sha256"])))

@@ -9,7 +9,6 @@ import pytest
 from histo_assets.core.holdout import (
     GUARD,
     HELD_OUT,
-    HOLDOUT_COLUMNS,
     RULE_GROUP,
     RULE_NONE,
     RULE_SPATIAL,
@@ -21,6 +20,7 @@ from histo_assets.core.holdout import (
     split_holdout,
 )
 from histo_assets.core.layout import HOLDOUT, INDEX
+from histo_assets.core.schemas import HELD_OUT_CROPS
 from histo_assets_tests.conftest import SMALL, THESIS_CLASSES, tissue_image, write_params
 from histo_assets_tests.test_ingest_assets import materialize
 
@@ -93,7 +93,7 @@ def test_many_slides_are_held_out_whole_and_never_shared():
     trained = set(split.crops.loc[split.crops["side"] == TRAIN, "group"])
     assert len(held) == 2 and not held & trained
     frame = split.holdout_frame()
-    assert tuple(frame.columns) == HOLDOUT_COLUMNS and set(frame["rule"]) == {RULE_GROUP}
+    assert tuple(frame.columns) == HELD_OUT_CROPS.columns and set(frame["rule"]) == {RULE_GROUP}
     assert set(frame["region"]) == {"whole source"}
     other = split_holdout(index, SETTINGS, seed=4, groups=source_groups(index["source_path"], None))
     assert other.rule == RULE_GROUP
@@ -117,7 +117,7 @@ def test_nothing_is_held_out_where_nothing_can_be_held_out_safely():
     adjacent = index_of(grid("raw/c/a.png", 2, 1, stride=64))
     split = split_holdout(adjacent, SETTINGS, seed=7, groups=source_groups(adjacent["source_path"], None))
     assert split.rule == RULE_NONE and split.held_out == [] and len(split.train) == 2
-    assert split.holdout_frame().empty and tuple(split.holdout_frame().columns) == HOLDOUT_COLUMNS
+    assert split.holdout_frame().empty and tuple(split.holdout_frame().columns) == HELD_OUT_CROPS.columns
     none = SplitSettings(holdout_fraction=0.0, group_fraction_tolerance=0.15, guard_tiles=1)
     assert split_holdout(adjacent, none, seed=7, groups=source_groups(adjacent["source_path"], None)).rule == RULE_NONE
 
@@ -184,7 +184,7 @@ def test_materialised_spatial_split_keeps_held_out_pixels_out_of_training(tmp_pa
     holdout, trained, crops, metadata = materialised_split(dataset(tmp_path, slides=1))
     assert (crops["size"] > 32).all() and crops["x"].diff().abs().min() == 32, "tiles overlap: stride < tile size"
     assert metadata["holdout_rule"] == RULE_SPATIAL and set(holdout["rule"]) == {RULE_SPATIAL}
-    assert tuple(holdout.columns) == HOLDOUT_COLUMNS
+    assert tuple(holdout.columns) == HELD_OUT_CROPS.columns
     assert len(holdout) >= 2 and len(trained) > len(holdout)
     assert metadata["held_out_crops"] == len(holdout) and metadata["guard_crops"] > 0
     assert not set(holdout["crop_file"]) & set(trained["crop_file"])

@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 
 from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.holdout import RULE_NONE, SplitSettings, split_holdout
-from histo_assets.core.io import atomic_save_png, atomic_write_parquet, atomic_write_text, sha256_file, stable_hash
+from histo_assets.core.io import atomic_save_png, atomic_write_text, sha256_file, stable_hash
 from histo_assets.core.layout import HOLDOUT, IMAGES, INDEX, PREVIEW
 from histo_assets.core.previews import write_preview
+from histo_assets.core.schemas import AUGMENTED_INDEX, HELD_OUT_CROPS
 from histo_assets.core.seeding import derive_seed
 
 Log = Callable[[str], None]
@@ -240,8 +241,8 @@ def write_augmented_crops(
     write_captions(out / IMAGES, [r.file for r in records], tissue_class, augmentation["captions"])
     frame = pd.DataFrame([r.as_row() for r in records])
     frame["seed"] = pd.array([r.seed for r in records], dtype="Int64")
-    atomic_write_parquet(out / INDEX, frame)
-    atomic_write_parquet(out / HOLDOUT, split.holdout_frame())
+    AUGMENTED_INDEX.write(out / INDEX, frame)
+    HELD_OUT_CROPS.write(out / HOLDOUT, split.holdout_frame())
     write_preview(out / IMAGES, out / PREVIEW)
     return {
         "count": len(records),

@@ -51,6 +51,7 @@ from histo_assets.core.features import ImageFeatureExtractor, extract_features
 from histo_assets.core.io import atomic_directory, atomic_write_json, stable_hash
 from histo_assets.core.layout import IMAGES, INDEX, Layout
 from histo_assets.core.plots import interval_bars
+from histo_assets.core.schemas import AUGMENTED_INDEX
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.steps import BASELINE_STEP
 
@@ -672,7 +673,7 @@ def utility_inputs(
     """
     train, test = {}, {}
     for tissue_class in classes:
-        index = pd.read_parquet(layout.augmented_crops(tissue_class) / INDEX)
+        index = AUGMENTED_INDEX.read(layout.augmented_crops(tissue_class) / INDEX, columns=["file", "kind"])
         images = layout.augmented_crops(tissue_class) / IMAGES
         train[tissue_class] = [images / name for name in index.loc[index["kind"] == "original", "file"]]
         test[tissue_class] = held_out_crops(layout, tissue_class)

@@ -27,9 +27,10 @@ from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
 from tqdm.auto import tqdm
 
-from histo_assets.core.io import atomic_save_png, atomic_write_parquet, sha256_file, stable_hash
+from histo_assets.core.io import atomic_save_png, sha256_file, stable_hash
 from histo_assets.core.layout import IMAGES, INDEX, PREVIEW
 from histo_assets.core.previews import write_preview
+from histo_assets.core.schemas import CROP_INDEX
 from histo_assets.core.slides import (
     Log,
     Problem,
@@ -408,7 +409,7 @@ def write_square_crops(
         raise UnusableClassError(
             f"class {tissue_class!r}: no crop could be cut from its {len(sources)} slide(s)", problems
         )
-    atomic_write_parquet(out / INDEX, pd.DataFrame([r.as_row() for r in records]))
+    CROP_INDEX.write(out / INDEX, pd.DataFrame([r.as_row() for r in records]))
     write_preview(out / IMAGES, out / PREVIEW)
     return {
         "count": len(records),

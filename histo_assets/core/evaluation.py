@@ -29,7 +29,6 @@ from histo_assets.core.io import (
     atomic_save_png,
     atomic_write_bytes,
     atomic_write_json,
-    atomic_write_parquet,
     atomic_write_text,
     sha256_file,
     stable_hash,
@@ -47,6 +46,7 @@ from histo_assets.core.metrics import (
 )
 from histo_assets.core.plots import metric_curves
 from histo_assets.core.previews import contact_sheet
+from histo_assets.core.schemas import HELD_OUT_CROPS, METRICS_TABLE, PUBLISHED_METRICS
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.steps import BASELINE_STEP
 
@@ -72,19 +72,8 @@ FLAG_MEANINGS = {
 }
 FLAG_SEPARATOR = ";"
 
-# The metric table's schema: metrics.csv, the DVC plots CSVs and the release's metrics.parquet.
-TABLE_COLUMNS = [
-    "tissue_class", "step",
-    "fid", "fid_ci_low", "fid_ci_high",
-    "kid_mean", "kid_std", "kid_ci_low", "kid_ci_high", "kid_subset_size",
-    "is_mean", "is_std", "is_images_per_split",
-    "precision", "recall", "pr_k",
-    "memorisation_rate",
-    "n_generated", "n_reference", "feature_dim",
-    "confidence_level", "bootstrap_resamples",
-    "flags", "overlapping_steps",
-    "extractor", "comparable_with", "preprocessing",
-]
+# The published columns as a list, the form pandas selects columns by.
+TABLE_COLUMNS = list(PUBLISHED_METRICS.columns)
 # metrics keys that only the summary reads: changing them must not re-score any checkpoint.
 SUMMARY_ONLY_SETTINGS = ("best_checkpoint_metric", "best_checkpoint_tie")
 # The folder under the data cache that holds FeatureCache's files.
@@ -232,7 +221,7 @@ def feature_cache(section: Mapping[str, Any], layout: Layout, params_dir: Path, 
 
 
 def held_out_crops(layout: Layout, tissue_class: str) -> list[Path]:
-    holdout = pd.read_parquet(layout.augmented_crops(tissue_class) / HOLDOUT)
+    holdout = HELD_OUT_CROPS.read(layout.augmented_crops(tissue_class) / HOLDOUT, columns=["crop_file"])
     return [layout.square_crops(tissue_class) / IMAGES / name for name in holdout["crop_file"]]
 
 
@@ -645,7 +634,7 @@ def write_metrics_summary(layout: Layout, table: pd.DataFrame, classes: Sequence
     )
     for tissue_class in classes:
         atomic_save_png(details / grid_file(tissue_class), comparison_grid(layout, tissue_class, steps))
-    atomic_write_parquet(details / METRICS_TABLE_FILE, table)
+    METRICS_TABLE.write(details / METRICS_TABLE_FILE, table)
     atomic_write_text(out / "metrics.csv", table[TABLE_COLUMNS].to_csv(index=False))
     for tissue_class, group in table.groupby("tissue_class"):
         atomic_write_text(out / "plots" / f"{tissue_class}.csv", group[TABLE_COLUMNS[1:]].sort_values("step").to_csv(index=False))

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from histo_assets.core.schemas import HELD_OUT_CROPS
 from histo_assets.core.seeding import derive_seed
 
 RULE_GROUP = "group"
@@ -31,9 +32,6 @@ RULE_SPATIAL = "spatial"
 RULE_NONE = "none"
 TRAIN, HELD_OUT, GUARD = "train", "held_out", "guard"
 WHOLE_SOURCE = "whole source"
-# holdout.parquet: each held-out crop, the rule that chose it, its group, source and level-0 rectangle, and
-# the region of the source it lies in (a band such as "x < 384", or the whole source).
-HOLDOUT_COLUMNS = ("crop_file", "crop_sha256", "rule", "group", "source_path", "x", "y", "size", "region")
 # The lab's optional grouping (split.groups_csv): each source file, by its path in the crop index, and its group.
 GROUPS_COLUMNS = ("source_path", "group")
 # HoldoutSplit.by_source(): one row per source, shown in the asset metadata.
@@ -92,7 +90,7 @@ class HoldoutSplit:
 
     def holdout_frame(self) -> pd.DataFrame:
         held = self.crops[self.crops["side"] == HELD_OUT].assign(rule=self.rule)
-        return held[list(HOLDOUT_COLUMNS)].sort_values("crop_file").reset_index(drop=True)
+        return held[list(HELD_OUT_CROPS.columns)].sort_values("crop_file").reset_index(drop=True)
 
     def summary(self) -> dict:
         """The split as the stage's summary records it, so that a reused folder still says how it was split."""

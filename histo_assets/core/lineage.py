@@ -35,6 +35,14 @@ from histo_assets.core.a1111_text import (
 from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.io import sha256_file, stable_hash
 from histo_assets.core.release import CARD, LINEAGE, MANIFEST, read_manifest
+from histo_assets.core.schemas import (
+    AUGMENTED_INDEX,
+    CROP_INDEX,
+    GENERATION_INDEX,
+    HELD_OUT_CROPS,
+    RELEASE_LINEAGE,
+    SLIDE_INVENTORY,
+)
 from histo_assets.core.stage import read_summary
 from histo_assets.core.training_files import settings_path
 from histo_assets.core.layout import BASE_MODEL_ASSET, HOLDOUT, IMAGES, INDEX, INVENTORY, Layout
@@ -180,7 +188,7 @@ def _generated_images(layout: Layout) -> list[tuple[Path, dict[str, Any]]]:
     return [
         (index.parent, row)
         for index in sorted(layout.data_dir.glob(f"synthetic_images/*/*/{INDEX}"))
-        for row in _records(pd.read_parquet(index))
+        for row in _records(GENERATION_INDEX.read(index))
     ]
 
 
@@ -237,10 +245,10 @@ def training_lineage(layout: Layout, tissue_class: str) -> pd.DataFrame | None:
     crops_index = layout.square_crops(tissue_class) / INDEX
     if not (augmented_index.is_file() and crops_index.is_file()):
         return None
-    augmented = pd.read_parquet(augmented_index)
-    crops = pd.read_parquet(crops_index)
+    augmented = AUGMENTED_INDEX.read(augmented_index)
+    crops = CROP_INDEX.read(crops_index)
     merged = augmented.merge(crops, left_on="source_crop", right_on="crop_file", how="left")
-    return pd.DataFrame({
+    return RELEASE_LINEAGE.check(pd.DataFrame({
         "tissue_class": tissue_class,
         "training_image": merged["file"],
         "training_image_sha256": merged["sha256"],
@@ -255,7 +263,7 @@ def training_lineage(layout: Layout, tissue_class: str) -> pd.DataFrame | None:
         "x": merged["x"],
         "y": merged["y"],
         "size": merged["size"],
-    })
+    }))
 
 
 def _training_set_hash(lineage: pd.DataFrame) -> str:
@@ -487,7 +495,7 @@ class _Tracer:
         tables = []
         for folder in dict.fromkeys(folder for folder, _ in self.release_hits):
             if (folder / LINEAGE).is_file():
-                table = pd.read_parquet(folder / LINEAGE)
+                table = RELEASE_LINEAGE.read(folder / LINEAGE)
                 tables.append((str(folder / LINEAGE), table[table["tissue_class"] == self.tissue_class]))
         if self.layout is not None:
             table = training_lineage(self.layout, self.tissue_class)
@@ -513,7 +521,7 @@ class _Tracer:
         if self.layout is not None:
             crops_dir = self.layout.augmented_crops(self.tissue_class)
             if (crops_dir / HOLDOUT).is_file() and str(crops_dir / INDEX) in [source for source, _ in matching]:
-                held_out = len(pd.read_parquet(crops_dir / HOLDOUT))
+                held_out = len(HELD_OUT_CROPS.read(crops_dir / HOLDOUT))
         kinds = {str(kind): int(count) for kind, count in table["kind"].value_counts().sort_index().items()}
         return table, {"count": len(table), "kinds": kinds, "source": source, "held_out_crops": held_out}
 
@@ -529,7 +537,7 @@ class _Tracer:
         inventory = {}
         inventory_file = self.layout.slide_inventory(self.tissue_class) / INVENTORY if self.layout is not None else None
         if inventory_file is not None and inventory_file.is_file():
-            inventory = {row["sha256"]: row for row in _records(pd.read_parquet(inventory_file))}
+            inventory = {row["sha256"]: row for row in _records(SLIDE_INVENTORY.read(inventory_file))}
         raw_slides = []
         for slide in _records(slides):
             entry = {"path": slide["raw_slide"], "sha256": slide["raw_slide_sha256"],

@@ -47,6 +47,7 @@ from histo_assets.core.io import (
 )
 from histo_assets.core.layout import IMAGES as STAGE_IMAGES
 from histo_assets.core.layout import INDEX, Layout
+from histo_assets.core.schemas import GENERATION_INDEX, PUBLISHED_METRICS, RELEASE_LINEAGE, RELEASE_MANIFEST
 from histo_assets.core.stage import read_summary
 
 MANIFEST = "manifest.parquet"
@@ -57,7 +58,6 @@ IMAGES = "images"
 PLOTS = "plots"
 TAG_PREFIX = "release"
 TAG_HASH_LENGTH = 12
-MANIFEST_COLUMNS = ("path", "tissue_class", "checkpoint_step", "sha256")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Folder, file and release names: safe in paths, Markdown links, URLs and git refs.
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -201,10 +201,9 @@ def _plan_images(images: Sequence[ReleaseImage]) -> list[tuple[str, ReleaseImage
         if not _is_png(source):
             raise ValueError(f"release image {source} is not a PNG file")
         for key in image.provenance:
-            if not isinstance(key, str) or not key or key in MANIFEST_COLUMNS:
-                raise ValueError(
-                    f"provenance key {key!r} of {source} is empty or clashes with the columns {MANIFEST_COLUMNS}"
-                )
+            if not isinstance(key, str) or not key or key in RELEASE_MANIFEST.columns:
+                raise ValueError(f"provenance key {key!r} of {source} is empty or clashes with the columns "
+                                 f"{RELEASE_MANIFEST.columns}")
         relative = f"{IMAGES}/{image.tissue_class}/{source.name}"
         if relative in planned:
             raise ValueError(
@@ -296,7 +295,7 @@ def _card_contents(
         [tissue_class, len(steps), ", ".join(str(s) for s in sorted(set(steps)))] for tissue_class, steps in per_class
     ]
     count_rows.append(["**total**", len(manifest), ""])
-    provenance = [c for c in manifest.columns if c not in MANIFEST_COLUMNS]
+    provenance = [c for c in manifest.columns if c not in RELEASE_MANIFEST.columns]
     provenance_text = ", ".join(f"`{c}`" for c in provenance) if provenance else "none"
     lines = [
         f"# Synthetic H&E tissue images: {name}",
@@ -526,12 +525,12 @@ def _write_contents(
         shutil.copyfile(image.source, destination)
         rows.append((relative, image, sha256_file(destination)))
     manifest = _manifest(rows)
-    atomic_write_parquet(staging / MANIFEST, manifest)
+    RELEASE_MANIFEST.write(staging / MANIFEST, manifest)
     metrics = None if metrics_table is None else _metrics_frame(metrics_table)
     if metrics is not None:
         atomic_write_parquet(staging / METRICS, metrics)
     if lineage is not None:
-        atomic_write_parquet(staging / LINEAGE, lineage.sort_values(list(lineage.columns)).reset_index(drop=True))
+        RELEASE_LINEAGE.write(staging / LINEAGE, lineage.sort_values(list(lineage.columns)).reset_index(drop=True))
     for plot in plot_paths:
         (staging / PLOTS).mkdir(exist_ok=True)
         shutil.copyfile(plot, staging / PLOTS / plot.name)
@@ -545,11 +544,7 @@ def read_manifest(path_or_release_dir: str | os.PathLike) -> pd.DataFrame:
         path = path / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no release manifest at {path}")
-    frame = pd.read_parquet(path)
-    missing = [column for column in MANIFEST_COLUMNS if column not in frame.columns]
-    if missing:
-        raise ValueError(f"{path} is not a release manifest: columns {missing} are missing")
-    return frame
+    return RELEASE_MANIFEST.read(path)
 
 
 def publish_release(
@@ -699,7 +694,7 @@ def release_images(
         for step in class_steps:
             folder = layout.synthetic_images(tissue_class, step)
             generated = read_summary(folder)
-            for row in pd.read_parquet(folder / INDEX).itertuples():
+            for row in GENERATION_INDEX.read(folder / INDEX).itertuples():
                 images.append(ReleaseImage(
                     source=folder / STAGE_IMAGES / row.file,
                     tissue_class=tissue_class,
@@ -762,7 +757,8 @@ def build_dataset_release(
     checkpoints = f"Checkpoints: {section['checkpoints']} (by {metrics_summary['best_by']})."
     return build_release(
         release_images(layout, steps, code_version=code_version, git_commit=git_commit), out, name=section["name"],
-        metrics_table=metrics_table, metrics_notes=metrics_summary["metrics_notes"] + utility_notes, lineage=lineage,
+        metrics_table=PUBLISHED_METRICS.check(metrics_table),
+        metrics_notes=metrics_summary["metrics_notes"] + utility_notes, lineage=lineage,
         plots=sorted(layout.metrics_details.glob("*.png")),
         card_extra=f"{checkpoints} {metrics_summary['extractor_note']}",
         repo_url=release_repo_url(section, repo), repo_path=os.path.relpath(out, repo) if repo is not None else None,

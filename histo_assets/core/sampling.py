@@ -47,9 +47,10 @@ from tqdm.auto import tqdm
 from histo_assets.core.a1111_text import PARAMETERS_KEY, WEBUI_SAMPLERS, a1111_parameters, short_hash
 from histo_assets.core.base_model import BaseModel
 from histo_assets.core.hypernetwork import apply_hypernetwork, load_hypernetwork
-from histo_assets.core.io import atomic_save_png, atomic_write_parquet, sha256_file, stable_hash
+from histo_assets.core.io import atomic_save_png, sha256_file, stable_hash
 from histo_assets.core.layout import IMAGES, INDEX, PREVIEW
 from histo_assets.core.previews import write_preview
+from histo_assets.core.schemas import GENERATION_INDEX
 from histo_assets.core.seeding import derive_seed
 
 Log = Callable[[str], None]
@@ -362,7 +363,7 @@ def _sample(base: BaseModel, prompt: str, negative: str, settings: GenerationSet
 def write_generation_index(records: Sequence[GeneratedImage], path: Path) -> Path:
     """One row per image, columns in :class:`GeneratedImage` order (also when there are no images)."""
     columns = [field.name for field in fields(GeneratedImage)]
-    return atomic_write_parquet(path, pd.DataFrame([asdict(r) for r in records], columns=columns))
+    return GENERATION_INDEX.write(path, pd.DataFrame([asdict(r) for r in records], columns=columns))
 
 
 def write_checkpoint_images(
