@@ -44,7 +44,8 @@ from histo_assets.core.classifier_utility import (
 )
 from histo_assets.core.features import build_extractor
 from histo_assets.core.seeding import derive_seed
-from histo_assets.core.layout import HOLDOUT, IMAGES, Layout
+from histo_assets.core.layout import HOLDOUT, IMAGES, INDEX, Layout
+from histo_assets.core.schemas import AUGMENTED_INDEX, HELD_OUT_CROPS
 from histo_assets.params import load_params
 from histo_assets_tests.test_classifier_utility import known_answer_sets
 
@@ -72,11 +73,11 @@ def demo_sets(layout: Layout, classes: list[str]) -> tuple[dict, dict, dict[str,
     """Real training crops, held-out crops, and the demo's synthetic sets, per class."""
     train, test, augmented = {}, {}, {}
     for name in classes:
-        index = pd.read_parquet(layout.augmented_crops(name) / "index.parquet")
+        index = AUGMENTED_INDEX.read(layout.augmented_crops(name) / INDEX)
         images = layout.augmented_crops(name) / IMAGES
         train[name] = [images / f for f in index.loc[index["kind"].eq("original"), "file"]]
         augmented[name] = [images / f for f in index.loc[~index["kind"].eq("original"), "file"]]
-        held_out = pd.read_parquet(layout.augmented_crops(name) / HOLDOUT)["crop_file"]
+        held_out = HELD_OUT_CROPS.read(layout.augmented_crops(name) / HOLDOUT)["crop_file"]
         test[name] = [layout.square_crops(name) / IMAGES / f for f in held_out]
     synthetic = {"augmented crops (good-generator stand-in)": augmented,
                  "augmented crops, class-shuffled": {name: augmented[classes[(i + 1) % len(classes)]]

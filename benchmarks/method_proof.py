@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from histo_assets.core.layout import HOLDOUT
+from histo_assets.core.schemas import HELD_OUT_CROPS
 from histo_assets.core.threads import apply_threads
 
 
@@ -81,7 +83,7 @@ def main() -> int:
     train_dirs = {c: data / "augmented_crops" / c / "images" for c in classes}
     held_out = {}
     for c in classes:
-        rows = pd.read_parquet(data / "augmented_crops" / c / "holdout.parquet")
+        rows = HELD_OUT_CROPS.read(data / "augmented_crops" / c / HOLDOUT)
         held_out[c] = [data / "square_crops" / c / "images" / name for name in rows["crop_file"]]
     train_images = {c: list_images(train_dirs[c]) for c in classes}
 

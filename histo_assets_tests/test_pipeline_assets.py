@@ -24,10 +24,9 @@ import pytest
 import torch
 from PIL import Image
 
-from histo_assets.assets.evaluation import TABLE_COLUMNS
 from histo_assets.core.a1111_text import parse_a1111_parameters
 from histo_assets.core.base_model import folder_weights_sha256, tiny_model_dir
-from histo_assets.core.evaluation import FID_RANK_DEFICIENT, SMALL_REFERENCE
+from histo_assets.core.evaluation import FID_RANK_DEFICIENT, SMALL_REFERENCE, TABLE_COLUMNS
 from histo_assets.core.features import FALLBACK_NAME
 from histo_assets.core.hypernetwork import load_hypernetwork
 from histo_assets.core.io import sha256_file

@@ -3,14 +3,12 @@
 from pathlib import Path
 
 import dagster as dg
-import pandas as pd
 from PIL import Image
 
 from histo_assets.assets.stage import Part, Stage, StageSpec, stage_asset
 from histo_assets.core.evaluation import (
     CURVES_FILE,
     METRICS_TABLE_FILE,
-    TABLE_COLUMNS,
     checkpoint_row,
     combined_rows,
     feature_cache,
@@ -25,6 +23,7 @@ from histo_assets.core.evaluation import (
 from histo_assets.core.io import stable_hash
 from histo_assets.core.layout import Layout
 from histo_assets.core.previews import markdown_image, markdown_table
+from histo_assets.core.schemas import METRICS_TABLE, PUBLISHED_METRICS
 from histo_assets.core.stage import output_settings, read_summary
 from histo_assets.core.steps import evaluated_steps
 from histo_assets.params import Params
@@ -153,9 +152,9 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
 
         data_version = stage.build_or_reuse(build, in_place=True)["data_version"]
         details = layout.metrics_details
-        summary, table = read_summary(details), pd.read_parquet(details / METRICS_TABLE_FILE)
+        summary, table = read_summary(details), METRICS_TABLE.read(details / METRICS_TABLE_FILE)
         return stage.result(data_version, {
-            "table": dg.MetadataValue.md(markdown_table(table[TABLE_COLUMNS].round(4))),
+            "table": dg.MetadataValue.md(markdown_table(table[list(PUBLISHED_METRICS.columns)].round(4))),
             "best_checkpoint": dg.MetadataValue.json({"metric": metric, "tie_rule": tie, "steps": summary["best"],
                                                       "indistinguishable_steps": summary["indistinguishable"]}),
             "how_to_read": dg.MetadataValue.md(summary["metrics_notes"]),

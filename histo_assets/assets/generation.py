@@ -3,12 +3,12 @@
 from pathlib import Path
 
 import dagster as dg
-import pandas as pd
 
 from histo_assets.assets.checks import image_check_results, image_check_specs
 from histo_assets.assets.stage import Part, Stage, StageSpec, stage_asset
 from histo_assets.core.layout import BASE_MODEL_ASSET, IMAGES, INDEX, PREVIEW, Layout
 from histo_assets.core.previews import markdown_png_file
+from histo_assets.core.schemas import GENERATION_INDEX, IMPORTED_HYPERNETWORK_INDEX
 from histo_assets.core.stage import read_summary
 from histo_assets.core.steps import BASELINE_STEP
 from histo_assets.params import Params
@@ -46,7 +46,7 @@ def _synthetic_images_inputs(p: Params, part: Part, base_model: BaseModelResourc
 
 
 def _imported_synthetic_images_inputs(p: Params, part: Part, base_model: BaseModelResource) -> dict:
-    imported = pd.read_parquet(Layout(p.data_dir).imported_hypernetwork_index(part.tissue_class) / INDEX)
+    imported = IMPORTED_HYPERNETWORK_INDEX.read(Layout(p.data_dir).imported_hypernetwork_index(part.tissue_class) / INDEX)
     return dict(files=sorted(imported["sha256"]), generation=p["generation"], resolution=p.resolution,
                 base_model=base_model.identity(p), seed=p.seed, code=IMPORTED_SYNTHETIC_IMAGES_VERSION)
 
@@ -98,7 +98,7 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
                              "training_set": checkpoint["training_set"], "run_id": context.run_id}
 
         summary = stage.build_or_reuse(build)
-        index = pd.read_parquet(stage.out / INDEX)
+        index = GENERATION_INDEX.read(stage.out / INDEX)
         yield stage.result(summary["data_version"], {
             "images": summary["count"],
             "checkpoint": summary["checkpoint_file"],
@@ -130,7 +130,7 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
 
         stage = Stage.start(context, params, object_store, STAGES["imported_synthetic_images"], base_model)
         p = stage.params
-        imported = pd.read_parquet(stage.layout.imported_hypernetwork_index(context.partition_key) / INDEX)
+        imported = IMPORTED_HYPERNETWORK_INDEX.read(stage.layout.imported_hypernetwork_index(context.partition_key) / INDEX)
 
         def build(staging: Path) -> dict:
             counts = write_imported_images(

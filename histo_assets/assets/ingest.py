@@ -14,6 +14,7 @@ from histo_assets.core.crops import CropSettings, write_square_crops
 from histo_assets.core.holdout import BY_SOURCE_COLUMNS, SplitSettings, read_groups, source_groups
 from histo_assets.core.layout import IMAGES, INDEX, INVENTORY, PREVIEW, Layout
 from histo_assets.core.previews import markdown_png_file, markdown_table
+from histo_assets.core.schemas import CROP_INDEX, SLIDE_INVENTORY
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.slides import UnusableClassError, unknown_class_folders, write_inventory
 from histo_assets.core.stage import file_stats, output_settings
@@ -58,7 +59,7 @@ def _slide_inventory_inputs(p: Params, part: Part, _base_model) -> dict:
 
 
 def _square_crops_inputs(p: Params, part: Part, _base_model) -> dict:
-    inventory = pd.read_parquet(Layout(p.data_dir).slide_inventory(part.tissue_class) / INVENTORY)
+    inventory = SLIDE_INVENTORY.read(Layout(p.data_dir).slide_inventory(part.tissue_class) / INVENTORY)
     return dict(sources=sorted(zip(inventory["path"], inventory["sha256"])), crops=output_settings(p["crops"]),
                 ingest=p["ingest"], resolution=p.resolution, code=SQUARE_CROPS_VERSION)
 
@@ -69,7 +70,7 @@ def _holdout_groups(p: Params, index: pd.DataFrame) -> dict[str, str]:
 
 
 def _augmented_crops_inputs(p: Params, part: Part, _base_model) -> dict:
-    index = pd.read_parquet(Layout(p.data_dir).square_crops(part.tissue_class) / INDEX)
+    index = CROP_INDEX.read(Layout(p.data_dir).square_crops(part.tissue_class) / INDEX)
     return dict(crops=sorted(dict(zip(index["crop_file"], index["crop_sha256"])).items()),
                 augmentation=output_settings(p["augmentation"]), split=p["split"],
                 groups=sorted(_holdout_groups(p, index).items()),
@@ -111,7 +112,7 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
             summary = stage.build_or_reuse(lambda staging: write_inventory(
                 staging, stage.layout.raw(tissue_class), stage.params.data_dir, stage.params["ingest"],
                 tissue_class=tissue_class, warn=context.log.warning))
-        inventory = pd.read_parquet(stage.out / INVENTORY)
+        inventory = SLIDE_INVENTORY.read(stage.out / INVENTORY)
         return stage.result(summary["data_version"], {
             "path": dg.MetadataValue.path(str(stage.out / INVENTORY)),
             "slides": summary["count"],
@@ -171,7 +172,7 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         crops_dir = stage.layout.square_crops(tissue_class)
 
         def build(staging: Path) -> dict:
-            index = pd.read_parquet(crops_dir / INDEX)
+            index = CROP_INDEX.read(crops_dir / INDEX)
             return write_augmented_crops(staging, crops_dir / IMAGES, index,
                                          split_settings=SplitSettings.from_params(p["split"]),
                                          groups=_holdout_groups(p, index), augmentation=p["augmentation"],

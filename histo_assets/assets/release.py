@@ -9,7 +9,7 @@ from histo_assets.assets.ingest import AUGMENTED_CROPS_VERSION, SQUARE_CROPS_VER
 from histo_assets.assets.training import HYPERNETWORK_CHECKPOINTS_VERSION
 from histo_assets.assets.stage import stage_asset
 from histo_assets.core.dvc import ensure_git_identity, git_last_commit, git_toplevel
-from histo_assets.core.evaluation import METRICS_TABLE_FILE, TABLE_COLUMNS
+from histo_assets.core.evaluation import METRICS_TABLE_FILE
 from histo_assets.core.layout import Layout
 from histo_assets.core.lineage import training_lineage
 from histo_assets.core.release import (
@@ -20,6 +20,7 @@ from histo_assets.core.release import (
     release_inputs,
     selected_steps,
 )
+from histo_assets.core.schemas import METRICS_TABLE, PUBLISHED_METRICS
 from histo_assets.core.stage import read_summary
 from histo_assets.params import PROJECT_ROOT, Params
 from histo_assets.resources import DvcResource, ObjectStoreResource, ParamsResource
@@ -65,7 +66,7 @@ def build_assets(p: Params) -> list[dg.AssetsDefinition]:
         repo, local_remote = git_toplevel(p.data_dir), local_remote_path(section["remote"]["url"], p.source.parent)
         info = build_dataset_release(
             layout, steps, section=section, metrics_summary=summary, utility_summary=utility,
-            metrics_table=pd.read_parquet(layout.metrics_details / METRICS_TABLE_FILE)[TABLE_COLUMNS],
+            metrics_table=METRICS_TABLE.read(layout.metrics_details / METRICS_TABLE_FILE, PUBLISHED_METRICS.columns),
             lineage=pd.concat([training_lineage(layout, tissue_class) for tissue_class in steps], ignore_index=True),
             code_version=CODE_VERSION, git_commit=git_last_commit(PROJECT_ROOT, CODE_PATHS), repo=repo,
             local_remote=local_remote,

@@ -10,6 +10,7 @@ from histo_assets.core.hypernetwork import HypernetworkOptions, checkpoint_probl
 from histo_assets.core.io import stable_hash
 from histo_assets.core.layout import BASE_MODEL_ASSET, IMAGES, INDEX, LOSS_PLOT, Layout
 from histo_assets.core.previews import markdown_png_file, markdown_table
+from histo_assets.core.schemas import IMPORTED_HYPERNETWORK_INDEX
 from histo_assets.core.stage import file_stats, read_summary
 from histo_assets.params import Params
 from histo_assets.partitions import Partitions
@@ -119,7 +120,7 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
 
         summary = stage.build_or_reuse(lambda staging: write_imported_index(
             staging, inbox, lambda: attention_context_widths(base_model.load(stage.params).unet), warn=context.log.warning))
-        frame = pd.read_parquet(stage.out / INDEX)
+        frame = IMPORTED_HYPERNETWORK_INDEX.read(stage.out / INDEX)
         return stage.result(summary["data_version"], {
             "inbox": dg.MetadataValue.path(str(inbox)),
             "imported": summary["count"],

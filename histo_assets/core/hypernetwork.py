@@ -30,8 +30,9 @@ from torch import Tensor, nn
 
 from histo_assets.core.a1111_text import short_hash
 from histo_assets.core.errors import HistoAssetsError
-from histo_assets.core.io import atomic_write_bytes, atomic_write_parquet, sha256_file, stable_hash
+from histo_assets.core.io import atomic_write_bytes, sha256_file, stable_hash
 from histo_assets.core.layout import INDEX
+from histo_assets.core.schemas import IMPORTED_HYPERNETWORK_INDEX
 
 OPTIMIZER_SUFFIX = ".optim"
 WEIGHT_INIT_SCHEMES = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
@@ -42,8 +43,6 @@ _LEGACY_DROPOUT = 0.3
 _LEGACY_RENAMES = (("linear1.", "linear.0."), ("linear2.", "linear.1."))
 # Keys written by the Hypernetwork-MonkeyPatch extension that change the architecture (§8).
 _EXTENSION_KEYS = ("skip_connection", "upsample_linear")
-IMPORTED_INDEX_COLUMNS = ["file", "path", "sha256", "name", "step", "sizes", "unused_sizes", "activation",
-                          "layer_structure", "sd_checkpoint", "sd_checkpoint_name"]
 
 
 class HypernetworkFormatError(HistoAssetsError, ValueError):
@@ -478,8 +477,8 @@ def write_imported_index(out: Path, inbox: Path, context_widths: Callable[[], It
             warn(f"skipped imported hypernetwork {path.name}: {error}")
             continue
         rows.append(_imported_row(path, hn, widths))
-    frame = pd.DataFrame(rows, columns=IMPORTED_INDEX_COLUMNS)
-    atomic_write_parquet(out / INDEX, frame)
+    frame = pd.DataFrame(rows, columns=list(IMPORTED_HYPERNETWORK_INDEX.columns))
+    IMPORTED_HYPERNETWORK_INDEX.write(out / INDEX, frame)
     return {"count": len(rows), "problems": problems, "data_version": stable_hash(sorted(frame["sha256"]))}
 
 

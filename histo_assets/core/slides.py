@@ -21,8 +21,9 @@ import pandas as pd
 from PIL import Image
 
 from histo_assets.core.errors import HistoAssetsError
-from histo_assets.core.io import atomic_write_parquet, sha256_file, stable_hash
+from histo_assets.core.io import sha256_file, stable_hash
 from histo_assets.core.layout import INVENTORY
+from histo_assets.core.schemas import SLIDE_INVENTORY
 
 PYRAMID_SUFFIXES = {".svs", ".tif", ".tiff"}
 
@@ -319,7 +320,7 @@ def write_inventory(
     report_problems(problems, warn)
     if not records:
         raise UnusableClassError(f"class {tissue_class!r} has no usable slide in {class_dir}", problems)
-    atomic_write_parquet(out / INVENTORY, pd.DataFrame([r.as_row() for r in records]))
+    SLIDE_INVENTORY.write(out / INVENTORY, pd.DataFrame([r.as_row() for r in records]))
     return {
         "data_version": stable_hash(sorted((r.path, r.sha256) for r in records)),
         "count": len(records),
