@@ -1,5 +1,6 @@
 """Shared fixtures: small real datasets on disk and params files that point at them."""
 
+import dataclasses
 import os
 
 os.environ.pop("HISTO_ASSETS_PARAMS", None)
@@ -18,6 +19,7 @@ from histo_assets.core.dvc import DvcNotFoundError, resolve_dvc_executable
 from histo_assets.core.io import sha256_file
 from histo_assets.definitions import build_assets
 from histo_assets.params import DEFAULT_PARAMS_FILE, Params, load_params
+from histo_assets.settings import generation_settings
 from histo_assets_tests.s3_server import S3Server, running_s3_server
 from histo_assets_tests.postgres_server import PostgresServer, running_postgres
 
@@ -81,6 +83,11 @@ SMALL = {
     "checks": {"min_square_crops": 2, "min_augmented_crops": 8},
 }
 
+
+
+def thesis_generation(**changes):
+    """params.yaml's generation settings (the thesis's) with a test's changes: settings have no defaults of their own."""
+    return dataclasses.replace(generation_settings(load_params(DEFAULT_PARAMS_FILE)), **changes)
 
 @pytest.fixture(scope="module")
 def one_torch_thread():

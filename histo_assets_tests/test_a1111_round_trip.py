@@ -29,8 +29,8 @@ from histo_assets.core.hypernetwork import (
     load_hypernetwork,
     save_hypernetwork,
 )
-from histo_assets.core.sampling import GenerationSettings, generate_images, initial_noise, webui_sigmas
-from histo_assets_tests.conftest import TINY_MODEL_SEED
+from histo_assets.core.sampling import generate_images, initial_noise, webui_sigmas
+from histo_assets_tests.conftest import TINY_MODEL_SEED, thesis_generation
 from histo_assets_tests.hypernetworks import strong_hypernetwork
 from histo_assets_tests.webui_rules import (
     RefusedByWebui,
@@ -41,7 +41,7 @@ from histo_assets_tests.webui_rules import (
 )
 
 CLASS = "fibrocystic"
-SETTINGS = GenerationSettings(prompt="an H&E histology tile of [name]", negative_prompt="grainy, blurry",
+SETTINGS = thesis_generation(prompt="an H&E histology tile of [name]", negative_prompt="grainy, blurry",
                               steps=5, width=64, height=64, batch_size=1)
 
 

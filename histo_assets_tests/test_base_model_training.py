@@ -1,6 +1,5 @@
 """The trained base model: same bytes on a rerun, resumes to the bytes of an uninterrupted run, loads as diffusers."""
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +21,11 @@ from histo_assets.core.base_model_training import (
 )
 from histo_assets.core.colour import lab_distance, mean_lab, srgb_to_lab
 from histo_assets.core.layout import SUMMARY
-from histo_assets.core.sampling import GenerationSettings, generate_images
+from histo_assets.core.sampling import generate_images
 from histo_assets.core.seeding import derive_seed
 from histo_assets.params import DEFAULT_PARAMS_FILE, load_params
-from histo_assets_tests.conftest import tree_hashes
+from histo_assets.settings import base_model_training_settings
+from histo_assets_tests.conftest import thesis_generation, tree_hashes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -42,7 +42,7 @@ SETTINGS = BaseModelTrainingSettings(
     checkpoint_every=2,
     preview_images=2,
 )
-PREVIEW = GenerationSettings(prompt="unused", negative_prompt="blurry", steps=2, cfg_scale=3.0, width=RESOLUTION,
+PREVIEW = thesis_generation(prompt="unused", negative_prompt="blurry", steps=2, cfg_scale=3.0, width=RESOLUTION,
                              height=RESOLUTION, batch_size=2)
 
 
@@ -119,8 +119,7 @@ def test_output_loads_as_a_diffusers_model_and_generates(trained, tmp_path):
 
 def test_params_sections_build_valid_settings():
     for name in ("params.yaml", "params.demo.yaml"):
-        section = load_params(DEFAULT_PARAMS_FILE.parent / name)["base_model"]["training"]
-        BaseModelTrainingSettings.from_params(section)
+        base_model_training_settings(load_params(DEFAULT_PARAMS_FILE.parent / name))
 
 
 def test_settings_hypernetworks_cannot_address_are_refused():
@@ -145,7 +144,7 @@ def test_training_from_crop_folders_drops_the_stale_summary_and_derives_its_seed
     out.mkdir()
     (out / SUMMARY).write_text("{}")
     messages = []
-    result = train_from_crops(out, [crops[0].parent], asdict(SETTINGS), model_folder="histo-sd",
+    result = train_from_crops(out, [crops[0].parent], SETTINGS, model_folder="histo-sd",
                               resolution=RESOLUTION, master_seed=SEED, preview=PREVIEW, log=messages.append)
     assert not (out / SUMMARY).exists()
     assert result.images == len(crops) and result.resumed_from is None

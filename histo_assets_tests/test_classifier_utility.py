@@ -61,6 +61,7 @@ from histo_assets.core.evaluation import FeatureCache
 from histo_assets.core.layout import HOLDOUT, IMAGES, INDEX, Layout
 from histo_assets.core.features import WEIGHTS_ENV, RandomConvFeatures, build_extractor
 from histo_assets.params import DEFAULT_PARAMS_FILE, PROJECT_ROOT, load_params
+from histo_assets.settings import from_section, utility_settings
 from histo_assets_tests.conftest import tree_hashes
 
 CLASSES = ("short", "medium", "long")
@@ -119,7 +120,7 @@ def sets(tmp_path_factory) -> dict[str, dict[str, list[Path]]]:
 def settings() -> UtilitySettings:
     """params.yaml's utility section with a CNN budget cut to seconds; the data are 32 px."""
     params = load_params(DEFAULT_PARAMS_FILE)
-    defaults = UtilitySettings.from_params(params["utility"], 11)
+    defaults = from_section(UtilitySettings, params["utility"], seed=11)
     return dataclasses.replace(defaults, seeds=1, image_size=SIDE, cnn_steps=60, bootstrap_resamples=400)
 
 
@@ -239,11 +240,10 @@ def test_resamples_keep_every_class_at_its_count():
 
 def test_settings_come_from_params_and_bad_inputs_are_refused(sets, settings, featurize):
     for name in ("params.yaml", "params.demo.yaml"):
-        section = load_params(PROJECT_ROOT / name)["utility"]
-        assert UtilitySettings.from_params(section, 1).classifier in (LOGISTIC, CNN)
+        assert utility_settings(load_params(PROJECT_ROOT / name)).classifier in (LOGISTIC, CNN)
     bad = dict(load_params(DEFAULT_PARAMS_FILE)["utility"], classifier="forest")
     with pytest.raises(UtilityError, match="forest"):
-        UtilitySettings.from_params(bad, 1)
+        from_section(UtilitySettings, bad, seed=1)
     with pytest.raises(UtilityError, match="featurize"):
         classifier_utility(sets["train"], sets["fresh"], sets["test"], settings, classifiers=[LOGISTIC])
     with pytest.raises(UtilityError, match=CLASSES[1]):

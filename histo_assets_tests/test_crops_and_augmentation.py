@@ -9,7 +9,7 @@ import yaml
 from PIL import Image
 
 from histo_assets.core.augment import (
-    AugmentationRecipe,
+    AugmentationSettings,
     CaptionModeError,
     apply_recipe,
     augment_class,
@@ -21,17 +21,25 @@ from histo_assets.core.holdout import SplitSettings
 from histo_assets.core.io import sha256_file, stable_hash
 from histo_assets.core.schemas import HELD_OUT_CROPS
 from histo_assets.core.slides import UnusableClassError
-from histo_assets.params import DEFAULT_PARAMS_FILE
+from histo_assets.params import DEFAULT_PARAMS_FILE, load_params
+from histo_assets.settings import augmentation_recipe, augmentation_settings, crop_settings
 from histo_assets_tests.conftest import tissue_image
 from histo_assets_tests.test_slides import write_pyramid
 
 PARAMS = yaml.safe_load(DEFAULT_PARAMS_FILE.read_text())
-RECIPE = AugmentationRecipe.from_params(PARAMS["augmentation"])
+RECIPE = augmentation_recipe(load_params(DEFAULT_PARAMS_FILE))
 
 
 def settings(mode: str, resolution: int = 32, policy: str = "skip", **tiles) -> CropSettings:
-    tile = TileSettings(**({"tile_size": 64} | tiles)) if mode == "tiles" else None
-    return CropSettings(mode, resolution, policy, 10_000_000, 1 << 30, tile)
+    """Small limits and Pillow's default PNG compression; tiles as in params.yaml but for the test's changes."""
+    tile = TileSettings(**(PARAMS["crops"]["tiles"] | {"tile_size": 64} | tiles)) if mode == "tiles" else None
+    return CropSettings(mode, resolution, policy, 10_000_000, 1 << 30, tile, png_compress_level=-1)
+
+
+def augmentation(**changes) -> AugmentationSettings:
+    """params.yaml's augmentation with a test's changes, e.g. total=5."""
+    overrides = [f"augmentation.{key}={value}" for key, value in changes.items()]
+    return augmentation_settings(load_params(DEFAULT_PARAMS_FILE, overrides))
 
 
 def source(tmp_path: Path, name: str, image: Image.Image) -> tuple[str, str]:
@@ -147,9 +155,9 @@ def test_operations_fire_at_augmentors_rounded_rate():
     assert 0.68 < rate < 0.82
 
 
-def test_crop_settings_from_params_read_the_crops_and_ingest_sections():
+def test_crop_settings_read_the_crops_and_ingest_sections():
     crops, ingest = PARAMS["crops"], PARAMS["ingest"]
-    settings = CropSettings.from_params(crops, ingest, 64)
+    settings = crop_settings(load_params(DEFAULT_PARAMS_FILE, ["resolution=64"]))
     assert (settings.mode, settings.resolution, settings.small_image_policy) == (crops["mode"], 64, crops["small_image_policy"])
     assert (settings.max_image_pixels, settings.max_file_bytes) == (ingest["max_image_pixels"], ingest["max_file_bytes"])
     assert settings.tiles == TileSettings(**crops["tiles"]) and settings.png_compress_level == crops["png_compress_level"]
@@ -188,11 +196,11 @@ def test_augmented_crops_leave_the_held_out_crops_alone(crops, tmp_path):
     index = pd.DataFrame({"crop_file": [path.name for path, _ in crops], "crop_sha256": [sha for _, sha in crops],
                           "source_path": [f"slide{i}.png" for i in range(len(crops))],
                           "x": 0, "y": 0, "size": 48})
-    section = PARAMS["augmentation"] | {"total": 5, "workers": 1, "captions": "class"}
     split = SplitSettings(holdout_fraction=0.3, group_fraction_tolerance=0.5, guard_tiles=1)
     logs = []
     summary = write_augmented_crops(tmp_path / "out", crops[0][0].parent, index, split_settings=split,
-                                    groups={source: source for source in index["source_path"]}, augmentation=section,
+                                    groups={source: source for source in index["source_path"]},
+                                    augmentation=augmentation(total=5, workers=1, captions="class"),
                                     tissue_class="alpha", seed=7, log=logs.append)
     held_out = pd.read_parquet(tmp_path / "out" / "holdout.parquet")
     augmented = pd.read_parquet(tmp_path / "out" / "index.parquet")

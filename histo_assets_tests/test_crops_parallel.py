@@ -42,7 +42,8 @@ def sources(tmp_path) -> list[tuple[str, str]]:
 
 
 def settings(mode: str = "tiles", level: int = 1) -> CropSettings:
-    return CropSettings(mode, 32, "skip", 10_000_000, 1 << 30, TileSettings(tile_size=128), png_compress_level=level)
+    tiles = TileSettings(tile_size=128, level=0, mpp=None, stride=None, min_tissue_fraction=0.5, max_tiles_per_image=None)
+    return CropSettings(mode, 32, "skip", 10_000_000, 1 << 30, tiles, png_compress_level=level)
 
 
 def cut(sources, root: Path, out: Path, workers: int, crop_settings: CropSettings | None = None):

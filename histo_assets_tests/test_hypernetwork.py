@@ -35,6 +35,7 @@ from histo_assets.core.hypernetwork import (
     save_hypernetwork,
     write_imported_index,
 )
+from histo_assets.settings import from_section
 
 CROSS_DIM = 48  # deliberately unlike the block widths, so attn1 and attn2 keys differ
 TINY_SIZES = (CROSS_DIM, 32, 64)
@@ -325,10 +326,10 @@ def test_name_defaults_to_file_stem(tmp_path):
     assert load_hypernetwork(path).name == "stemmed"
 
 
-def test_options_from_params_section():
+def test_options_from_a_params_section():
     section = {"sizes": ["48", 32], "layer_structure": [1, 2, 1], "activation": "relu", "weight_init": "XavierNormal",
                "layer_norm": 1, "use_dropout": 0, "dropout_structure": [0, 0.25, 0], "activate_output": 0}
-    options = HypernetworkOptions.from_params(section)
+    options = from_section(HypernetworkOptions, section)
     assert options == HypernetworkOptions(sizes=(48, 32), layer_structure=(1.0, 2.0, 1.0), activation="relu",
                                           weight_init="XavierNormal", layer_norm=True, dropout_structure=(0.0, 0.25, 0.0))
     assert options.use_dropout and options.last_layer_dropout

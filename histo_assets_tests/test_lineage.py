@@ -27,10 +27,11 @@ from histo_assets.cli import main
 from histo_assets.core.io import atomic_write_json, sha256_file, stable_hash
 from histo_assets.core.lineage import LineageNotFound, png_text_disagreements, trace_image
 from histo_assets.core.release import ReleaseImage, build_release
-from histo_assets.core.sampling import GenerationSettings, generate_images, write_generation_index
+from histo_assets.core.sampling import generate_images, write_generation_index
 from histo_assets.core.layout import HOLDOUT, IMAGES, INDEX, INVENTORY, SUMMARY, Layout
 from histo_assets.params import PARAMS_ENV, load_params
 from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
+from histo_assets.settings import generation_settings
 from histo_assets_tests.conftest import THESIS_CLASSES, assets_by_name, tissue_image, write_params
 
 CLASS = THESIS_CLASSES[0]
@@ -81,7 +82,7 @@ def generate(p, base, step: int) -> None:
     records = generate_images(
         base, layout.hypernetwork_checkpoints(CLASS) / checkpoint["file"], folder / IMAGES, tissue_class=CLASS,
         step=step, count=int(p["generation"]["images_per_checkpoint"]),
-        settings=GenerationSettings.from_params(p["generation"], p.resolution), master_seed=p.seed,
+        settings=generation_settings(p), master_seed=p.seed,
     )
     write_generation_index(records, folder / INDEX)
     atomic_write_json(folder / SUMMARY, {

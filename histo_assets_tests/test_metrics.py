@@ -68,6 +68,7 @@ from histo_assets.core.metrics import (
     precision_recall,
 )
 from histo_assets.params import DEFAULT_PARAMS_FILE, load_params
+from histo_assets.settings import from_section
 
 
 def _correlated_features(seed: int, n: int, dim: int, shift: float = 0.0, sample: int = 0) -> np.ndarray:
@@ -315,7 +316,7 @@ def _info(dim: int, logits: bool = False) -> features_module.FeatureExtractorInf
 def _settings(seed: int = 11, **changes) -> MetricSettings:
     """params.yaml's metrics section, with fewer resamples to stay fast."""
     section = load_params(DEFAULT_PARAMS_FILE)["metrics"] | {"bootstrap_resamples": 200} | changes
-    return MetricSettings.from_params(section, seed=seed)
+    return from_section(MetricSettings, section, seed=seed)
 
 
 def _gaussian(n: int, seed: int, scale: float = 1.0, dim: int = 32) -> np.ndarray:
@@ -327,7 +328,7 @@ def test_params_defaults_select_by_kid_with_bootstrap_intervals():
     section = load_params(DEFAULT_PARAMS_FILE)["metrics"]
     assert section["best_checkpoint_metric"] == "kid" and section["best_checkpoint_tie"] == "lowest"
     assert "is_splits" not in section and section["is_images_per_split"] == 15
-    settings = MetricSettings.from_params(section, seed=0)
+    settings = from_section(MetricSettings, section, seed=0)
     assert settings.bootstrap_resamples >= 200 and 0 < settings.confidence_level < 1 and settings.min_reference > 2
 
 

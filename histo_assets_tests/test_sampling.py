@@ -22,20 +22,21 @@ from histo_assets.core.io import sha256_file
 from histo_assets.core.sampling import (
     SAMPLERS,
     GeneratedImage,
-    GenerationSettings,
     generate_images,
     image_seed,
     render_generation_prompt,
     write_generation_index,
 )
 from histo_assets.params import DEFAULT_PARAMS_FILE, load_params
+from histo_assets.settings import generation_settings
+from histo_assets_tests.conftest import thesis_generation
 from histo_assets_tests.hypernetworks import strong_hypernetwork
 
 CLASS = "fibrocystic"
 STEP = 5000
 MASTER_SEED = 42
 COUNT = 3
-SETTINGS = GenerationSettings(
+SETTINGS = thesis_generation(
     prompt="an H&E histology tile of [name], [filewords]",
     negative_prompt="grainy, blurry",
     steps=4,
@@ -153,7 +154,7 @@ def test_png_parameters_round_trip_with_every_key(tiny_base, strong_hn, hn_run):
 
 def test_parameters_text_matches_the_webui_layout():
     text = a1111_parameters("an H&E histology tile of fibrocystic", "grainy, blurry, low quality",
-                            GenerationSettings(), 123, "6ce0161689", "v1-5-pruned-emaonly",
+                            thesis_generation(), 123, "6ce0161689", "v1-5-pruned-emaonly",
                             "fibrocystic-5000")
     assert text == (
         "an H&E histology tile of fibrocystic <hypernet:fibrocystic-5000:1.0>\n"
@@ -161,7 +162,7 @@ def test_parameters_text_matches_the_webui_layout():
         "Steps: 20, Sampler: Euler, CFG scale: 7, Seed: 123, Size: 512x512, Model hash: 6ce0161689, "
         "Model: v1-5-pruned-emaonly, RNG: CPU"
     )
-    plain = a1111_parameters("a tile", "", replace(GenerationSettings(), cfg_scale=7.5, sampler="dpm++_2m"),
+    plain = a1111_parameters("a tile", "", thesis_generation(cfg_scale=7.5, sampler="dpm++_2m"),
                              7, "0123456789", "weird, name: v2")
     assert plain == ('a tile\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Uniform, CFG scale: 7.5, Seed: 7, '
                      'Size: 512x512, Model hash: 0123456789, Model: "weird, name: v2", RNG: CPU')
@@ -257,13 +258,13 @@ def test_image_seeds_are_32_bit_and_depend_on_every_part():
     assert image_seed(1, "a", 0, 0) != image_seed(2, "a", 0, 0)
 
 
-def test_settings_defaults_and_params_mapping():
-    thesis = GenerationSettings()
+def test_params_hold_the_thesis_settings_and_map_onto_generation_settings():
+    thesis = thesis_generation()
     assert (thesis.sampler_display_name, thesis.steps, thesis.cfg_scale, thesis.width, thesis.height) == \
         ("Euler", 20, 7.0, 512, 512)
     params = load_params(DEFAULT_PARAMS_FILE)
     section = params["generation"]
-    settings = GenerationSettings.from_params(section, params.resolution)
+    settings = generation_settings(params)
     for key in ("prompt", "negative_prompt", "sampler", "steps", "cfg_scale", "batch_size", "multiplier"):
         assert getattr(settings, key) == section[key], key
     assert settings.width == settings.height == params.resolution

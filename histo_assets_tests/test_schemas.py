@@ -31,9 +31,10 @@ from histo_assets.core.schemas import (
     SchemaError,
     TableSchema,
 )
-from histo_assets.core.slides import write_inventory
+from histo_assets.core.slides import IngestSettings, write_inventory
 from histo_assets_tests.conftest import tissue_image
-from histo_assets_tests.test_crops_and_augmentation import PARAMS, settings
+from histo_assets.settings import from_section
+from histo_assets_tests.test_crops_and_augmentation import PARAMS, augmentation, settings
 from histo_assets_tests.test_metrics import _collapse_table, _write_pngs
 
 CLASS = "alpha"
@@ -72,7 +73,7 @@ def stages(tmp_path_factory) -> Layout:
     layout.raw(CLASS).mkdir(parents=True)
     for index in range(2):
         tissue_image((256, 192), seed=index).save(layout.raw(CLASS) / f"slide{index}.png")
-    ingest = PARAMS["ingest"] | {"extensions": [".png"]}
+    ingest = from_section(IngestSettings, PARAMS["ingest"] | {"extensions": [".png"]})
     write_inventory(layout.slide_inventory(CLASS), layout.raw(CLASS), layout.data_dir, ingest, tissue_class=CLASS)
     inventory = pd.read_parquet(layout.slide_inventory(CLASS) / INVENTORY)
     write_square_crops(layout.square_crops(CLASS), list(zip(inventory["path"], inventory["sha256"])), layout.data_dir,
@@ -82,7 +83,7 @@ def stages(tmp_path_factory) -> Layout:
         layout.augmented_crops(CLASS), layout.square_crops(CLASS) / IMAGES, crops,
         split_settings=SplitSettings(holdout_fraction=0.3, group_fraction_tolerance=0.5, guard_tiles=1),
         groups={source: source for source in crops["source_path"]},
-        augmentation=PARAMS["augmentation"] | {"total": 4, "workers": 1, "captions": "class"}, tissue_class=CLASS,
+        augmentation=augmentation(total=4, workers=1, captions="class"), tissue_class=CLASS,
         seed=7,
     )
     inbox = layout.imported_hypernetworks_inbox(CLASS)

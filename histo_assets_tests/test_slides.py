@@ -10,6 +10,7 @@ from PIL import Image
 
 from histo_assets.core.io import stable_hash
 from histo_assets.core.slides import (
+    IngestSettings,
     SlideSource,
     UnusableClassError,
     UnusableFileError,
@@ -23,7 +24,7 @@ from histo_assets_tests.conftest import tissue_image
 
 EXTENSIONS = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".svs"]
 LIMIT = 10_000_000
-INGEST = {"extensions": EXTENSIONS, "max_image_pixels": LIMIT, "max_file_bytes": 1 << 30}
+INGEST = IngestSettings(extensions=tuple(EXTENSIONS), max_image_pixels=LIMIT, max_file_bytes=1 << 30)
 
 
 def inventory(folder: Path, root: Path, max_pixels: int = LIMIT):

@@ -20,40 +20,46 @@ def unchanged(instance, params_file, partition, overrides=()):
                                     BaseModelResource())
 
 
+def instance() -> dg.DagsterInstance:
+    """Entered, so that Dagster's definitions loading finds this instance's state storage, whatever ran before."""
+    return dg.DagsterInstance.ephemeral()
+
+
 def test_a_partition_is_unchanged_only_when_its_folders_and_dagsters_record_both_are(small_params, small_dataset):
-    instance = dg.DagsterInstance.ephemeral()
-    assert not unchanged(instance, small_params, FIRST), "nothing built yet"
-    assert materialize(small_params, FIRST, instance).success
-    assert unchanged(instance, small_params, FIRST)
-    assert not unchanged(instance, small_params, SECOND), "another class was never built"
-    assert not unchanged(instance, small_params, FIRST, ["augmentation.total=9"]), "a changed param"
-    assert not unchanged(dg.DagsterInstance.ephemeral(), small_params, FIRST), \
-        "folders built, but this instance has no record of them (as after a dvc pull)"
+    with instance() as recorded:
+        assert not unchanged(recorded, small_params, FIRST), "nothing built yet"
+        assert materialize(small_params, FIRST, recorded).success
+        assert unchanged(recorded, small_params, FIRST)
+        assert not unchanged(recorded, small_params, SECOND), "another class was never built"
+        assert not unchanged(recorded, small_params, FIRST, ["augmentation.total=9"]), "a changed param"
+    with instance() as other:
+        assert not unchanged(other, small_params, FIRST), \
+            "folders built, but this instance has no record of them (as after a dvc pull)"
 
 
 def test_a_rewritten_raw_file_relaunches_its_class_and_the_run_keeps_its_data_version(small_params, small_dataset):
-    instance = dg.DagsterInstance.ephemeral()
-    assert materialize(small_params, FIRST, instance).success
-    inventory = read_summary(small_dataset / "slide_inventory" / FIRST)
-    assert inventory["fingerprint"] != inventory["data_version"], "names, sizes and times, not content, decide reuse"
-    slide = sorted((small_dataset / "raw" / FIRST).iterdir())[0]
-    slide.write_bytes(slide.read_bytes())
-    os.utime(slide, ns=(slide.stat().st_atime_ns, slide.stat().st_mtime_ns + 10**9))
-    assert not unchanged(instance, small_params, FIRST)
+    with instance() as recorded:
+        assert materialize(small_params, FIRST, recorded).success
+        inventory = read_summary(small_dataset / "slide_inventory" / FIRST)
+        assert inventory["fingerprint"] != inventory["data_version"], "names, sizes and times, not content, decide reuse"
+        slide = sorted((small_dataset / "raw" / FIRST).iterdir())[0]
+        slide.write_bytes(slide.read_bytes())
+        os.utime(slide, ns=(slide.stat().st_atime_ns, slide.stat().st_mtime_ns + 10**9))
+        assert not unchanged(recorded, small_params, FIRST)
 
-    result = materialize(small_params, FIRST, instance)
-    assert result.success
-    rebuilt = read_summary(small_dataset / "slide_inventory" / FIRST)
-    assert rebuilt["fingerprint"] != inventory["fingerprint"] and rebuilt["data_version"] == inventory["data_version"]
-    reused = {node: result.asset_materializations_for_node(node)[0].metadata["reused_unchanged_output"].value
-              for node in ("square_crops", "augmented_crops")}
-    assert reused == {"square_crops": True, "augmented_crops": True}
-    assert unchanged(instance, small_params, FIRST)
+        result = materialize(small_params, FIRST, recorded)
+        assert result.success
+        rebuilt = read_summary(small_dataset / "slide_inventory" / FIRST)
+        assert rebuilt["fingerprint"] != inventory["fingerprint"] and rebuilt["data_version"] == inventory["data_version"]
+        reused = {node: result.asset_materializations_for_node(node)[0].metadata["reused_unchanged_output"].value
+                  for node in ("square_crops", "augmented_crops")}
+        assert reused == {"square_crops": True, "augmented_crops": True}
+        assert unchanged(recorded, small_params, FIRST)
 
 
 def test_a_partition_whose_last_run_failed_is_relaunched(small_params, small_dataset):
-    instance = dg.DagsterInstance.ephemeral()
-    assert materialize(small_params, FIRST, instance).success
-    # The blocking check fails, so the run fails after square_crops was materialised and reused.
-    assert not materialize(small_params, FIRST, instance, ["checks.min_square_crops=1000"]).success
-    assert not unchanged(instance, small_params, FIRST, ["checks.min_square_crops=1000"])
+    with instance() as recorded:
+        assert materialize(small_params, FIRST, recorded).success
+        # The blocking check fails, so the run fails after square_crops was materialised and reused.
+        assert not materialize(small_params, FIRST, recorded, ["checks.min_square_crops=1000"]).success
+        assert not unchanged(recorded, small_params, FIRST, ["checks.min_square_crops=1000"])

@@ -3,6 +3,7 @@
 import copy
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from histo_assets.core.training import (
     train_hypernetwork,
     write_hypernetwork_checkpoints,
 )
+from histo_assets.settings import from_section
 
 OPTIONS = HypernetworkOptions(sizes=TINY_HYPERNETWORK_SIZES)
 TEMPLATES = ["an H&E tile of [filewords], [name]", "a histology image of [filewords]"]
@@ -355,7 +357,8 @@ def test_resume_key_ignores_only_the_settings_training_can_be_extended_by():
 
 def test_stage_training_writes_checkpoints_loss_plot_and_a_summary_of_them(tiny_base, images, tmp_path):
     lines, pushed = [], []
-    settings = dict(tissue_class="pink tissue/1", options=OPTIONS, training=STAGE_TRAINING, resolution=64,
+    training = from_section(TrainingSettings, STAGE_TRAINING)
+    settings = dict(tissue_class="pink tissue/1", options=OPTIONS, training=training, resolution=64,
                     master_seed=7, training_set="crops", resume="key", log=lines.append)
     summary = write_hypernetwork_checkpoints(tmp_path, tiny_base, images, on_checkpoint=pushed.append, **settings)
 
@@ -368,7 +371,7 @@ def test_stage_training_writes_checkpoints_loss_plot_and_a_summary_of_them(tiny_
     assert not any("continuing" in line for line in lines)
 
     longer = write_hypernetwork_checkpoints(tmp_path, tiny_base, images,
-                                            **settings | {"training": STAGE_TRAINING | {"max_steps": 6}})
+                                            **settings | {"training": replace(training, max_steps=6)})
     assert longer["resumed_from"] == "pink tissue1.pt" and any("continuing the training run" in line for line in lines)
     with pytest.raises(BaseModelError):
         write_hypernetwork_checkpoints(tmp_path, tiny_base, images, **settings | {"options": HypernetworkOptions(),

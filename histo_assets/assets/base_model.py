@@ -18,6 +18,7 @@ from histo_assets.resources import (
     ParamsResource,
     trained_model_dir,
 )
+from histo_assets.settings import base_model_training_settings, generation_settings
 
 # core.base_model, core.base_model_training and core.sampling import diffusers, so asset bodies import them
 # when a run needs them: loading and unloading diffusers takes seconds that every CLI start and UI reload
@@ -65,7 +66,6 @@ def build_assets(p: Params) -> list[dg.AssetsDefinition]:
     ):
         from histo_assets.core.base_model import describe_base_model
         from histo_assets.core.base_model_training import train_from_crops, training_summary
-        from histo_assets.core.sampling import GenerationSettings
 
         stage = Stage.start(context, params, object_store, STAGES[BASE_MODEL_ASSET])
         p, section = stage.params, stage.params["base_model"]
@@ -78,9 +78,9 @@ def build_assets(p: Params) -> list[dg.AssetsDefinition]:
                 return describe_base_model(base_model.load(p))
             base_model.apply_threads()
             result = train_from_crops(
-                out, [folder / IMAGES for folder in crops], section["training"], model_folder=TRAINED_MODEL_FOLDER,
-                resolution=p.resolution, master_seed=p.seed, log=stage.log,
-                preview=GenerationSettings.from_params(p["generation"], p.resolution),
+                out, [folder / IMAGES for folder in crops], base_model_training_settings(p),
+                model_folder=TRAINED_MODEL_FOLDER, resolution=p.resolution, master_seed=p.seed, log=stage.log,
+                preview=generation_settings(p),
             )
             model = base_model.load_folder(trained_model_dir(p), result.sha256, section["name"])
             made = training_summary(result, p.classes, section["training"]["prompt"], stage.inputs["training_set"])

@@ -14,7 +14,6 @@ from histo_assets.core.evaluation import (
     feature_cache,
     generated_files,
     grid_file,
-    metric_settings,
     metrics_table,
     real_sets,
     scoring_settings,
@@ -29,6 +28,7 @@ from histo_assets.core.steps import evaluated_steps
 from histo_assets.params import Params
 from histo_assets.partitions import Partitions, by_tissue_class
 from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
+from histo_assets.settings import metric_settings
 
 GROUP = "evaluation"
 CHECKPOINT_METRICS_VERSION = "2"
@@ -95,7 +95,7 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
             reference, train = real_sets(layout, tissue_class)
             cache = feature_cache(p["metrics"], layout, p.source.parent, p.seed)
             return {"row": checkpoint_row(cache, generated_files(layout, tissue_class, step), reference, train,
-                                          metric_settings(p["metrics"], p.seed), tissue_class=tissue_class, step=step,
+                                          metric_settings(p), tissue_class=tissue_class, step=step,
                                           log=stage.log)}
 
         row = stage.build_or_reuse(build)["row"]
@@ -146,7 +146,7 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         def build(_out: Path) -> dict:
             cache = feature_cache(p["metrics"], layout, p.source.parent, p.seed)
             rows = [found["row"] for found in scored.values()]
-            rows += combined_rows(cache, layout, p.classes, steps, metric_settings(p["metrics"], p.seed))
+            rows += combined_rows(cache, layout, p.classes, steps, metric_settings(p))
             write_metrics_summary(layout, metrics_table(rows, metric), p.classes, steps, metric, tie)
             return {"data_version": stable_hash(rows)}
 

@@ -14,6 +14,7 @@ from histo_assets.core.steps import BASELINE_STEP
 from histo_assets.params import Params
 from histo_assets.partitions import Partitions, by_tissue_class
 from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
+from histo_assets.settings import generation_settings
 
 # core.sampling imports diffusers, so asset bodies import it when a run needs it: loading and unloading
 # diffusers takes seconds that every CLI start and UI reload would otherwise pay.
@@ -82,12 +83,12 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         base_model: BaseModelResource,
         object_store: ObjectStoreResource,
     ):
-        from histo_assets.core.sampling import GenerationSettings, write_checkpoint_images
+        from histo_assets.core.sampling import write_checkpoint_images
 
         stage = Stage.start(context, params, object_store, STAGES["synthetic_images"], base_model)
         p, (tissue_class, step) = stage.params, (stage.part.tissue_class, stage.part.step)
         checkpoint = _checkpoint(p, stage.part)
-        settings = GenerationSettings.from_params(p["generation"], p.resolution)
+        settings = generation_settings(p)
         count = int(p["generation"]["images_per_checkpoint"])
         checkpoint_path = None if step == BASELINE_STEP else stage.layout.hypernetwork_checkpoints(tissue_class) / checkpoint["file"]
 
@@ -126,7 +127,7 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         base_model: BaseModelResource,
         object_store: ObjectStoreResource,
     ):
-        from histo_assets.core.sampling import GenerationSettings, write_imported_images
+        from histo_assets.core.sampling import write_imported_images
 
         stage = Stage.start(context, params, object_store, STAGES["imported_synthetic_images"], base_model)
         p = stage.params
@@ -136,7 +137,7 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
             counts = write_imported_images(
                 staging, base_model.load(p) if len(imported) else None, imported, tissue_class=context.partition_key,
                 count=int(p["generation"]["images_per_checkpoint"]),
-                settings=GenerationSettings.from_params(p["generation"], p.resolution), master_seed=p.seed, log=stage.log,
+                settings=generation_settings(p), master_seed=p.seed, log=stage.log,
             )
             return {"images": counts, "run_id": context.run_id}
 

@@ -10,8 +10,8 @@ import pandas as pd
 from histo_assets.assets.checks import image_check_results, image_check_specs
 from histo_assets.assets.stage import Part, Stage, StageSpec, stage_asset
 from histo_assets.core.augment import CaptionModeError, write_augmented_crops
-from histo_assets.core.crops import CropSettings, write_square_crops
-from histo_assets.core.holdout import BY_SOURCE_COLUMNS, SplitSettings, read_groups, source_groups
+from histo_assets.core.crops import write_square_crops
+from histo_assets.core.holdout import BY_SOURCE_COLUMNS, read_groups, source_groups
 from histo_assets.core.layout import IMAGES, INDEX, INVENTORY, PREVIEW, Layout
 from histo_assets.core.previews import markdown_png_file, markdown_table
 from histo_assets.core.schemas import CROP_INDEX, SLIDE_INVENTORY
@@ -20,6 +20,7 @@ from histo_assets.core.slides import UnusableClassError, unknown_class_folders, 
 from histo_assets.core.stage import file_stats, output_settings
 from histo_assets.params import Params
 from histo_assets.partitions import Partitions
+from histo_assets.settings import augmentation_settings, crop_settings, ingest_settings, split_settings
 from histo_assets.resources import ObjectStoreResource, ParamsResource
 
 GROUP = "ingest"
@@ -110,7 +111,7 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
             context.log.warning(f"class folder(s) under {raw_root} not in params 'classes', ignored: {', '.join(unknown)}")
         with _refusals_as_failures():
             summary = stage.build_or_reuse(lambda staging: write_inventory(
-                staging, stage.layout.raw(tissue_class), stage.params.data_dir, stage.params["ingest"],
+                staging, stage.layout.raw(tissue_class), stage.params.data_dir, ingest_settings(stage.params),
                 tissue_class=tissue_class, warn=context.log.warning))
         inventory = SLIDE_INVENTORY.read(stage.out / INVENTORY)
         return stage.result(summary["data_version"], {
@@ -136,17 +137,16 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
     )
     def square_crops(context: dg.AssetExecutionContext, params: ParamsResource, object_store: ObjectStoreResource):
         stage = Stage.start(context, params, object_store, STAGES["square_crops"])
-        p, crops = stage.params, stage.params["crops"]
+        p = stage.params
 
         def build(staging: Path) -> dict:
-            return write_square_crops(staging, stage.inputs["sources"], p.data_dir,
-                                      CropSettings.from_params(crops, p["ingest"], p.resolution),
-                                      tissue_class=context.partition_key, workers=int(crops["workers"]), log=stage.log,
-                                      warn=context.log.warning)
+            return write_square_crops(staging, stage.inputs["sources"], p.data_dir, crop_settings(p),
+                                      tissue_class=context.partition_key, workers=int(p["crops"]["workers"]),
+                                      log=stage.log, warn=context.log.warning)
 
         with _refusals_as_failures():
             summary = stage.build_or_reuse(build)
-        yield stage.result(summary["data_version"], _crops_metadata(stage.out, summary) | {"mode": crops["mode"]})
+        yield stage.result(summary["data_version"], _crops_metadata(stage.out, summary) | {"mode": p["crops"]["mode"]})
         yield from image_check_results("square_crops", stage.out / IMAGES, p.resolution,
                                        int(p["checks"]["min_square_crops"]))
 
@@ -174,8 +174,8 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         def build(staging: Path) -> dict:
             index = CROP_INDEX.read(crops_dir / INDEX)
             return write_augmented_crops(staging, crops_dir / IMAGES, index,
-                                         split_settings=SplitSettings.from_params(p["split"]),
-                                         groups=_holdout_groups(p, index), augmentation=p["augmentation"],
+                                         split_settings=split_settings(p), groups=_holdout_groups(p, index),
+                                         augmentation=augmentation_settings(p),
                                          tissue_class=tissue_class, seed=stage.inputs["seed"], log=stage.log,
                                          warn=context.log.warning)
 

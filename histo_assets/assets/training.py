@@ -6,7 +6,7 @@ import dagster as dg
 import pandas as pd
 
 from histo_assets.assets.stage import Part, Stage, StageSpec, stage_asset
-from histo_assets.core.hypernetwork import HypernetworkOptions, checkpoint_problems, write_imported_index
+from histo_assets.core.hypernetwork import checkpoint_problems, write_imported_index
 from histo_assets.core.io import stable_hash
 from histo_assets.core.layout import BASE_MODEL_ASSET, IMAGES, INDEX, LOSS_PLOT, Layout
 from histo_assets.core.previews import markdown_png_file, markdown_table
@@ -15,6 +15,7 @@ from histo_assets.core.stage import file_stats, read_summary
 from histo_assets.params import Params
 from histo_assets.partitions import Partitions
 from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
+from histo_assets.settings import hypernetwork_options, training_settings
 
 # core.training and core.base_model import diffusers, so asset bodies import them when a run needs them:
 # loading and unloading diffusers takes seconds that every CLI start and UI reload would otherwise pay.
@@ -75,7 +76,7 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
 
             return write_hypernetwork_checkpoints(
                 out, base_model.load(p), stage.layout.augmented_crops(tissue_class) / IMAGES, tissue_class=tissue_class,
-                options=HypernetworkOptions.from_params(p["hypernetwork"]), training=p["training"],
+                options=hypernetwork_options(p), training=training_settings(p),
                 resolution=p.resolution, master_seed=p.seed, training_set=stage.inputs["training_set"],
                 resume=resume_key(**stage.inputs), log=stage.log,
                 # With an object store, a pod lost mid-run leaves its checkpoints for the next one to resume from.

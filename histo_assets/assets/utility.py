@@ -10,7 +10,6 @@ from histo_assets.core.classifier_utility import (
     BALANCED_ACCURACY,
     PLOT_FILE,
     RESULTS_FILE,
-    UtilitySettings,
     image_sets_hash,
     utility_inputs,
     write_candidates,
@@ -18,11 +17,11 @@ from histo_assets.core.classifier_utility import (
 from histo_assets.core.evaluation import feature_cache
 from histo_assets.core.layout import Layout
 from histo_assets.core.previews import markdown_png_file, markdown_table
-from histo_assets.core.seeding import derive_seed
 from histo_assets.core.stage import read_summary
 from histo_assets.core.steps import evaluated_steps
 from histo_assets.params import Params
 from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
+from histo_assets.settings import utility_settings
 
 CLASSIFIER_UTILITY_VERSION = "1"
 SHOWN_COLUMNS = ["candidate", "classifier", "variant", "value", "ci_low", "ci_high", "verdict"]
@@ -73,7 +72,7 @@ def build_assets(p: Params) -> list[dg.AssetsDefinition]:
             p.data_dir, *(folder for c in p.classes for folder in (layout.square_crops(c), layout.augmented_crops(c))),
             *(layout.synthetic_images(c, step) for c in p.classes for step in steps), log=stage.log,
         )
-        settings = UtilitySettings.from_params(p["utility"], derive_seed(p.seed, "utility"))
+        settings = utility_settings(p)
         cache = feature_cache(p["metrics"], layout, p.source.parent, p.seed)
 
         def build(staging: Path) -> dict:

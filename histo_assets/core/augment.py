@@ -58,25 +58,6 @@ class AugmentationRecipe:
     max_factor: float
     flip: bool
 
-    @classmethod
-    def from_params(cls, section: dict) -> AugmentationRecipe:
-        return cls(
-            probability=float(section["probability"]),
-            rotate=bool(section["rotate"]["enabled"]),
-            max_left_rotation=int(section["rotate"]["max_left_rotation"]),
-            max_right_rotation=int(section["rotate"]["max_right_rotation"]),
-            distortion=bool(section["distortion"]["enabled"]),
-            grid_width=int(section["distortion"]["grid_width"]),
-            grid_height=int(section["distortion"]["grid_height"]),
-            distortion_magnitude=int(section["distortion"]["magnitude"]),
-            skew=bool(section["skew"]["enabled"]),
-            skew_magnitude=float(section["skew"]["magnitude"]),
-            zoom=bool(section["zoom"]["enabled"]),
-            min_factor=float(section["zoom"]["min_factor"]),
-            max_factor=float(section["zoom"]["max_factor"]),
-            flip=bool(section["flip"]["enabled"]),
-        )
-
     def pipeline(self):
         """An Augmentor pipeline with no source folder, so nothing is scanned or written."""
         import Augmentor
@@ -93,6 +74,17 @@ class AugmentationRecipe:
         if self.flip:
             p.flip_random(self.probability)
         return p
+
+
+@dataclass(frozen=True)
+class AugmentationSettings:
+    """params' ``augmentation`` section: the recipe, how many images a class gets, and their captions."""
+
+    recipe: AugmentationRecipe
+    total: int
+    keep_originals: bool
+    captions: str
+    workers: int
 
 
 @dataclass(frozen=True)
@@ -211,13 +203,12 @@ def write_captions(folder: Path, files: list[str], tissue_class: str, mode: str)
 
 def write_augmented_crops(
     out: Path, crop_images: Path, index: pd.DataFrame, *, split_settings: SplitSettings, groups: Mapping[str, str],
-    augmentation: Mapping[str, Any], tissue_class: str, seed: int, log: Log | None = None, warn: Log | None = None,
+    augmentation: AugmentationSettings, tissue_class: str, seed: int, log: Log | None = None, warn: Log | None = None,
 ) -> dict[str, Any]:
     """A class's training crops augmented and captioned, with their index and a preview, and its held-out list, in
     ``out``; the summary fields that describe them.
 
-    ``index`` is square_crops' index of the crops in ``crop_images``, and
-    ``augmentation`` params' section of that name. The held-out crops are
+    ``index`` is square_crops' index of the crops in ``crop_images``. The held-out crops are
     never augmented: they are the reference set the metrics compare with, so
     a class that cannot hold any out is warned about.
     """
@@ -231,14 +222,14 @@ def write_augmented_crops(
     records = augment_class(
         [(crop_images / name, hashes[name]) for name in split.train],
         out / IMAGES,
-        recipe=AugmentationRecipe.from_params(augmentation),
-        total=int(augmentation["total"]),
-        keep_originals=bool(augmentation["keep_originals"]),
+        recipe=augmentation.recipe,
+        total=augmentation.total,
+        keep_originals=augmentation.keep_originals,
         seed=seed,
-        workers=int(augmentation["workers"]),
+        workers=augmentation.workers,
         log=log,
     )
-    write_captions(out / IMAGES, [r.file for r in records], tissue_class, augmentation["captions"])
+    write_captions(out / IMAGES, [r.file for r in records], tissue_class, augmentation.captions)
     frame = pd.DataFrame([r.as_row() for r in records])
     frame["seed"] = pd.array([r.seed for r in records], dtype="Int64")
     AUGMENTED_INDEX.write(out / INDEX, frame)

@@ -126,32 +126,6 @@ class BaseModelTrainingSettings:
     checkpoint_every: int
     preview_images: int
 
-    @classmethod
-    def from_params(cls, section: Mapping[str, Any]) -> BaseModelTrainingSettings:
-        text, vae, unet = section["text_encoder"], section["vae"], section["unet"]
-        settings = cls(
-            prompt=str(section["prompt"]),
-            text_encoder=TextEncoderSettings(hidden_size=int(text["hidden_size"]), layers=int(text["layers"]),
-                                             heads=int(text["heads"]),
-                                             token_embedding_scale=float(text["token_embedding_scale"])),
-            vae=VaeSettings(
-                block_out_channels=tuple(int(c) for c in vae["block_out_channels"]),
-                norm_num_groups=int(vae["norm_num_groups"]), steps=int(vae["steps"]), batch_size=int(vae["batch_size"]),
-                learning_rate=float(vae["learning_rate"]), kl_weight=float(vae["kl_weight"]),
-            ),
-            unet=UnetSettings(
-                block_out_channels=tuple(int(c) for c in unet["block_out_channels"]),
-                layers_per_block=int(unet["layers_per_block"]), attention_head_dim=int(unet["attention_head_dim"]),
-                norm_num_groups=int(unet["norm_num_groups"]),
-                steps=int(unet["steps"]), batch_size=int(unet["batch_size"]),
-                learning_rate=float(unet["learning_rate"]), uncond_probability=float(unet["uncond_probability"]),
-            ),
-            checkpoint_every=int(section["checkpoint_every"]),
-            preview_images=int(section["preview_images"]),
-        )
-        settings.validate()
-        return settings
-
     def validate(self) -> None:
         """Refuse settings diffusers would accept and then fail on, or train into a model hypernetworks cannot address."""
         problems = []
@@ -537,7 +511,7 @@ def _write_samples(model_dir: Path, path: Path, real: Sequence[Path], settings: 
 
 
 def train_from_crops(
-    out_dir: Path, image_folders: Sequence[Path], training: Mapping[str, Any], *, model_folder: str, resolution: int,
+    out_dir: Path, image_folders: Sequence[Path], settings: BaseModelTrainingSettings, *, model_folder: str, resolution: int,
     master_seed: int, preview: GenerationSettings, log: Log,
 ) -> BaseModelTrainingResult:
     """Train on every class's augmented crops: the training share, since held-out crops are never augmented."""
@@ -545,7 +519,7 @@ def train_from_crops(
     (out_dir / SUMMARY).unlink(missing_ok=True)
     images = [path for folder in image_folders for path in list_images(folder)]
     result = train_base_model(
-        images, out_dir, BaseModelTrainingSettings.from_params(training), model_folder=model_folder,
+        images, out_dir, settings, model_folder=model_folder,
         resolution=resolution, seed=derive_seed(master_seed, "base_model"), preview=preview, log=log,
     )
     if result.resumed_from:

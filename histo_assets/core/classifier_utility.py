@@ -129,30 +129,13 @@ class UtilitySettings:
     min_test_per_class: int
     seed: int
 
-    @classmethod
-    def from_params(cls, section: Mapping[str, Any], seed: int) -> UtilitySettings:
-        settings = cls(
-            classifier=str(section["classifier"]),
-            seeds=int(section["seeds"]),
-            image_size=int(section["image_size"]),
-            logistic_l2=float(section["logistic_l2"]),
-            logistic_max_iter=int(section["logistic_max_iter"]),
-            cnn_width=int(section["cnn_width"]),
-            cnn_steps=int(section["cnn_steps"]),
-            cnn_batch_size=int(section["cnn_batch_size"]),
-            cnn_learning_rate=float(section["cnn_learning_rate"]),
-            bootstrap_resamples=int(section["bootstrap_resamples"]),
-            confidence_level=float(section["confidence_level"]),
-            min_test_per_class=int(section["min_test_per_class"]),
-            seed=int(seed),
-        )
-        if settings.classifier not in CLASSIFIERS:
-            raise UtilityError(f"utility.classifier must be one of {', '.join(CLASSIFIERS)}, got {settings.classifier!r}")
-        if settings.seeds < 1 or settings.bootstrap_resamples < 1 or settings.cnn_steps < 1:
+    def __post_init__(self) -> None:
+        if self.classifier not in CLASSIFIERS:
+            raise UtilityError(f"utility.classifier must be one of {', '.join(CLASSIFIERS)}, got {self.classifier!r}")
+        if self.seeds < 1 or self.bootstrap_resamples < 1 or self.cnn_steps < 1:
             raise UtilityError("utility.seeds, utility.bootstrap_resamples and utility.cnn_steps must be at least 1")
-        if not 0 < settings.confidence_level < 1:
-            raise UtilityError(f"utility.confidence_level must be between 0 and 1, got {settings.confidence_level}")
-        return settings
+        if not 0 < self.confidence_level < 1:
+            raise UtilityError(f"utility.confidence_level must be between 0 and 1, got {self.confidence_level}")
 
 
 def gain_verdict(ci_low: float, ci_high: float) -> str:

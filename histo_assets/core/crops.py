@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,12 +49,14 @@ CHUNK_MAX = 32
 
 @dataclass(frozen=True)
 class TileSettings:
+    """params' ``crops.tiles``; ``mpp``, ``stride`` and ``max_tiles_per_image`` may be None (see params.yaml)."""
+
     tile_size: int
-    level: int = 0
-    mpp: float | None = None
-    stride: int | None = None
-    min_tissue_fraction: float = 0.5
-    max_tiles_per_image: int | None = None
+    level: int
+    mpp: float | None
+    stride: int | None
+    min_tissue_fraction: float
+    max_tiles_per_image: int | None
 
 
 @dataclass(frozen=True)
@@ -175,9 +177,9 @@ class CropSettings:
     small_image_policy: str
     max_image_pixels: int
     max_file_bytes: int
-    tiles: TileSettings | None = None
-    # zlib level of the PNGs; -1 is Pillow's own default (zlib's 6), what crops were written with before params chose one.
-    png_compress_level: int = -1
+    tiles: TileSettings | None
+    # zlib level of the PNGs (0-9), or -1 for Pillow's own default (zlib's 6).
+    png_compress_level: int
 
     def __post_init__(self) -> None:
         """Refuse bad settings here, in the caller, rather than once per file inside worker processes."""
@@ -189,18 +191,6 @@ class CropSettings:
             raise ValueError(f"small_image_policy must be one of {SMALL_IMAGE_POLICIES}, not {self.small_image_policy!r}")
         if not -1 <= self.png_compress_level <= 9:
             raise ValueError(f"png_compress_level must be 0-9 (or -1, zlib's default), not {self.png_compress_level}")
-
-    @classmethod
-    def from_params(cls, crops: Mapping[str, Any], ingest: Mapping[str, Any], resolution: int) -> CropSettings:
-        return cls(
-            mode=crops["mode"],
-            resolution=resolution,
-            small_image_policy=crops["small_image_policy"],
-            max_image_pixels=int(ingest["max_image_pixels"]),
-            max_file_bytes=int(ingest["max_file_bytes"]),
-            tiles=TileSettings(**crops["tiles"]),
-            png_compress_level=int(crops["png_compress_level"]),
-        )
 
 
 def plan_windows(source: SlideSource, settings: CropSettings) -> list[tuple[Window, float | None]]:

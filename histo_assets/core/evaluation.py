@@ -122,26 +122,6 @@ class MetricSettings:
     min_reference: int
     seed: int
 
-    @classmethod
-    def from_params(cls, section: Mapping[str, Any], seed: int) -> MetricSettings:
-        """The scoring settings of params' ``metrics`` section; ``seed`` is already derived for the metrics."""
-        return cls(
-            kid_subset_size=int(section["kid_subset_size"]),
-            kid_subsets=int(section["kid_subsets"]),
-            pr_k=int(section["pr_k"]),
-            memorisation_threshold=float(section["memorisation_threshold"]),
-            is_images_per_split=int(section["is_images_per_split"]),
-            batch_size=int(section["batch_size"]),
-            bootstrap_resamples=int(section["bootstrap_resamples"]),
-            confidence_level=float(section["confidence_level"]),
-            min_reference=int(section["min_reference"]),
-            seed=int(seed),
-        )
-
-
-def metric_settings(section: Mapping[str, Any], master_seed: int) -> MetricSettings:
-    return MetricSettings.from_params(section, derive_seed(master_seed, "metrics"))
-
 
 def scoring_settings(section: Mapping[str, Any]) -> dict[str, Any]:
     """The ``metrics`` settings a checkpoint's row depends on, for its fingerprint."""

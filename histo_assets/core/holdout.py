@@ -55,14 +55,6 @@ class SplitSettings:
             raise ValueError(f"split.guard_tiles must be at least 1, so held-out tiles never touch training tiles, "
                              f"not {self.guard_tiles}")
 
-    @classmethod
-    def from_params(cls, section: Mapping) -> SplitSettings:
-        return cls(
-            holdout_fraction=float(section["holdout_fraction"]),
-            group_fraction_tolerance=float(section["group_fraction_tolerance"]),
-            guard_tiles=int(section["guard_tiles"]),
-        )
-
 
 @dataclass(frozen=True)
 class HoldoutSplit:

@@ -139,23 +139,6 @@ class HypernetworkOptions:
         object.__setattr__(self, "use_dropout", bool(self.use_dropout) or any(dropout))
         object.__setattr__(self, "last_layer_dropout", dropout[-2] != 0)
 
-    @classmethod
-    def from_params(cls, section: Mapping[str, Any]) -> HypernetworkOptions:
-        """Options from the ``hypernetwork:`` params section.
-
-        The section has no ``last_layer_dropout``: it follows from ``dropout_structure``.
-        """
-        return cls(
-            sizes=tuple(int(s) for s in section["sizes"]),
-            layer_structure=tuple(float(x) for x in section["layer_structure"]),
-            activation=section["activation"],
-            weight_init=section["weight_init"],
-            layer_norm=bool(section["layer_norm"]),
-            use_dropout=bool(section["use_dropout"]),
-            dropout_structure=tuple(float(x) for x in section["dropout_structure"]),
-            activate_output=bool(section["activate_output"]),
-        )
-
 
 class HypernetworkModule(nn.Module):
     """One residual MLP, ``x + MLP(x) * m`` (§5); ``linear`` fixes the state-dict keys (§3)."""

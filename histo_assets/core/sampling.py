@@ -93,7 +93,7 @@ SAMPLERS: dict[str, Sampler] = {
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """txt2img settings; the defaults are the thesis' (Euler, 20 steps, CFG 7, 512x512).
+    """txt2img settings; params.yaml holds the thesis's (Euler, 20 steps, CFG 7, 512x512).
 
     Field names match the ``generation:`` section of ``params.yaml``; width and
     height come from its top-level ``resolution``. ``prompt`` may contain
@@ -101,15 +101,15 @@ class GenerationSettings:
     ``[filewords]`` (the tissue class, underscores as spaces).
     """
 
-    prompt: str = "an H&E histology tile of [name]"
-    negative_prompt: str = ""
-    sampler: str = "euler"
-    steps: int = 20
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
-    batch_size: int = 1
-    multiplier: float = 1.0
+    prompt: str
+    negative_prompt: str
+    sampler: str
+    steps: int
+    cfg_scale: float
+    width: int
+    height: int
+    batch_size: int
+    multiplier: float
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -124,21 +124,6 @@ class GenerationSettings:
             if side < VAE_SCALE or side % VAE_SCALE:
                 raise ValueError(f"width and height must be positive multiples of {VAE_SCALE}, got "
                                  f"{self.width}x{self.height}")
-
-    @classmethod
-    def from_params(cls, generation: Mapping[str, Any], resolution: int) -> GenerationSettings:
-        """Settings from the ``generation:`` section; ``images_per_checkpoint`` is the caller's ``count``."""
-        return cls(
-            prompt=str(generation["prompt"]),
-            negative_prompt=str(generation.get("negative_prompt") or ""),
-            sampler=str(generation["sampler"]),
-            steps=int(generation["steps"]),
-            cfg_scale=float(generation["cfg_scale"]),
-            width=int(resolution),
-            height=int(resolution),
-            batch_size=int(generation["batch_size"]),
-            multiplier=float(generation["multiplier"]),
-        )
 
     @property
     def sampler_display_name(self) -> str:

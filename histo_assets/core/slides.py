@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -302,20 +302,29 @@ def unknown_class_folders(raw_root: Path, classes: list[str]) -> list[str]:
                   if p.is_dir() and not p.name.startswith(".") and p.name not in classes)
 
 
+@dataclass(frozen=True)
+class IngestSettings:
+    """params' ``ingest`` section: which files are slides, and the size limits that guard decoding them."""
+
+    extensions: tuple[str, ...]
+    max_image_pixels: int
+    max_file_bytes: int
+
+
 def write_inventory(
-    out: Path, class_dir: Path, data_root: Path, ingest: Mapping[str, Any], *, tissue_class: str,
+    out: Path, class_dir: Path, data_root: Path, ingest: IngestSettings, *, tissue_class: str,
     warn: Log | None = None,
 ) -> dict[str, Any]:
     """Inventory one class folder into ``out``; the summary's fields.
 
-    ``ingest`` is params' section of that name. The data version is the hash
-    of the files' content hashes: a class whose files did not change keeps
-    it, so nothing downstream reruns, even when the files were rewritten.
+    The data version is the hash of the files' content hashes: a class whose
+    files did not change keeps it, so nothing downstream reruns, even when
+    the files were rewritten.
     """
     if not class_dir.is_dir():
         raise UnusableClassError(f"class {tissue_class!r}: no folder {class_dir}")
     records, problems = inventory_class(
-        class_dir, data_root, ingest["extensions"], int(ingest["max_image_pixels"]), int(ingest["max_file_bytes"])
+        class_dir, data_root, list(ingest.extensions), ingest.max_image_pixels, ingest.max_file_bytes
     )
     report_problems(problems, warn)
     if not records:

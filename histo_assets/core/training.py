@@ -486,21 +486,6 @@ class TrainingSettings:
     latent_sampling: str
     loss_log_every: int
 
-    @classmethod
-    def from_params(cls, section: Mapping[str, Any]) -> TrainingSettings:
-        return cls(
-            templates=tuple(section["templates"]),
-            max_steps=int(section["max_steps"]),
-            learning_rate=str(section["learning_rate"]),
-            batch_size=int(section["batch_size"]),
-            gradient_accumulation=int(section["gradient_accumulation"]),
-            checkpoint_steps=tuple(int(step) for step in section["checkpoint_steps"]),
-            clip_mode=section["clip_mode"],
-            clip_value=str(section["clip_value"]),
-            latent_sampling=section["latent_sampling"],
-            loss_log_every=int(section["loss_log_every"]),
-        )
-
 
 def train_hypernetwork(
     base: BaseModel,
@@ -770,10 +755,10 @@ def checkpoints_summary(result: TrainingResult, training_set: str) -> dict[str, 
 
 def write_hypernetwork_checkpoints(
     out: Path, base: BaseModel, images_dir: Path, *, tissue_class: str, options: HypernetworkOptions,
-    training: Mapping[str, Any], resolution: int, master_seed: int, training_set: str, resume: str,
+    training: TrainingSettings, resolution: int, master_seed: int, training_set: str, resume: str,
     log: Log, on_checkpoint: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
-    """Train one class's hypernetwork into ``out`` with the ``training:`` settings; the summary's fields.
+    """Train one class's hypernetwork into ``out``; the summary's fields.
 
     ``out`` is written as training goes, so a run with the same ``resume`` key
     (see :func:`resume_key`) left there is continued. The sizes are checked
@@ -783,7 +768,7 @@ def write_hypernetwork_checkpoints(
     if prepare_resumable(out, resume):
         log(f"{tissue_class}: continuing the training run in {out} (interrupted, extended or missing checkpoints)")
     result = train_hypernetwork(
-        base, images_dir, out, TrainingSettings.from_params(training), name=sanitize_name(tissue_class),
+        base, images_dir, out, training, name=sanitize_name(tissue_class),
         options=options, resolution=resolution, seed=derive_seed(master_seed, "hypernetwork", tissue_class), log=log,
         on_checkpoint=on_checkpoint,
     )
