@@ -47,6 +47,7 @@ from histo_assets.core.seeding import derive_seed
 from histo_assets.core.layout import HOLDOUT, IMAGES, INDEX, Layout
 from histo_assets.core.schemas import AUGMENTED_INDEX, HELD_OUT_CROPS
 from histo_assets.params import load_params
+from histo_assets.settings import from_section
 from histo_assets_tests.test_classifier_utility import known_answer_sets
 
 REAL_GAIN = f"{REAL_PLUS_SYNTHETIC} - {REAL}"
@@ -118,7 +119,7 @@ def main() -> None:
     for assignment in args.set:
         key, _, value = assignment.partition("=")
         section[key] = yaml.safe_load(value)
-    settings = UtilitySettings.from_params(section, derive_seed(params.seed, "utility"))
+    settings = from_section(UtilitySettings, section, seed=derive_seed(params.seed, "utility"))
     extractor, info = build_extractor(params["metrics"]["inception_weights"], derive_seed(params.seed, "feature_extractor"))
     print(f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}, load {os.getloadavg()}, settings {settings}")
     classifiers = args.classifiers.split(",")

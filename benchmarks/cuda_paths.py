@@ -17,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,10 @@ from PIL import Image
 
 from histo_assets.core.base_model import TINY_HYPERNETWORK_SIZES, load_base_model
 from histo_assets.core.hypernetwork import HypernetworkOptions, load_hypernetwork
-from histo_assets.core.sampling import GenerationSettings, generate_images
+from histo_assets.core.sampling import generate_images
 from histo_assets.core.training import TrainingSettings, train_hypernetwork
+from histo_assets.params import DEFAULT_PARAMS_FILE, load_params
+from histo_assets.settings import generation_settings
 from histo_assets_tests.webui_rules import check_loadable_by_webui, webui_paste
 
 RESOLUTION = 64
@@ -92,8 +95,8 @@ def main() -> int:
         difference = max((a - b).abs().max().item() for a, b in zip(final.state_dict().values(),
                          load_hypernetwork(cpu.final_path).state_dict().values(), strict=True))
         print(f"largest |CUDA fp16 - CPU fp32| final weight difference: {difference:.2e}")
-        settings = GenerationSettings(prompt="an H&E histology tile of [name]", steps=8, width=RESOLUTION,
-                                      height=RESOLUTION, batch_size=2)
+        settings = replace(generation_settings(load_params(DEFAULT_PARAMS_FILE)), prompt="an H&E histology tile of [name]",
+                           negative_prompt="", steps=8, width=RESOLUTION, height=RESOLUTION, batch_size=2)
         started = time.perf_counter()
         records = generate_images(base, gpu.final_path, root / "generated", tissue_class="tissue", step=gpu.final_step,
                                   count=4, settings=settings, master_seed=SEED)

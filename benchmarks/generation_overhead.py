@@ -31,7 +31,9 @@ from histo_assets.core.hypernetwork import (
     load_hypernetwork,
     save_hypernetwork,
 )
-from histo_assets.core.sampling import GenerationSettings, generate_images, image_seed
+from histo_assets.core.sampling import generate_images, image_seed
+from histo_assets.params import DEFAULT_PARAMS_FILE, load_params
+from histo_assets.settings import generation_settings
 
 
 def seconds(run: Callable[[], object]) -> float:
@@ -51,7 +53,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    settings = replace(GenerationSettings(), prompt="an H&E histology tile of [name]",
+    settings = replace(generation_settings(load_params(DEFAULT_PARAMS_FILE)), prompt="an H&E histology tile of [name]",
                        negative_prompt="grainy, blurry, low quality", steps=args.steps, width=args.resolution,
                        height=args.resolution, batch_size=args.batch_size)
 

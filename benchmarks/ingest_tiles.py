@@ -23,14 +23,16 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image
 
-from histo_assets.core.crops import CropSettings, TileSettings, crop_class, tile_windows
+from histo_assets.core.crops import CropSettings, crop_class, tile_windows
 from histo_assets.core.io import sha256_file
 from histo_assets.core.slides import SlideSource
 from histo_assets.params import DEFAULT_PARAMS_FILE, load_params
+from histo_assets.settings import crop_settings
 
 TILE_SIZE = 512
 RESOLUTION = 256
@@ -83,7 +85,7 @@ def tile(slide: Path, settings: CropSettings, workers: int) -> tuple[list[dict],
 
 def main() -> None:
     params = load_params(DEFAULT_PARAMS_FILE)
-    crops, ingest = params["crops"], params["ingest"]
+    crops = params["crops"]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("slide", type=Path)
     parser.add_argument("--rounds", type=int, default=2)
@@ -92,10 +94,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=int(crops["workers"]), help="workers of the new behaviour (params.yaml)")
     args = parser.parse_args()
     slide = args.slide.resolve()
-    tiles = TileSettings(tile_size=TILE_SIZE, level=0, min_tissue_fraction=float(crops["tiles"]["min_tissue_fraction"]))
+    # params.yaml's crops and ingest, pinned to 512 px tiles read at level 0 (not by mpp) and written at 256 px.
+    base = crop_settings(params)
+    tiles = replace(base.tiles, tile_size=TILE_SIZE, level=0, mpp=None)
 
     def settings(level: int) -> CropSettings:
-        return CropSettings("tiles", RESOLUTION, "skip", int(ingest["max_image_pixels"]), int(ingest["max_file_bytes"]), tiles, level)
+        return replace(base, mode="tiles", resolution=RESOLUTION, small_image_policy="skip", tiles=tiles,
+                       png_compress_level=level)
 
     if args.sweep:
         sweep(slide, settings(args.level), args.sweep)

@@ -57,16 +57,22 @@ def main() -> int:
     apply_threads(threads)
 
     from histo_assets.core.base_model import load_base_model
-    from histo_assets.core.base_model_training import BaseModelTrainingSettings, train_base_model
+    from histo_assets.core.base_model_training import train_base_model
     from histo_assets.core.colour import lab_distance, mean_lab
-    from histo_assets.core.evaluation import MetricSettings
     from histo_assets.core.features import build_extractor, extract_features
-    from histo_assets.core.hypernetwork import HypernetworkOptions, sanitize_name
+    from histo_assets.core.hypernetwork import sanitize_name
     from histo_assets.core.metrics import kernel_distance
-    from histo_assets.core.sampling import GenerationSettings, generate_images
+    from histo_assets.core.sampling import generate_images
     from histo_assets.core.seeding import derive_seed
-    from histo_assets.core.training import TrainingSettings, list_images, train_hypernetwork
+    from histo_assets.core.training import list_images, train_hypernetwork
     from histo_assets.params import load_params
+    from histo_assets.settings import (
+        base_model_training_settings,
+        generation_settings,
+        hypernetwork_options,
+        metric_settings,
+        training_settings,
+    )
 
     apply_threads(threads)
     p = load_params(args.params, args.overrides)
@@ -89,8 +95,8 @@ def main() -> int:
 
     # 1. base model
     started = time.perf_counter()
-    settings = BaseModelTrainingSettings.from_params(p["base_model"]["training"])
-    generation = GenerationSettings.from_params(p["generation"], p.resolution)
+    settings = base_model_training_settings(p)
+    generation = generation_settings(p)
     base_dir = work / "base_model"
     model_dir = base_dir / "histo-sd"
     if not (args.keep_base and model_dir.is_dir()):
@@ -105,9 +111,8 @@ def main() -> int:
     base = load_base_model("diffusers", model_dir, device="cpu", dtype="float32")
 
     # 2. hypernetworks
-    hn = p["hypernetwork"]
-    options = HypernetworkOptions.from_params(hn)
-    training = TrainingSettings.from_params(p["training"])
+    options = hypernetwork_options(p)
+    training = training_settings(p)
     finals = {}
     started = time.perf_counter()
     for c in classes:
@@ -134,12 +139,12 @@ def main() -> int:
 
     # 4. scores
     started = time.perf_counter()
-    metric_settings = MetricSettings.from_params(p["metrics"], derive_seed(p.seed, "metrics"))
+    scoring = metric_settings(p)
     extractor, info = build_extractor(p["metrics"].get("inception_weights"), derive_seed(p.seed, "feature_extractor"))
     from PIL import Image
 
     def features(paths):
-        return extract_features(extractor, (Image.open(path).convert("RGB") for path in paths), metric_settings.batch_size)[0]
+        return extract_features(extractor, (Image.open(path).convert("RGB") for path in paths), scoring.batch_size)[0]
 
     real_train_lab = {c: mean_lab(train_images[c]) for c in classes}
     real_held_lab = {c: mean_lab(held_out[c]) for c in classes}
@@ -148,9 +153,9 @@ def main() -> int:
     for (c, step), paths in generated.items():
         lab = mean_lab(paths)
         gen_features = features(paths)
-        size = min(metric_settings.kid_subset_size, len(paths), len(held_out[c]))
-        kid, _ = kernel_distance(reference_features[c], gen_features, size, metric_settings.kid_subsets,
-                                 metric_settings.seed)
+        size = min(scoring.kid_subset_size, len(paths), len(held_out[c]))
+        kid, _ = kernel_distance(reference_features[c], gen_features, size, scoring.kid_subsets,
+                                 scoring.seed)
         rows.append({"class": c, "step": step, "L": lab[0], "a": lab[1], "b": lab[2],
                      "dE_train": lab_distance(lab, real_train_lab[c]), "dE_heldout": lab_distance(lab, real_held_lab[c]),
                      "dE_to_ihc_train": lab_distance(lab, real_train_lab["skimage_ihc"]) if "skimage_ihc" in classes else None,

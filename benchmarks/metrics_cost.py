@@ -32,6 +32,7 @@ from torch import Tensor
 from histo_assets.core.evaluation import FeatureCache, FeatureSet, MetricSettings, score_checkpoint
 from histo_assets.core.features import WEIGHTS_ENV, ImageFeatureExtractor, build_extractor, extract_features
 from histo_assets.params import DEFAULT_PARAMS_FILE, load_params
+from histo_assets.settings import from_section
 
 
 class CountingExtractor(ImageFeatureExtractor):
@@ -73,7 +74,7 @@ def main() -> None:
     os.environ.pop(WEIGHTS_ENV, None)  # force the random-conv fallback
     extractor, info = build_extractor(None, seed=0)
     counter = CountingExtractor(extractor)
-    settings = MetricSettings.from_params(load_params(DEFAULT_PARAMS_FILE)["metrics"], seed=0)
+    settings = from_section(MetricSettings, load_params(DEFAULT_PARAMS_FILE)["metrics"], seed=0)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -21,6 +21,7 @@ import yaml
 from histo_assets.params import PARAMS_ENV, PROJECT_ROOT, RESOLVED_PARAMS_FILE, load_params
 
 PACKAGE = "histo_assets"
+SETTINGS = f"{PACKAGE}.settings"
 CORE = f"{PACKAGE}.core"
 
 
@@ -61,7 +62,10 @@ def stage_modules(job_name: str) -> set[str]:
     job = defs.resolve_job_def(job_name)
     asset_modules = {inspect.getmodule(node.definition.compute_fn.decorated_fn).__name__
                      for node in job.graph.node_dict.values()}
-    return asset_modules | core_closure(asset_modules)
+    # The settings module turns params into what core runs on, so it is a dependency too; its own imports are
+    # the settings classes of every stage, which the stage's modules already bring when it runs them.
+    settings = {SETTINGS} & set().union(*(imported_modules(module) for module in asset_modules))
+    return asset_modules | settings | core_closure(asset_modules)
 
 
 def missing_deps(dvc_yaml: dict) -> dict[str, list[str]]:
