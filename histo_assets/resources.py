@@ -143,11 +143,12 @@ class BaseModelResource(dg.ConfigurableResource):
 
     @staticmethod
     def _trained_sha256(p: Params) -> str:
+        from histo_assets.core.schemas import BaseModelSummary
         from histo_assets.core.stage import read_summary
 
         folder = Layout(p.data_dir).base_model
-        summary = read_summary(folder)
-        if summary is None or summary.get("source") != TRAINED_SOURCE:
+        summary = read_summary(folder, BaseModelSummary)
+        if summary is None or summary["source"] != TRAINED_SOURCE:
             raise BaseModelError(f"base_model.source is {TRAINED_SOURCE!r}: materialise the base_model asset first; "
                                  f"{folder} holds no trained model")
         return summary["sha256"]

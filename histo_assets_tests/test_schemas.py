@@ -1,5 +1,6 @@
 """Every parquet table's columns live in core/schemas.py: writers write exactly them, readers refuse files without."""
 
+import json
 import re
 from pathlib import Path
 
@@ -28,9 +29,13 @@ from histo_assets.core.schemas import (
     RELEASE_LINEAGE,
     RELEASE_MANIFEST,
     SLIDE_INVENTORY,
+    BaseModelSummary,
     SchemaError,
+    SquareCropsSummary,
     TableSchema,
+    check_summary,
 )
+from histo_assets.core.stage import build_or_reuse, read_summary
 from histo_assets.core.slides import IngestSettings, write_inventory
 from histo_assets_tests.conftest import tissue_image
 from histo_assets.settings import from_section
@@ -204,3 +209,50 @@ def test_a_release_manifest_without_its_columns_is_refused_naming_it(tmp_path):
     refusal = f"{path}: wrong columns for the release manifest: missing tissue_class, checkpoint_step, sha256"
     with pytest.raises(SchemaError, match=re.escape(refusal)):
         read_manifest(tmp_path)
+
+
+# --- summary.json --------------------------------------------------------------------------------
+
+
+def test_a_summary_must_have_exactly_its_fields_and_the_error_names_the_file():
+    summary = {"fingerprint": "f", "data_version": "d", "count": 1, "problems": []}
+    assert check_summary(SquareCropsSummary, summary, "x/summary.json") is summary
+    with pytest.raises(SchemaError, match=r"x/summary.json: wrong fields for a SquareCropsSummary: missing count; "
+                                          r"unexpected total"):
+        check_summary(SquareCropsSummary, {k: v for k, v in summary.items() if k != "count"} | {"total": 1},
+                      "x/summary.json")
+
+
+def test_optional_fields_may_be_absent_only_where_declared():
+    described = {"fingerprint": "f", "source": "single_file", "name": "sd", "sha256": "s", "short_hash": "h",
+                 "path": "p", "architecture": {}}
+    assert check_summary(BaseModelSummary, described, "s") == described
+    assert check_summary(BaseModelSummary, described | {"training_set": {}, "seconds": 1.0}, "s")
+    with pytest.raises(SchemaError, match="missing sha256"):
+        check_summary(BaseModelSummary, {k: v for k, v in described.items() if k != "sha256"}, "s")
+
+
+def test_a_stage_folder_from_an_older_version_is_refused_when_read_naming_it(tmp_path):
+    folder = tmp_path / "square_crops" / CLASS
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({"fingerprint": "f", "count": 3, "problems": []}))
+    assert read_summary(folder)["count"] == 3, "unchecked, as the skip-if-unchanged test reads it"
+    with pytest.raises(SchemaError, match=f"{folder / 'summary.json'}: wrong fields for a SquareCropsSummary: "
+                                          "missing data_version"):
+        read_summary(folder, SquareCropsSummary)
+    assert read_summary(tmp_path / "absent", SquareCropsSummary) is None
+
+
+def test_a_build_whose_summary_has_an_undeclared_field_writes_nothing(tmp_path):
+    out = tmp_path / "stage"
+
+    def build(staging):
+        (staging / "made.txt").write_text("work")
+        return {"data_version": "d", "count": 1, "problems": [], "surprise": True}
+
+    with pytest.raises(SchemaError, match="unexpected surprise"):
+        build_or_reuse(out, "fingerprint", build, SquareCropsSummary)
+    assert not out.exists()
+    summary, reused = build_or_reuse(out, "fingerprint", lambda staging: {"data_version": "d", "count": 1,
+                                                                          "problems": []}, SquareCropsSummary)
+    assert not reused and read_summary(out, SquareCropsSummary) == summary

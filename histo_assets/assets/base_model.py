@@ -8,6 +8,7 @@ import pandas as pd
 from histo_assets.assets.stage import Part, Stage, StageSpec, stage_asset
 from histo_assets.core.layout import BASE_MODEL_ASSET, IMAGES, Layout
 from histo_assets.core.previews import markdown_png_file, markdown_table
+from histo_assets.core.schemas import AugmentedCropsSummary, BaseModelSummary
 from histo_assets.core.stage import read_summary
 from histo_assets.params import Params
 from histo_assets.resources import (
@@ -33,14 +34,17 @@ def _trains_on_crops(p: Params) -> bool:
 
 def _base_model_inputs(p: Params, _part: Part, _base_model) -> dict:
     layout = Layout(p.data_dir)
-    training_set = ({c: read_summary(layout.augmented_crops(c))["data_version"] for c in p.classes}
-                    if _trains_on_crops(p) else None)
+    training_set = None
+    if _trains_on_crops(p):
+        training_set = {c: read_summary(layout.augmented_crops(c), AugmentedCropsSummary)["data_version"]
+                        for c in p.classes}
     return dict(base_model=p["base_model"], training_set=training_set, resolution=p.resolution, seed=p.seed,
                 code=BASE_MODEL_VERSION)
 
 
 # The crops it may train on depend on params' classes, so the asset pulls them itself.
-STAGES = {BASE_MODEL_ASSET: StageSpec(lambda at, _part: at.base_model, lambda _at, _part: [], _base_model_inputs)}
+STAGES = {BASE_MODEL_ASSET: StageSpec(lambda at, _part: at.base_model, lambda _at, _part: [], _base_model_inputs,
+                                      BaseModelSummary)}
 
 
 def build_assets(p: Params) -> list[dg.AssetsDefinition]:

@@ -22,7 +22,14 @@ from histo_assets.core.evaluation import (
 from histo_assets.core.io import stable_hash
 from histo_assets.core.layout import Layout
 from histo_assets.core.previews import markdown_image, markdown_table
-from histo_assets.core.schemas import METRICS_TABLE, PUBLISHED_METRICS
+from histo_assets.core.schemas import (
+    METRICS_TABLE,
+    PUBLISHED_METRICS,
+    CheckpointMetricsSummary,
+    MetricsDetails,
+    MetricsSummarySummary,
+    SyntheticImagesSummary,
+)
 from histo_assets.core.stage import output_settings, read_summary
 from histo_assets.core.steps import evaluated_steps
 from histo_assets.params import Params
@@ -42,14 +49,15 @@ def _checkpoint_metrics_inputs(p: Params, part: Part, _base_model) -> dict:
     layout = Layout(p.data_dir)
     reference, train = real_sets(layout, part.tissue_class)
     cache = feature_cache(p["metrics"], layout, p.source.parent, p.seed)
-    return dict(generated=read_summary(layout.synthetic_images(part.tissue_class, part.step))["data_version"],
+    generated = read_summary(layout.synthetic_images(part.tissue_class, part.step), SyntheticImagesSummary)
+    return dict(generated=generated["data_version"],
                 reference=cache.path_for(reference).name, train=cache.path_for(train).name,
                 metrics=scoring_settings(p["metrics"]), seed=p.seed, code=CHECKPOINT_METRICS_VERSION)
 
 
 def _scored(p: Params) -> dict[tuple[str, int], dict | None]:
     layout = Layout(p.data_dir)
-    return {(c, step): read_summary(layout.checkpoint_metrics(c, step))
+    return {(c, step): read_summary(layout.checkpoint_metrics(c, step), CheckpointMetricsSummary)
             for c in p.classes for step in evaluated_steps(p["training"]["checkpoint_steps"])}
 
 
@@ -59,12 +67,14 @@ def _metrics_summary_inputs(p: Params, _part: Part, _base_model) -> dict:
 
 
 STAGES = {
-    "metrics_summary": StageSpec(lambda at, _part: at.metrics_summary, lambda _at, _part: [], _metrics_summary_inputs),
+    "metrics_summary": StageSpec(lambda at, _part: at.metrics_summary, lambda _at, _part: [], _metrics_summary_inputs,
+                                 MetricsSummarySummary),
     "checkpoint_metrics": StageSpec(
         lambda at, part: at.checkpoint_metrics(part.tissue_class, part.step),
         lambda at, part: [at.synthetic_images(part.tissue_class, part.step), at.augmented_crops(part.tissue_class),
                           at.square_crops(part.tissue_class)],
         _checkpoint_metrics_inputs,
+        CheckpointMetricsSummary,
     ),
 }
 
@@ -152,7 +162,7 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
 
         data_version = stage.build_or_reuse(build, in_place=True)["data_version"]
         details = layout.metrics_details
-        summary, table = read_summary(details), METRICS_TABLE.read(details / METRICS_TABLE_FILE)
+        summary, table = read_summary(details, MetricsDetails), METRICS_TABLE.read(details / METRICS_TABLE_FILE)
         return stage.result(data_version, {
             "table": dg.MetadataValue.md(markdown_table(table[list(PUBLISHED_METRICS.columns)].round(4))),
             "best_checkpoint": dg.MetadataValue.json({"metric": metric, "tie_rule": tie, "steps": summary["best"],

@@ -8,7 +8,13 @@ from histo_assets.assets.checks import image_check_results, image_check_specs
 from histo_assets.assets.stage import Part, Stage, StageSpec, stage_asset
 from histo_assets.core.layout import BASE_MODEL_ASSET, IMAGES, INDEX, PREVIEW, Layout
 from histo_assets.core.previews import markdown_png_file
-from histo_assets.core.schemas import GENERATION_INDEX, IMPORTED_HYPERNETWORK_INDEX
+from histo_assets.core.schemas import (
+    GENERATION_INDEX,
+    IMPORTED_HYPERNETWORK_INDEX,
+    HypernetworkCheckpointsSummary,
+    ImportedSyntheticImagesSummary,
+    SyntheticImagesSummary,
+)
 from histo_assets.core.stage import read_summary
 from histo_assets.core.steps import BASELINE_STEP
 from histo_assets.params import Params
@@ -28,7 +34,7 @@ BASELINE_CHECKPOINT = {"file": None, "sha256": None, "training_set": None}
 
 
 def checkpoint_entry(p: Params, tissue_class: str, step: int) -> dict:
-    summary = read_summary(Layout(p.data_dir).hypernetwork_checkpoints(tissue_class))
+    summary = read_summary(Layout(p.data_dir).hypernetwork_checkpoints(tissue_class), HypernetworkCheckpointsSummary)
     if summary is None:
         raise dg.Failure(f"class {tissue_class!r}: hypernetwork_checkpoints has not been materialised")
     for entry in summary["checkpoints"]:
@@ -55,11 +61,12 @@ def _imported_synthetic_images_inputs(p: Params, part: Part, base_model: BaseMod
 STAGES = {
     "synthetic_images": StageSpec(lambda at, part: at.synthetic_images(part.tissue_class, part.step),
                                   lambda at, part: [at.hypernetwork_checkpoints(part.tissue_class)],
-                                  _synthetic_images_inputs),
+                                  _synthetic_images_inputs, SyntheticImagesSummary),
     "imported_synthetic_images": StageSpec(
         lambda at, part: at.imported_synthetic_images(part.tissue_class),
         lambda at, part: [at.imported_hypernetwork_index(part.tissue_class), at.imported_hypernetworks_inbox(part.tissue_class)],
         _imported_synthetic_images_inputs,
+        ImportedSyntheticImagesSummary,
     ),
 }
 

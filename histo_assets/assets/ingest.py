@@ -14,7 +14,13 @@ from histo_assets.core.crops import write_square_crops
 from histo_assets.core.holdout import BY_SOURCE_COLUMNS, read_groups, source_groups
 from histo_assets.core.layout import IMAGES, INDEX, INVENTORY, PREVIEW, Layout
 from histo_assets.core.previews import markdown_png_file, markdown_table
-from histo_assets.core.schemas import CROP_INDEX, SLIDE_INVENTORY
+from histo_assets.core.schemas import (
+    CROP_INDEX,
+    SLIDE_INVENTORY,
+    AugmentedCropsSummary,
+    SlideInventorySummary,
+    SquareCropsSummary,
+)
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.slides import UnusableClassError, unknown_class_folders, write_inventory
 from histo_assets.core.stage import file_stats, output_settings
@@ -80,12 +86,14 @@ def _augmented_crops_inputs(p: Params, part: Part, _base_model) -> dict:
 
 STAGES = {
     "slide_inventory": StageSpec(lambda at, part: at.slide_inventory(part.tissue_class),
-                                 lambda at, part: [at.raw(part.tissue_class)], _slide_inventory_inputs),
+                                 lambda at, part: [at.raw(part.tissue_class)], _slide_inventory_inputs,
+                                 SlideInventorySummary),
     "square_crops": StageSpec(lambda at, part: at.square_crops(part.tissue_class),
                               lambda at, part: [at.raw(part.tissue_class), at.slide_inventory(part.tissue_class)],
-                              _square_crops_inputs),
+                              _square_crops_inputs, SquareCropsSummary),
     "augmented_crops": StageSpec(lambda at, part: at.augmented_crops(part.tissue_class),
-                                 lambda at, part: [at.square_crops(part.tissue_class)], _augmented_crops_inputs),
+                                 lambda at, part: [at.square_crops(part.tissue_class)], _augmented_crops_inputs,
+                                 AugmentedCropsSummary),
 }
 
 

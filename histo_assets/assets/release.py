@@ -20,7 +20,7 @@ from histo_assets.core.release import (
     release_inputs,
     selected_steps,
 )
-from histo_assets.core.schemas import METRICS_TABLE, PUBLISHED_METRICS
+from histo_assets.core.schemas import METRICS_TABLE, PUBLISHED_METRICS, ClassifierUtilitySummary, MetricsDetails
 from histo_assets.core.stage import read_summary
 from histo_assets.params import PROJECT_ROOT, Params
 from histo_assets.resources import DvcResource, ObjectStoreResource, ParamsResource
@@ -55,7 +55,8 @@ def build_assets(p: Params) -> list[dg.AssetsDefinition]:
         p = params.load_for(context)
         layout, section = Layout(p.data_dir), p["release"]
         object_store.pull(p.data_dir, layout.metrics_summary, layout.classifier_utility, log=context.log.info)
-        summary, utility = read_summary(layout.metrics_details), read_summary(layout.classifier_utility)
+        summary = read_summary(layout.metrics_details, MetricsDetails)
+        utility = read_summary(layout.classifier_utility, ClassifierUtilitySummary)
         if summary is None:
             raise dg.Failure("metrics_summary has not been materialised")
         try:

@@ -66,11 +66,13 @@ class StageSpec:
     Declared apart from the asset's body so that a launcher can tell, before
     starting a Dagster run, that the run would only confirm its reuse.
     ``inputs`` returns the fingerprinted inputs; the build may use them too.
+    ``summary`` is the TypedDict (core/schemas.py) its summary.json must match.
     """
 
     output: Callable[[Layout, Part], Path]
     reads: Callable[[Layout, Part], Iterable[Path]]
     inputs: Callable[[Params, Part, BaseModelResource], dict[str, Any]]
+    summary: type
 
     def is_current(self, p: Params, part: Part, base_model: BaseModelResource) -> bool:
         """Whether the output folder was built from exactly the inputs a run would see now."""
@@ -146,8 +148,8 @@ class Stage:
 
     def build_or_reuse(self, build: Callable[[Path], dict[str, Any]], *, in_place: bool = False) -> dict[str, Any]:
         """The summary: ``build`` runs only when the fingerprint of the inputs changed; then the output is pushed."""
-        summary, self.reused = build_or_reuse(self.out, fingerprint(**self.inputs), build, log=self.log,
-                                              in_place=in_place)
+        summary, self.reused = build_or_reuse(self.out, fingerprint(**self.inputs), build, self.spec.summary,
+                                              log=self.log, in_place=in_place)
         self.push()
         return summary
 

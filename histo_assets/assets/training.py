@@ -10,7 +10,12 @@ from histo_assets.core.hypernetwork import checkpoint_problems, write_imported_i
 from histo_assets.core.io import stable_hash
 from histo_assets.core.layout import BASE_MODEL_ASSET, IMAGES, INDEX, LOSS_PLOT, Layout
 from histo_assets.core.previews import markdown_png_file, markdown_table
-from histo_assets.core.schemas import IMPORTED_HYPERNETWORK_INDEX
+from histo_assets.core.schemas import (
+    IMPORTED_HYPERNETWORK_INDEX,
+    AugmentedCropsSummary,
+    HypernetworkCheckpointsSummary,
+    ImportedHypernetworkIndexSummary,
+)
 from histo_assets.core.stage import file_stats, read_summary
 from histo_assets.params import Params
 from histo_assets.partitions import Partitions
@@ -25,7 +30,8 @@ IMPORTED_HYPERNETWORK_INDEX_VERSION = "1"
 
 
 def _hypernetwork_checkpoints_inputs(p: Params, part: Part, base_model: BaseModelResource) -> dict:
-    return dict(training_set=read_summary(Layout(p.data_dir).augmented_crops(part.tissue_class))["data_version"],
+    crops = read_summary(Layout(p.data_dir).augmented_crops(part.tissue_class), AugmentedCropsSummary)
+    return dict(training_set=crops["data_version"],
                 base_model=base_model.identity(p), hypernetwork=p["hypernetwork"], training=p["training"],
                 resolution=p.resolution, seed=p.seed, code=HYPERNETWORK_CHECKPOINTS_VERSION)
 
@@ -38,10 +44,10 @@ def _imported_hypernetwork_index_inputs(p: Params, part: Part, base_model: BaseM
 STAGES = {
     "hypernetwork_checkpoints": StageSpec(lambda at, part: at.hypernetwork_checkpoints(part.tissue_class),
                                           lambda at, part: [at.augmented_crops(part.tissue_class)],
-                                          _hypernetwork_checkpoints_inputs),
+                                          _hypernetwork_checkpoints_inputs, HypernetworkCheckpointsSummary),
     "imported_hypernetwork_index": StageSpec(lambda at, part: at.imported_hypernetwork_index(part.tissue_class),
                                              lambda at, part: [at.imported_hypernetworks_inbox(part.tissue_class)],
-                                             _imported_hypernetwork_index_inputs),
+                                             _imported_hypernetwork_index_inputs, ImportedHypernetworkIndexSummary),
 }
 
 

@@ -17,6 +17,7 @@ from histo_assets.core.classifier_utility import (
 from histo_assets.core.evaluation import feature_cache
 from histo_assets.core.layout import Layout
 from histo_assets.core.previews import markdown_png_file, markdown_table
+from histo_assets.core.schemas import ClassifierUtilitySummary, MetricsDetails
 from histo_assets.core.stage import read_summary
 from histo_assets.core.steps import evaluated_steps
 from histo_assets.params import Params
@@ -30,7 +31,7 @@ SHOWN_COLUMNS = ["candidate", "classifier", "variant", "value", "ci_low", "ci_hi
 def _utility_sets(p: Params) -> tuple:
     layout = Layout(p.data_dir)
     return utility_inputs(layout, p.classes, evaluated_steps(p["training"]["checkpoint_steps"]),
-                          read_summary(layout.metrics_details)["best"])
+                          read_summary(layout.metrics_details, MetricsDetails)["best"])
 
 
 def _classifier_utility_inputs(p: Params, _part: Part, _base_model) -> dict:
@@ -41,7 +42,7 @@ def _classifier_utility_inputs(p: Params, _part: Part, _base_model) -> dict:
 
 # The image folders it reads depend on params' classes and steps, so the asset pulls them itself.
 STAGES = {"classifier_utility": StageSpec(lambda at, _part: at.classifier_utility, lambda at, _part: [at.metrics_summary],
-                                          _classifier_utility_inputs)}
+                                          _classifier_utility_inputs, ClassifierUtilitySummary)}
 
 
 def build_assets(p: Params) -> list[dg.AssetsDefinition]:

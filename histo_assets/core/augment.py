@@ -13,7 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import random
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,13 +26,12 @@ from tqdm.auto import tqdm
 
 from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.holdout import RULE_NONE, SplitSettings, split_holdout
-from histo_assets.core.io import atomic_save_png, atomic_write_text, sha256_file, stable_hash
+from histo_assets.core.io import Log, atomic_save_png, atomic_write_text, sha256_file, stable_hash
 from histo_assets.core.layout import HOLDOUT, IMAGES, INDEX, PREVIEW
 from histo_assets.core.previews import write_preview
 from histo_assets.core.schemas import AUGMENTED_INDEX, HELD_OUT_CROPS
 from histo_assets.core.seeding import derive_seed
 
-Log = Callable[[str], None]
 
 
 class CaptionModeError(HistoAssetsError, ValueError):

@@ -49,7 +49,7 @@ from histo_assets.core.base_model import (
     tiny_tokenizer,
 )
 from histo_assets.core.errors import HistoAssetsError
-from histo_assets.core.io import atomic_directory, atomic_path, atomic_save_png, atomic_write_text, sha256_file, stable_hash
+from histo_assets.core.io import Log, atomic_directory, atomic_path, atomic_save_png, atomic_write_text, sha256_file, stable_hash
 from histo_assets.core.layout import SUMMARY
 from histo_assets.core.plots import phase_loss_curves
 from histo_assets.core.previews import contact_sheet
@@ -57,7 +57,6 @@ from histo_assets.core.sampling import GenerationSettings, generate_images
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.training import list_images
 
-Log = Callable[[str], None]
 # One optimisation step's loss, given the step and the generator seeded for it.
 StepLoss = Callable[[int, torch.Generator], torch.Tensor]
 

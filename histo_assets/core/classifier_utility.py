@@ -48,7 +48,7 @@ from torch import nn
 from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.evaluation import generated_files, held_out_crops, image_set_hash
 from histo_assets.core.features import ImageFeatureExtractor, extract_features
-from histo_assets.core.io import atomic_directory, atomic_write_json, stable_hash
+from histo_assets.core.io import Log, atomic_directory, atomic_write_json, stable_hash
 from histo_assets.core.layout import IMAGES, INDEX, Layout
 from histo_assets.core.plots import interval_bars
 from histo_assets.core.schemas import AUGMENTED_INDEX
@@ -421,7 +421,7 @@ def classifier_utility(
     featurize: Featurizer | None = None,
     features_label: str = "",
     classifiers: Sequence[str] | None = None,
-    log: Callable[[str], None] | None = None,
+    log: Log | None = None,
 ) -> UtilityResult:
     """Scores of the real, real+synthetic and synthetic-only classifiers on the held-out real crops.
 
@@ -673,7 +673,7 @@ def image_sets_hash(train: ClassPaths, test: ClassPaths, candidates: Mapping[str
 
 def write_candidates(
     out: Path, train: ClassPaths, test: ClassPaths, candidates: Mapping[str, ClassPaths], settings: UtilitySettings,
-    steps: Sequence[int], *, featurize: Featurizer, features_label: str, log: Callable[[str], None] | None = None,
+    steps: Sequence[int], *, featurize: Featurizer, features_label: str, log: Log | None = None,
 ) -> dict[str, Any]:
     """Every candidate's utility in its own folder, the table, plot and DVC metrics across them in ``out``.
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,12 +27,11 @@ from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
 from tqdm.auto import tqdm
 
-from histo_assets.core.io import atomic_save_png, sha256_file, stable_hash
+from histo_assets.core.io import Log, atomic_save_png, sha256_file, stable_hash
 from histo_assets.core.layout import IMAGES, INDEX, PREVIEW
 from histo_assets.core.previews import write_preview
 from histo_assets.core.schemas import CROP_INDEX
 from histo_assets.core.slides import (
-    Log,
     Problem,
     SlideSource,
     UnusableClassError,
@@ -322,7 +321,7 @@ def crop_class(
     data_root: Path,
     out_dir: Path,
     settings: CropSettings,
-    log: Callable[[str], None] | None = None,
+    log: Log | None = None,
     workers: int = 1,
 ) -> tuple[list[CropRecord], list[Problem]]:
     """Crop every (relative path, sha256) source of a class; one bad file never stops the rest.

@@ -15,13 +15,13 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
 
 from histo_assets.core.errors import HistoAssetsError
-from histo_assets.core.io import atomic_write_bytes
+from histo_assets.core.io import Log, atomic_write_bytes
 
 DVC_ENV_VAR = "HISTO_ASSETS_DVC"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +56,7 @@ def _run(
     command: Sequence[str],
     cwd: Path,
     env: Mapping[str, str] | None = None,
-    log: Callable[[str], None] | None = None,
+    log: Log | None = None,
 ) -> subprocess.CompletedProcess[str]:
     started = time.perf_counter()
     result = subprocess.run(
@@ -119,7 +119,7 @@ class DvcCli:
         repo: str | os.PathLike,
         *,
         env: Mapping[str, str] | None = None,
-        log: Callable[[str], None] | None = None,
+        log: Log | None = None,
     ) -> None:
         self.executable = resolve_dvc_executable(executable)
         self.repo = Path(repo).resolve()

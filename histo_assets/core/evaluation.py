@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.metadata
 import io
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
@@ -26,6 +26,7 @@ from PIL import Image
 
 from histo_assets.core.features import FeatureExtractorInfo, ImageFeatureExtractor, build_extractor, extract_features
 from histo_assets.core.io import (
+    Log,
     atomic_save_png,
     atomic_write_bytes,
     atomic_write_json,
@@ -46,7 +47,7 @@ from histo_assets.core.metrics import (
 )
 from histo_assets.core.plots import metric_curves
 from histo_assets.core.previews import contact_sheet
-from histo_assets.core.schemas import HELD_OUT_CROPS, METRICS_TABLE, PUBLISHED_METRICS
+from histo_assets.core.schemas import HELD_OUT_CROPS, METRICS_TABLE, PUBLISHED_METRICS, MetricsDetails, check_summary
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.steps import BASELINE_STEP
 
@@ -172,7 +173,7 @@ class FeatureCache:
             self._set_hashes[key] = image_set_hash(key)
         return self.cache_dir / f"{self.identity[:16]}-{self._set_hashes[key][:32]}.npz"
 
-    def features(self, paths: Sequence[Path], log: Callable[[str], None] | None = None) -> FeatureSet:
+    def features(self, paths: Sequence[Path], log: Log | None = None) -> FeatureSet:
         paths = sorted(paths)
         cached = self.path_for(paths)
         if cached.is_file():
@@ -336,7 +337,7 @@ def score_checkpoint(
 
 def checkpoint_row(
     cache: FeatureCache, generated: Sequence[Path], reference: Sequence[Path], train: Sequence[Path],
-    settings: MetricSettings, *, tissue_class: str, step: int, log: Callable[[str], None] | None = None,
+    settings: MetricSettings, *, tissue_class: str, step: int, log: Log | None = None,
 ) -> dict:
     """One class's and checkpoint's row of the metric table, from the cached features of its image sets."""
     row = score_checkpoint(cache.features(generated, log=log), cache.features(reference, log=log),
@@ -626,5 +627,5 @@ def write_metrics_summary(layout: Layout, table: pd.DataFrame, classes: Sequence
         "metrics_notes": metrics_notes(table, choices, metric_name, tie) + "\n\n" + baseline_notes(verdicts, metric_name),
         "against_base_model": verdicts,
     }
-    atomic_write_json(details / SUMMARY, summary)
+    atomic_write_json(details / SUMMARY, check_summary(MetricsDetails, summary, details / SUMMARY))
     return summary

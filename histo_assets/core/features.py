@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from histo_assets.core.io import sha256_file
+from histo_assets.core.io import Log, sha256_file
 
 WEIGHTS_ENV = "HISTO_ASSETS_INCEPTION_WEIGHTS"
 PUBLISHED_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -451,7 +451,7 @@ def extract_features(
     module: ImageFeatureExtractor,
     images: Iterable[Image.Image | np.ndarray],
     batch_size: int,
-    log: Callable[[str], None] | None = None,
+    log: Log | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Features (N x D float32) and logits (None without a class head) for a stream of images.
 

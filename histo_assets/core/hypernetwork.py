@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from histo_assets.core.a1111_text import short_hash
 from histo_assets.core.errors import HistoAssetsError
-from histo_assets.core.io import atomic_write_bytes, sha256_file, stable_hash
+from histo_assets.core.io import Log, atomic_write_bytes, sha256_file, stable_hash
 from histo_assets.core.layout import INDEX
 from histo_assets.core.schemas import IMPORTED_HYPERNETWORK_INDEX
 
@@ -436,7 +436,7 @@ def _imported_row(path: Path, hn: Hypernetwork, widths: set[int]) -> dict[str, A
 
 
 def write_imported_index(out: Path, inbox: Path, context_widths: Callable[[], Iterable[int]],
-                         warn: Callable[[str], None]) -> dict[str, Any]:
+                         warn: Log) -> dict[str, Any]:
     """Index the ``.pt`` files a lab dropped into ``inbox`` in ``out``; the summary's fields.
 
     An inbox holds whatever a lab had, so a file that fails to load or fits

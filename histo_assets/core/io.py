@@ -14,9 +14,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+# Where a long step reports progress: a Dagster logger's info, print, or a list in a test.
+Log = Callable[[str], None]
 
 _CHUNK = 1 << 20
 

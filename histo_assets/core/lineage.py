@@ -42,6 +42,9 @@ from histo_assets.core.schemas import (
     HELD_OUT_CROPS,
     RELEASE_LINEAGE,
     SLIDE_INVENTORY,
+    BaseModelSummary,
+    HypernetworkCheckpointsSummary,
+    SyntheticImagesSummary,
 )
 from histo_assets.core.stage import read_summary
 from histo_assets.core.training_files import settings_path
@@ -445,7 +448,7 @@ class _Tracer:
         """The base_model asset behind the image: what it was, and for a model trained here, what it was trained on."""
         base = {"asset": BASE_MODEL_ASSET, "name": generation.get("base_model_name") or (png or {}).get("Model"),
                 "sha256": checkpoint.get("base_model_sha256"), "source": None, "path": None, "training_set": None}
-        summary = read_summary(self.layout.base_model) if self.layout is not None else None
+        summary = read_summary(self.layout.base_model, BaseModelSummary) if self.layout is not None else None
         if summary is None:
             self.checks.append(Check("base model", None, "no base_model asset folder at hand; only the recorded hash is known"))
         elif summary.get("sha256") != base["sha256"]:
@@ -458,7 +461,7 @@ class _Tracer:
 
     def _training(self, checkpoint: dict) -> dict[str, Any]:
         recorded_hash = self.manifest_row.get("training_set_hash") if self.manifest_row else None
-        summary = read_summary(self.data_hits[0][0]) if self.data_hits else None
+        summary = read_summary(self.data_hits[0][0], SyntheticImagesSummary) if self.data_hits else None
         data_hash = summary.get("training_set") if summary else None
         if recorded_hash and data_hash and recorded_hash != data_hash:
             self.checks.append(Check("training set hash", False,
@@ -472,7 +475,7 @@ class _Tracer:
             "run": None,
         }
         run_dir = self.layout.hypernetwork_checkpoints(self.tissue_class) if self.layout is not None else None
-        run = read_summary(run_dir) if run_dir is not None else None
+        run = read_summary(run_dir, HypernetworkCheckpointsSummary) if run_dir is not None else None
         # The folder holds one training run at a time; its files describe this checkpoint only if it lists it.
         if run is None or not any(entry["sha256"] == checkpoint.get("sha256") for entry in run.get("checkpoints", [])):
             detail = "no data folder holds the run" if run is None else f"{run_dir} now holds another training run"

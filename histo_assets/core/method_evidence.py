@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from histo_assets.core.colour import lab_distance, mean_lab
+from histo_assets.core.schemas import CheckpointMetricsSummary
 from histo_assets.core.stage import read_summary
 from histo_assets.core.steps import BASELINE_STEP
 from histo_assets.core.layout import IMAGES, Layout
@@ -35,7 +36,7 @@ def evidence_table(layout: Layout, classes: Sequence[str], final_step: int) -> p
     for tissue_class in classes:
         for step in (BASELINE_STEP, final_step):
             lab = mean_lab(sorted((layout.synthetic_images(tissue_class, step) / IMAGES).glob("*.png")))
-            metrics = read_summary(layout.checkpoint_metrics(tissue_class, step))
+            metrics = read_summary(layout.checkpoint_metrics(tissue_class, step), CheckpointMetricsSummary)
             rows.append({
                 "tissue_class": tissue_class, "step": step, "L": lab[0], "a": lab[1], "b": lab[2],
                 **{f"delta_e_to_{other}": lab_distance(lab, real_lab[other]) for other in classes},

@@ -13,7 +13,7 @@ import numbers
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from histo_assets.core.dvc import (
 )
 from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.io import (
+    Log,
     atomic_directory,
     atomic_write_bytes,
     atomic_write_parquet,
@@ -47,7 +48,14 @@ from histo_assets.core.io import (
 )
 from histo_assets.core.layout import IMAGES as STAGE_IMAGES
 from histo_assets.core.layout import INDEX, Layout
-from histo_assets.core.schemas import GENERATION_INDEX, PUBLISHED_METRICS, RELEASE_LINEAGE, RELEASE_MANIFEST
+from histo_assets.core.schemas import (
+    GENERATION_INDEX,
+    PUBLISHED_METRICS,
+    RELEASE_LINEAGE,
+    RELEASE_MANIFEST,
+    HypernetworkCheckpointsSummary,
+    SyntheticImagesSummary,
+)
 from histo_assets.core.stage import read_summary
 
 MANIFEST = "manifest.parquet"
@@ -690,10 +698,10 @@ def release_images(
     """Every image of the selected checkpoints, with the provenance its manifest row records."""
     images = []
     for tissue_class, class_steps in steps.items():
-        hypernetwork = read_summary(layout.hypernetwork_checkpoints(tissue_class))
+        hypernetwork = read_summary(layout.hypernetwork_checkpoints(tissue_class), HypernetworkCheckpointsSummary)
         for step in class_steps:
             folder = layout.synthetic_images(tissue_class, step)
-            generated = read_summary(folder)
+            generated = read_summary(folder, SyntheticImagesSummary)
             for row in GENERATION_INDEX.read(folder / INDEX).itertuples():
                 images.append(ReleaseImage(
                     source=folder / STAGE_IMAGES / row.file,
@@ -768,7 +776,7 @@ def build_dataset_release(
 
 def publish_dataset_release(
     dvc: DvcCli, repo: Path, info: ReleaseInfo, section: Mapping[str, Any], local_remote: Path | None,
-    log: Callable[[str], None],
+    log: Log,
 ) -> PublishedRelease:
     """:func:`publish_release` into ``repo`` made a DVC repository, then the tag pushed where ``git_remote`` says.
 

@@ -24,7 +24,7 @@ level in a few pixels; with equal batch sizes the PNG bytes are identical.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -47,13 +47,12 @@ from tqdm.auto import tqdm
 from histo_assets.core.a1111_text import PARAMETERS_KEY, WEBUI_SAMPLERS, a1111_parameters, short_hash
 from histo_assets.core.base_model import BaseModel
 from histo_assets.core.hypernetwork import apply_hypernetwork, load_hypernetwork
-from histo_assets.core.io import atomic_save_png, sha256_file, stable_hash
+from histo_assets.core.io import Log, atomic_save_png, sha256_file, stable_hash
 from histo_assets.core.layout import IMAGES, INDEX, PREVIEW
 from histo_assets.core.previews import write_preview
 from histo_assets.core.schemas import GENERATION_INDEX
 from histo_assets.core.seeding import derive_seed
 
-Log = Callable[[str], None]
 
 # A1111 seeds are unsigned 32-bit numbers; staying in that range lets a seed be
 # typed into the WebUI's seed box as printed.

@@ -1,4 +1,4 @@
-"""The columns of every parquet table the pipeline writes, declared once.
+"""The columns of every parquet table and the fields of every summary.json the pipeline writes, declared once.
 
 A table is written by one stage and read by later ones, the release and the
 lineage audit. With its columns declared here, writers check a frame before
@@ -6,15 +6,23 @@ writing it and readers check a file as they read it, so a renamed or missing
 column fails where it happens, naming the table and the file, not as a
 KeyError or a silently absent field stages later.
 
+Each stage folder's summary.json is a TypedDict here: static checkers see its
+fields where it is read, and ``check_summary`` refuses, when it is written and
+when it is read, a summary whose fields differ from its declaration. Every
+summary has ``fingerprint``, the hash of the inputs it was built from (see
+core/stage.py); ``data_version``, where present, is what Dagster and later
+stages see change.
+
 No dagster or torch import: the lineage audit runs in a plain clone of a release.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, TypedDict, TypeVar
 
 import pandas as pd
 
@@ -126,3 +134,134 @@ RELEASE_LINEAGE = TableSchema("release lineage table", (
     "tissue_class", "training_image", "training_image_sha256", "kind", "operations", "augmentation_seed",
     "square_crop", "square_crop_sha256", "raw_slide", "raw_slide_sha256", "level", "x", "y", "size",
 ))
+
+
+class SlideInventorySummary(TypedDict):
+    """``fingerprint`` is of the raw files' names, sizes and times; ``data_version`` of their content hashes."""
+
+    fingerprint: str
+    data_version: str
+    count: int
+    problems: list[dict[str, str]]
+
+
+class SquareCropsSummary(TypedDict):
+    fingerprint: str
+    data_version: str
+    count: int
+    problems: list[dict[str, str]]
+
+
+class AugmentedCropsSummary(TypedDict):
+    fingerprint: str
+    data_version: str
+    count: int
+    train_crops: int
+    held_out_crops: int
+    holdout_rule: str
+    holdout_reason: str
+    guard_crops: list[str]
+    holdout_by_source: list[list[Any]]
+
+
+class _DescribedBaseModel(TypedDict):
+    fingerprint: str
+    source: str
+    name: str | None
+    sha256: str
+    short_hash: str
+    path: str
+    architecture: dict[str, Any]
+
+
+class BaseModelSummary(_DescribedBaseModel, total=False):
+    """Every base model is described; one trained here adds the data it learnt from and the time it took."""
+
+    training_set: dict[str, Any]
+    seconds: float
+
+
+class HypernetworkCheckpointsSummary(TypedDict):
+    fingerprint: str
+    name: str
+    training_set: str
+    checkpoints: list[dict[str, Any]]
+    final_loss: float | None
+    steps_per_second: float
+    device: str
+    base_model_sha256: str
+    base_model_short_hash: str
+    resumed_from: str | None
+
+
+class ImportedHypernetworkIndexSummary(TypedDict):
+    fingerprint: str
+    data_version: str
+    count: int
+    problems: list[dict[str, str]]
+
+
+class SyntheticImagesSummary(TypedDict):
+    """Step 0's images come from the base model alone: no checkpoint file, hash or training set."""
+
+    fingerprint: str
+    data_version: str
+    count: int
+    checkpoint_file: str | None
+    checkpoint_sha256: str | None
+    training_set: str | None
+    run_id: str
+
+
+class ImportedSyntheticImagesSummary(TypedDict):
+    fingerprint: str
+    images: dict[str, int]
+    run_id: str
+
+
+class CheckpointMetricsSummary(TypedDict):
+    """``row`` is one row of the metrics table (METRICS_TABLE's columns but ``overlapping_steps``)."""
+
+    fingerprint: str
+    row: dict[str, Any]
+
+
+class MetricsSummarySummary(TypedDict):
+    """metrics_summary/summary.json: what the folder was built from; the findings are in MetricsDetails."""
+
+    fingerprint: str
+    data_version: str
+
+
+class MetricsDetails(TypedDict):
+    """metrics_summary/details/summary.json: the chosen checkpoints and how to read the figures."""
+
+    best: dict[str, int]
+    best_by: str
+    tie_rule: str
+    indistinguishable: dict[str, str]
+    steps: list[int]
+    extractor_note: str
+    metrics_notes: str
+    against_base_model: dict[str, Any]
+
+
+class ClassifierUtilitySummary(TypedDict):
+    fingerprint: str
+    best_step_by_utility: dict[str, int] | None
+    verdicts: dict[str, Any]
+    notes: str
+
+
+Summary = TypeVar("Summary", bound=Mapping[str, Any])
+
+
+def check_summary(kind: type[Summary], summary: Mapping[str, Any], source: str | os.PathLike) -> Summary:
+    """``summary`` itself, if its fields are exactly ``kind``'s (optional ones may be absent); ``source`` names it."""
+    required, allowed = kind.__required_keys__, kind.__required_keys__ | kind.__optional_keys__
+    missing, unexpected = sorted(required - summary.keys()), sorted(summary.keys() - allowed)
+    if missing or unexpected:
+        problems = [f"{label} {', '.join(names)}" for label, names in (("missing", missing), ("unexpected", unexpected))
+                    if names]
+        raise SchemaError(f"{source}: wrong fields for a {kind.__name__}: {'; '.join(problems)}")
+    return summary  # type: ignore[return-value]

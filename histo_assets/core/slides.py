@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,12 @@ import pandas as pd
 from PIL import Image
 
 from histo_assets.core.errors import HistoAssetsError
-from histo_assets.core.io import sha256_file, stable_hash
+from histo_assets.core.io import Log, sha256_file, stable_hash
 from histo_assets.core.layout import INVENTORY
 from histo_assets.core.schemas import SLIDE_INVENTORY
 
 PYRAMID_SUFFIXES = {".svs", ".tif", ".tiff"}
 
-Log = Callable[[str], None]
 
 
 class UnusableFileError(HistoAssetsError, ValueError):

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from histo_assets.core.io import atomic_directory, atomic_write_json, stable_hash
+from histo_assets.core.io import Log, atomic_directory, atomic_write_json, stable_hash
 from histo_assets.core.layout import SUMMARY
+from histo_assets.core.schemas import Summary, check_summary
 
 RUN_MARKER = "run.json"
 
@@ -45,14 +46,16 @@ def file_stats(folder: Path) -> list[tuple[str, int, int]]:
     return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())
 
 
-def read_summary(folder: Path) -> dict[str, Any] | None:
+def read_summary(folder: Path, kind: type[Summary] | None = None) -> Summary | None:
+    """The folder's summary, None if it has none (or an unreadable one); with ``kind``, checked to have its fields."""
     path = folder / SUMMARY
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        summary = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    return summary if kind is None else check_summary(kind, summary, path)
 
 
 def current_summary(folder: Path, expected_fingerprint: str) -> dict[str, Any] | None:
@@ -82,14 +85,15 @@ def prepare_resumable(folder: Path, expected_fingerprint: str) -> bool:
 
 
 def build_or_reuse(
-    out: Path, stage_fingerprint: str, build: Callable[[Path], dict[str, Any]], *,
-    log: Callable[[str], None] | None = None, in_place: bool = False,
-) -> tuple[dict[str, Any], bool]:
+    out: Path, stage_fingerprint: str, build: Callable[[Path], dict[str, Any]], kind: type[Summary], *,
+    log: Log | None = None, in_place: bool = False,
+) -> tuple[Summary, bool]:
     """The stage's summary and whether it was reused: rebuilt only when the fingerprint changed.
 
     ``build`` writes the stage's files into the folder it is given and returns
     the summary's fields; the fingerprint is added here, so every summary has
-    it. By default the folder is a staging copy swapped in whole at the end, so
+    it, and the summary is checked against ``kind`` (core/schemas.py) before
+    it is written. By default the folder is a staging copy swapped in whole at the end, so
     a failed build leaves the previous output intact. ``in_place`` is for
     stages that must write as they go (training resumes from its own partial
     output; see :func:`prepare_resumable`): then only the summary, written
@@ -99,12 +103,12 @@ def build_or_reuse(
     if summary is not None:
         if log:
             log(f"inputs and params unchanged, reusing {out}")
-        return summary, True
+        return check_summary(kind, summary, out / SUMMARY), True
     if in_place:
-        summary = {"fingerprint": stage_fingerprint, **build(out)}
+        summary = check_summary(kind, {"fingerprint": stage_fingerprint, **build(out)}, out / SUMMARY)
         atomic_write_json(out / SUMMARY, summary)
         return summary, False
     with atomic_directory(out) as staging:
-        summary = {"fingerprint": stage_fingerprint, **build(staging)}
+        summary = check_summary(kind, {"fingerprint": stage_fingerprint, **build(staging)}, out / SUMMARY)
         atomic_write_json(staging / SUMMARY, summary)
     return summary, False

@@ -43,7 +43,7 @@ from histo_assets.core.hypernetwork import (
     sanitize_name,
     save_hypernetwork,
 )
-from histo_assets.core.io import atomic_write_json, atomic_write_text, sha256_file, stable_hash
+from histo_assets.core.io import Log, atomic_write_json, atomic_write_text, sha256_file, stable_hash
 from histo_assets.core.layout import LOSS_PLOT
 from histo_assets.core.plots import loss_curve
 from histo_assets.core.seeding import derive_seed
@@ -71,7 +71,6 @@ _ENCODE_BATCH = 8
 # Settings that may change between an interrupted run and its resumption.
 _RESUMABLE_CHANGES = ("max_steps", "checkpoint_steps", "loss_log_every")
 
-Log = Callable[[str], None]
 
 
 class TrainingError(HistoAssetsError, ValueError):
