@@ -79,7 +79,7 @@ STAGES = {
 }
 
 
-def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]:
+def _checkpoint_metrics(p: Params, partitions: Partitions) -> dg.AssetsDefinition:
     @stage_asset(
         p,
         partitions_def=partitions.class_and_step,
@@ -127,11 +127,15 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
             data_version=dg.DataVersion(stable_hash(row)),
         )
 
+    return checkpoint_metrics
+
+
+def _metrics_summary(p: Params, partitions: Partitions) -> dg.AssetsDefinition:
     @stage_asset(
         p,
         group_name=GROUP,
         code_version=METRICS_SUMMARY_VERSION,
-        deps=[checkpoint_metrics],
+        deps=["checkpoint_metrics"],
         kinds={"parquet", "matplotlib"},
         description="All checkpoint metrics in one table, plus an 'all' row per step with every class pooled (the "
         "thesis's Table 3.6); the best checkpoint per class by metrics.best_checkpoint_metric; FID/KID/IS-versus-step "
@@ -174,4 +178,8 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
             **{f"grid_{c}": dg.MetadataValue.md(markdown_image(Image.open(details / grid_file(c)), c)) for c in p.classes},
         })
 
-    return [checkpoint_metrics, metrics_summary]
+    return metrics_summary
+
+
+def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]:
+    return [_checkpoint_metrics(p, partitions), _metrics_summary(p, partitions)]

@@ -71,7 +71,7 @@ STAGES = {
 }
 
 
-def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]:
+def _synthetic_images(p: Params, partitions: Partitions) -> dg.AssetsDefinition:
     @stage_asset(
         p, on_gpu=True,
         partitions_def=partitions.class_and_step,
@@ -118,6 +118,10 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         })
         yield from image_check_results("synthetic_images", stage.out / IMAGES, p.resolution, count)
 
+    return synthetic_images
+
+
+def _imported_synthetic_images(p: Params, partitions: Partitions) -> dg.AssetsDefinition:
     @stage_asset(
         p, on_gpu=True,
         partitions_def=partitions.tissue_class,
@@ -154,4 +158,8 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
             "images": dg.MetadataValue.json(summary["images"]),
         })
 
-    return [synthetic_images, imported_synthetic_images]
+    return imported_synthetic_images
+
+
+def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]:
+    return [_synthetic_images(p, partitions), _imported_synthetic_images(p, partitions)]

@@ -97,7 +97,7 @@ STAGES = {
 }
 
 
-def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]:
+def _slide_inventory(p: Params, partitions: Partitions) -> dg.AssetsDefinition:
     @stage_asset(
         p, follows_upstream=False,
         partitions_def=partitions.tissue_class,
@@ -131,12 +131,16 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
             "unknown_class_folders": ", ".join(unknown) or "none",
         })
 
+    return slide_inventory
+
+
+def _square_crops(p: Params, partitions: Partitions) -> dg.AssetsDefinition:
     @stage_asset(
         p,
         partitions_def=partitions.tissue_class,
         group_name=GROUP,
         code_version=SQUARE_CROPS_VERSION,
-        deps=[slide_inventory],
+        deps=["slide_inventory"],
         kinds={"python", "png", "parquet"},
         check_specs=image_check_specs("square_crops"),
         description="Square crops of one class at the training resolution: one centred crop per image (mode "
@@ -158,12 +162,16 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         yield from image_check_results("square_crops", stage.out / IMAGES, p.resolution,
                                        int(p["checks"]["min_square_crops"]))
 
+    return square_crops
+
+
+def _augmented_crops(p: Params, partitions: Partitions) -> dg.AssetsDefinition:
     @stage_asset(
         p,
         partitions_def=partitions.tissue_class,
         group_name=GROUP,
         code_version=AUGMENTED_CROPS_VERSION,
-        deps=[square_crops],
+        deps=["square_crops"],
         kinds={"python", "png", "parquet"},
         check_specs=image_check_specs("augmented_crops"),
         description="The thesis's rudi/Augmentor recipe (rotate +-15, distortion grid 8 magnitude 5, skew 0.7, "
@@ -202,4 +210,8 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
         yield from image_check_results("augmented_crops", stage.out / IMAGES, p.resolution,
                                        int(p["checks"]["min_augmented_crops"]))
 
-    return [slide_inventory, square_crops, augmented_crops]
+    return augmented_crops
+
+
+def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]:
+    return [_slide_inventory(p, partitions), _square_crops(p, partitions), _augmented_crops(p, partitions)]

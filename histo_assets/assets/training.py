@@ -51,7 +51,7 @@ STAGES = {
 }
 
 
-def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]:
+def _hypernetwork_checkpoints(p: Params, partitions: Partitions) -> dg.AssetsDefinition:
     @stage_asset(
         p, on_gpu=True,
         partitions_def=partitions.tissue_class,
@@ -105,6 +105,10 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
                                   passed=not problems,
                                   metadata={"checkpoints": len(checkpoints), "problems": "; ".join(problems) or "none"})
 
+    return hypernetwork_checkpoints
+
+
+def _imported_hypernetwork_index(p: Params, partitions: Partitions) -> dg.AssetsDefinition:
     @stage_asset(
         p, follows_upstream=False,
         partitions_def=partitions.tissue_class,
@@ -135,4 +139,8 @@ def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]
             "skipped": dg.MetadataValue.md(markdown_table(pd.DataFrame(summary["problems"])) if summary["problems"] else "none"),
         })
 
-    return [hypernetwork_checkpoints, imported_hypernetwork_index]
+    return imported_hypernetwork_index
+
+
+def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]:
+    return [_hypernetwork_checkpoints(p, partitions), _imported_hypernetwork_index(p, partitions)]
