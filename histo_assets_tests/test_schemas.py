@@ -256,3 +256,18 @@ def test_a_build_whose_summary_has_an_undeclared_field_writes_nothing(tmp_path):
     summary, reused = build_or_reuse(out, "fingerprint", lambda staging: {"data_version": "d", "count": 1,
                                                                           "problems": []}, SquareCropsSummary)
     assert not reused and read_summary(out, SquareCropsSummary) == summary
+
+
+def test_a_summary_in_an_older_format_is_rebuilt_not_reused_even_with_the_same_fingerprint(tmp_path):
+    out = tmp_path / "stage"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"fingerprint": "same", "count": 1, "problems": []}))
+    built = []
+
+    def build(staging):
+        built.append(staging)
+        return {"data_version": "d", "count": 2, "problems": []}
+
+    summary, reused = build_or_reuse(out, "same", build, SquareCropsSummary)
+    assert not reused and len(built) == 1 and summary["count"] == 2
+    assert build_or_reuse(out, "same", build, SquareCropsSummary) == (summary, True) and len(built) == 1

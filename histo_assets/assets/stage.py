@@ -80,7 +80,7 @@ class StageSpec:
             expected = fingerprint(**self.inputs(p, part, base_model))
         except Exception:  # a missing or unreadable input: the run will report it properly
             return False
-        return current_summary(self.output(Layout(p.data_dir), part), expected) is not None
+        return current_summary(self.output(Layout(p.data_dir), part), expected, self.summary) is not None
 
 
 def unchanged_since_last_run(instance: dg.DagsterInstance, stages: dict[str, StageSpec], assets: Iterable[str],

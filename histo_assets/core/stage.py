@@ -16,7 +16,7 @@ from typing import Any
 
 from histo_assets.core.io import Log, atomic_directory, atomic_write_json, stable_hash
 from histo_assets.core.layout import SUMMARY
-from histo_assets.core.schemas import Summary, check_summary
+from histo_assets.core.schemas import SchemaError, Summary, check_summary
 
 RUN_MARKER = "run.json"
 
@@ -58,12 +58,19 @@ def read_summary(folder: Path, kind: type[Summary] | None = None) -> Summary | N
     return summary if kind is None else check_summary(kind, summary, path)
 
 
-def current_summary(folder: Path, expected_fingerprint: str) -> dict[str, Any] | None:
-    """The stored summary if the folder was produced from exactly these inputs."""
+def current_summary(folder: Path, expected_fingerprint: str, kind: type[Summary]) -> Summary | None:
+    """The stored summary if the folder was produced from exactly these inputs, in this version's format.
+
+    A summary with other fields (written before its format changed) is not
+    current: the stage rebuilds rather than fail on a folder it can remake.
+    """
     summary = read_summary(folder)
-    if summary and summary.get("fingerprint") == expected_fingerprint:
-        return summary
-    return None
+    if not summary or summary.get("fingerprint") != expected_fingerprint:
+        return None
+    try:
+        return check_summary(kind, summary, folder / SUMMARY)
+    except SchemaError:
+        return None
 
 
 def prepare_resumable(folder: Path, expected_fingerprint: str) -> bool:
@@ -99,11 +106,11 @@ def build_or_reuse(
     output; see :func:`prepare_resumable`): then only the summary, written
     last, marks the folder complete.
     """
-    summary = current_summary(out, stage_fingerprint)
+    summary = current_summary(out, stage_fingerprint, kind)
     if summary is not None:
         if log:
             log(f"inputs and params unchanged, reusing {out}")
-        return check_summary(kind, summary, out / SUMMARY), True
+        return summary, True
     if in_place:
         summary = check_summary(kind, {"fingerprint": stage_fingerprint, **build(out)}, out / SUMMARY)
         atomic_write_json(out / SUMMARY, summary)
