@@ -601,8 +601,8 @@ def write_metrics_summary(layout: Layout, table: pd.DataFrame, classes: Sequence
 
     DVC reads the top level (metrics.json, metrics.csv and the per-class plots
     CSVs); people read details/ (the full table, curves and grids). Files are
-    replaced one by one, and nothing is reused: the summary is cheap once
-    every checkpoint is scored.
+    replaced one by one; the asset reuses the whole folder when no
+    checkpoint's scores changed.
     """
     out, details = layout.metrics_summary, layout.metrics_details
     # Step 0 is scored, never chosen: its images carry no class-specific training.
