@@ -105,7 +105,7 @@ def _materialize(args: argparse.Namespace) -> int:
     ensure_dagster_home()
     from dagster import DagsterInstance
 
-    from histo_assets.assets.stage import unchanged_since_last_run
+    from histo_assets.assets.stage import launch_reason
     from histo_assets.definitions import STAGES, build_definitions, pipeline_jobs
     from histo_assets.run_health import HOST_TAG, end_interrupted_run, this_host, wait_for_pools
 
@@ -125,7 +125,10 @@ def _materialize(args: argparse.Namespace) -> int:
         return 2
     # Built from the overridden params, so `--set classes=...` or new checkpoint steps give their partitions.
     defs = build_definitions(params)
-    skip_unchanged = not args.rerun_unchanged and not defs.resources["object_store"].enabled
+    # Why every partition is launched, if the reuse check before launch does not apply.
+    always = ("--rerun-unchanged" if args.rerun_unchanged else
+              "an object store is set: reuse is checked inside the run, after the pull"
+              if defs.resources["object_store"].enabled else None)
     instance = DagsterInstance.get()
     stop = StopSignals()
     failed_classes: set[str] = set()
@@ -148,10 +151,11 @@ def _materialize(args: argparse.Namespace) -> int:
             if blocked:
                 print(f"{label}: skipped, upstream failed for {', '.join(sorted(blocked))}", flush=True)
                 continue
-            if skip_unchanged and unchanged_since_last_run(instance, STAGES, assets, params, key,
-                                                           defs.resources["base_model"]):
+            reason = always or launch_reason(instance, STAGES, assets, params, key, defs.resources["base_model"])
+            if reason is None:
                 print(f"{label}: unchanged since its last successful run, not launched", flush=True)
                 continue
+            print(f"{label}: launched because {reason}", flush=True)
             run_id = str(uuid.uuid4())
             try:
                 wait_for_pools(instance, _job_pools(job), log=lambda line: print(f"{label}: {line}", flush=True))

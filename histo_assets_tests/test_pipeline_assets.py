@@ -316,6 +316,7 @@ def test_a_default_materialize_with_nothing_changed_launches_only_the_release(pi
 
     assert [line for line in output.splitlines() if line.endswith(": materialising")] == \
         ["release_pipeline [1/1]: materialising"]
+    assert "release_pipeline [1/1]: launched because dataset_release always runs" in output
     per_class_runs = 2 * len(CLASSES) + len(CLASSES) * len(EVALUATED_STEPS)  # ingest, training, class x step
     assert output.count("unchanged since its last successful run, not launched") == per_class_runs + 2
     after = snapshot(pipeline.data)

@@ -4,7 +4,7 @@ import os
 
 import dagster as dg
 
-from histo_assets.assets.stage import unchanged_since_last_run
+from histo_assets.assets.stage import launch_reason
 from histo_assets.core.stage import read_summary
 from histo_assets.definitions import STAGES
 from histo_assets.params import load_params
@@ -15,9 +15,13 @@ from histo_assets_tests.test_ingest_assets import ASSETS, materialize
 FIRST, SECOND, _ = THESIS_CLASSES
 
 
+def reason(instance, params_file, partition, overrides=()):
+    return launch_reason(instance, STAGES, ASSETS, load_params(params_file, list(overrides)), partition,
+                         BaseModelResource())
+
+
 def unchanged(instance, params_file, partition, overrides=()):
-    return unchanged_since_last_run(instance, STAGES, ASSETS, load_params(params_file, list(overrides)), partition,
-                                    BaseModelResource())
+    return reason(instance, params_file, partition, overrides) is None
 
 
 def instance() -> dg.DagsterInstance:
@@ -32,9 +36,11 @@ def test_a_partition_is_unchanged_only_when_its_folders_and_dagsters_record_both
         assert unchanged(recorded, small_params, FIRST)
         assert not unchanged(recorded, small_params, SECOND), "another class was never built"
         assert not unchanged(recorded, small_params, FIRST, ["augmentation.total=9"]), "a changed param"
+        assert reason(recorded, small_params, FIRST, ["augmentation.total=9"]) == \
+            "augmented_crops: its inputs, params or code changed, or it was never built"
     with instance() as other:
-        assert not unchanged(other, small_params, FIRST), \
-            "folders built, but this instance has no record of them (as after a dvc pull)"
+        assert reason(other, small_params, FIRST) == \
+            "slide_inventory: built, but this Dagster instance has no record of it", "as after a dvc pull"
 
 
 def test_a_rewritten_raw_file_relaunches_its_class_and_the_run_keeps_its_data_version(small_params, small_dataset):
@@ -62,4 +68,5 @@ def test_a_partition_whose_last_run_failed_is_relaunched(small_params, small_dat
         assert materialize(small_params, FIRST, recorded).success
         # The blocking check fails, so the run fails after square_crops was materialised and reused.
         assert not materialize(small_params, FIRST, recorded, ["checks.min_square_crops=1000"]).success
-        assert not unchanged(recorded, small_params, FIRST, ["checks.min_square_crops=1000"])
+        assert reason(recorded, small_params, FIRST, ["checks.min_square_crops=1000"]) == \
+            "slide_inventory: its last run did not succeed"

@@ -83,11 +83,11 @@ class StageSpec:
         return current_summary(self.output(Layout(p.data_dir), part), expected, self.summary) is not None
 
 
-def unchanged_since_last_run(instance: dg.DagsterInstance, stages: dict[str, StageSpec], assets: Iterable[str],
-                              p: Params, partition_key: str | None, base_model: BaseModelResource) -> bool:
-    """Whether a run of these assets for this partition would only confirm that each reuses its output.
+def launch_reason(instance: dg.DagsterInstance, stages: dict[str, StageSpec], assets: Iterable[str], p: Params,
+                  partition_key: str | None, base_model: BaseModelResource) -> str | None:
+    """Why a run of these assets for this partition is needed; None when it would only confirm their reuse.
 
-    True only when every asset is a declared stage whose output folder was
+    None only when every asset is a declared stage whose output folder was
     built from the inputs it would see now, and Dagster's latest
     materialisation of it came from a successful run after that folder's
     summary was written: so what the UI shows is what is on disk.
@@ -95,18 +95,22 @@ def unchanged_since_last_run(instance: dg.DagsterInstance, stages: dict[str, Sta
     part, layout = Part.of(partition_key), Layout(p.data_dir)
     for asset in assets:
         spec = stages.get(asset)
-        if spec is None or not spec.is_current(p, part, base_model):
-            return False
+        if spec is None:
+            return f"{asset} always runs"
+        if not spec.is_current(p, part, base_model):
+            return f"{asset}: its inputs, params or code changed, or it was never built"
         records = instance.fetch_materializations(
             dg.AssetRecordsFilter(dg.AssetKey(asset), asset_partitions=None if partition_key is None else [partition_key]),
             limit=1,
         ).records
-        if not records or records[0].timestamp < (spec.output(layout, part) / SUMMARY).stat().st_mtime:
-            return False
+        if not records:
+            return f"{asset}: built, but this Dagster instance has no record of it"
+        if records[0].timestamp < (spec.output(layout, part) / SUMMARY).stat().st_mtime:
+            return f"{asset}: its folder was written after Dagster's last record of it"
         run = instance.get_run_by_id(records[0].run_id)
         if run is None or run.status != dg.DagsterRunStatus.SUCCESS:
-            return False
-    return True
+            return f"{asset}: its last run did not succeed"
+    return None
 
 
 @dataclass
