@@ -720,3 +720,24 @@ def test_a_foreign_state_dict_is_rejected(tmp_path):
         torch.save(RandomConvFeatures(seed=0).state_dict(), tmp)
     with pytest.raises(ValueError, match="not an FID Inception state dict"):
         InceptionV3FID.from_weights(path)
+
+
+def test_naming_a_cached_set_never_loads_the_extractor_and_the_weights_are_hashed_once(tmp_path, monkeypatch):
+    from histo_assets.core import evaluation as evaluation_module
+
+    loads = []
+    real_build = evaluation_module.build_extractor
+    monkeypatch.setattr(evaluation_module, "build_extractor", lambda *args: loads.append(args) or real_build(*args))
+    images = _write_pngs(tmp_path / "images", ["a.png", "b.png"])
+    section = load_params(DEFAULT_PARAMS_FILE)["metrics"] | {"inception_weights": None}
+    cache = evaluation_module.feature_cache(section, Layout(tmp_path), tmp_path, master_seed=3)
+    eager = evaluation_module.FeatureCache(tmp_path / "eager", *real_build(None, derive_seed(3, "feature_extractor")), batch_size=2)
+    assert cache.path_for(images).name == eager.path_for(images).name and loads == []
+    assert cache.features(images).features.shape == (2, cache.info.feature_dim) and len(loads) == 1
+
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"not really weights")
+    hashed = []
+    monkeypatch.setattr(features_module, "sha256_file", lambda path: hashed.append(path) or "0" * 64)
+    first, second = (features_module.extractor_info(str(weights), seed=0) for _ in range(2))
+    assert first == second and first.weights_sha256 == "0" * 64 and len(hashed) == 1

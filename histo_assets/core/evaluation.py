@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.metadata
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
@@ -24,7 +24,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from histo_assets.core.features import FeatureExtractorInfo, ImageFeatureExtractor, build_extractor, extract_features
+from histo_assets.core.features import (
+    FeatureExtractorInfo,
+    ImageFeatureExtractor,
+    build_extractor,
+    extract_features,
+    extractor_info,
+)
 from histo_assets.core.io import (
     Log,
     atomic_save_png,
@@ -156,16 +162,25 @@ class FeatureCache:
 
     One instance serves one evaluation, during which the images do not change, so
     each set's content hash is computed once even though the same held-out and
-    training sets are looked up for every checkpoint.
+    training sets are looked up for every checkpoint. ``extractor`` may be a
+    function that loads the network: it is then called only when features must
+    be extracted, so naming cached sets (fingerprints) never loads it.
     """
 
-    def __init__(self, cache_dir: Path, extractor: ImageFeatureExtractor, info: FeatureExtractorInfo, batch_size: int):
+    def __init__(self, cache_dir: Path, extractor: ImageFeatureExtractor | Callable[[], ImageFeatureExtractor],
+                 info: FeatureExtractorInfo, batch_size: int):
         self.cache_dir = cache_dir
-        self.extractor = extractor
+        self._extractor = extractor
         self.info = info
         self.batch_size = batch_size
         self.identity = stable_hash([info.name, info.weights_sha256, info.feature_dim, info.resize_mode, info.note])
         self._set_hashes: dict[tuple[Path, ...], str] = {}
+
+    @property
+    def extractor(self) -> ImageFeatureExtractor:
+        if not isinstance(self._extractor, ImageFeatureExtractor):
+            self._extractor = self._extractor()
+        return self._extractor
 
     def path_for(self, paths: Sequence[Path]) -> Path:
         key = tuple(sorted(paths))
@@ -197,8 +212,9 @@ def feature_cache(section: Mapping[str, Any], layout: Layout, params_dir: Path, 
     weights = section["inception_weights"]
     if weights is not None:
         weights = str((params_dir / weights).resolve())
-    extractor, info = build_extractor(weights, derive_seed(master_seed, "feature_extractor"))
-    return FeatureCache(layout.cache / FEATURE_CACHE, extractor, info, int(section["batch_size"]))
+    seed = derive_seed(master_seed, "feature_extractor")
+    return FeatureCache(layout.cache / FEATURE_CACHE, lambda: build_extractor(weights, seed)[0],
+                        extractor_info(weights, seed), int(section["batch_size"]))
 
 
 def held_out_crops(layout: Layout, tissue_class: str) -> list[Path]:

@@ -14,6 +14,7 @@ relative comparisons inside one run and are labelled as such.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Iterable
@@ -255,6 +256,18 @@ class _MixedE(nn.Module):
         )
 
 
+def existing_weights(path: str | os.PathLike) -> Path:
+    """The weights file, or an error saying that nothing is downloaded and what to do instead."""
+    weights = Path(path)
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"Inception weights not found at {weights}. Nothing is downloaded: place "
+            f"{PUBLISHED_WEIGHTS_FILENAME} there (set metrics.inception_weights or {WEIGHTS_ENV}), "
+            "or leave both unset to use the random-conv fallback."
+        )
+    return weights
+
+
 class InceptionV3FID(ImageFeatureExtractor):
     """The FID Inception-v3 of pytorch-fid / torch-fidelity ("pt_inception-2015-12-05").
 
@@ -295,13 +308,7 @@ class InceptionV3FID(ImageFeatureExtractor):
     @classmethod
     def from_weights(cls, path: str | os.PathLike) -> InceptionV3FID:
         """Load a local state dict; a missing file is an error, never a reason to download."""
-        weights = Path(path)
-        if not weights.is_file():
-            raise FileNotFoundError(
-                f"Inception weights not found at {weights}. Nothing is downloaded: place "
-                f"{PUBLISHED_WEIGHTS_FILENAME} there (set metrics.inception_weights or {WEIGHTS_ENV}), "
-                "or leave both unset to use the random-conv fallback."
-            )
+        weights = existing_weights(path)
         state = torch.load(weights, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
             raise ValueError(f"{weights} does not hold a state dict (got {type(state).__name__})")
@@ -392,12 +399,23 @@ def build_extractor(weights_path: str | None, seed: int) -> tuple[ImageFeatureEx
     typo cannot quietly turn a real FID run into a random-feature one.
     ``seed`` only seeds the fallback network.
     """
+    info = extractor_info(weights_path, seed)
+    if info.weights_path is None:
+        return RandomConvFeatures(seed), info
+    return InceptionV3FID.from_weights(info.weights_path), info
+
+
+def extractor_info(weights_path: str | None, seed: int) -> FeatureExtractorInfo:
+    """What identifies the extractor :func:`build_extractor` loads, without loading it.
+
+    Fingerprints and feature-cache names need only this, so checking whether
+    a stage is unchanged never loads the Inception network.
+    """
     path = weights_path or os.environ.get(WEIGHTS_ENV) or None
     if path is None:
-        module = RandomConvFeatures(seed)
-        return module, FeatureExtractorInfo(
+        return FeatureExtractorInfo(
             name=FALLBACK_NAME,
-            feature_dim=module.num_features,
+            feature_dim=RandomConvFeatures.num_features,
             input_size=FALLBACK_INPUT_SIZE,
             resize_mode=FALLBACK_RESIZE_MODE,
             antialias=FALLBACK_ANTIALIAS,
@@ -412,8 +430,8 @@ def build_extractor(weights_path: str | None, seed: int) -> tuple[ImageFeatureEx
                 "Inception Score is not available: it needs the Inception classifier's logits."
             ),
         )
-    module = InceptionV3FID.from_weights(path)
-    digest = sha256_file(path)
+    weights = existing_weights(path)
+    digest = _weights_sha256(str(weights), *_stat_key(weights))
     published = digest == PUBLISHED_WEIGHTS_SHA256
     note = (
         "Published FID Inception weights with pytorch-fid's preprocessing (bilinear resize without antialias, "
@@ -423,9 +441,9 @@ def build_extractor(weights_path: str | None, seed: int) -> tuple[ImageFeatureEx
         else f"Inception weights differ from the published file (sha256 {PUBLISHED_WEIGHTS_SHA256[:12]}...): "
         "values are not comparable with published FID/IS."
     )
-    return module, FeatureExtractorInfo(
+    return FeatureExtractorInfo(
         name=INCEPTION_NAME,
-        feature_dim=module.num_features,
+        feature_dim=InceptionV3FID.num_features,
         input_size=INCEPTION_INPUT_SIZE,
         resize_mode=INCEPTION_RESIZE_MODE,
         antialias=INCEPTION_ANTIALIAS,
@@ -436,6 +454,17 @@ def build_extractor(weights_path: str | None, seed: int) -> tuple[ImageFeatureEx
         inception_score_available=True,
         note=note + " Inception Score is available from the 1008-class logits.",
     )
+
+
+def _stat_key(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=4)
+def _weights_sha256(path: str, _size: int, _mtime_ns: int) -> str:
+    """The weights' hash, once per process for an unchanged file: every partition's fingerprint quotes it."""
+    return sha256_file(path)
 
 
 def _as_uint8_hwc(image: Image.Image | np.ndarray) -> np.ndarray:
