@@ -11,6 +11,7 @@ import sys
 import uuid
 from pathlib import Path
 
+from histo_assets.core.io import Log
 from histo_assets.core.object_store import STORE_URL_ENV
 from histo_assets.params import PROJECT_ROOT, RESOLVED_PARAMS_FILE, ParamsError, load_params, write_resolved
 
@@ -101,13 +102,17 @@ def _partition_class(key) -> str:
     return key.keys_by_dimension["tissue_class"] if hasattr(key, "keys_by_dimension") else key
 
 
+def _printer(label: str) -> Log:
+    return lambda line: print(f"{label}: {line}", flush=True)
+
+
 def _materialize(args: argparse.Namespace) -> int:
-    ensure_dagster_home()
+    home = ensure_dagster_home()
     from dagster import DagsterInstance
 
     from histo_assets.assets.stage import launch_reason
     from histo_assets.definitions import STAGES, build_definitions, pipeline_jobs
-    from histo_assets.run_health import HOST_TAG, end_interrupted_run, this_host, wait_for_pools
+    from histo_assets.run_health import HOST_TAG, end_interrupted_run, holding_pools, this_host, wait_for_pools
 
     try:
         params = load_params(overrides=args.set)
@@ -157,11 +162,13 @@ def _materialize(args: argparse.Namespace) -> int:
                 continue
             print(f"{label}: launched because {reason}", flush=True)
             run_id = str(uuid.uuid4())
+            say = _printer(label)
             try:
-                wait_for_pools(instance, _job_pools(job), log=lambda line: print(f"{label}: {line}", flush=True))
-                print(f"{label}: materialising", flush=True)
-                result = job.execute_in_process(partition_key=key, instance=instance, run_config=run_config,
-                                                raise_on_error=False, run_id=run_id, tags={HOST_TAG: this_host()})
+                wait_for_pools(instance, _job_pools(job), log=say)
+                with holding_pools(home, _job_pools(job), log=say):
+                    print(f"{label}: materialising", flush=True)
+                    result = job.execute_in_process(partition_key=key, instance=instance, run_config=run_config,
+                                                    raise_on_error=False, run_id=run_id, tags={HOST_TAG: this_host()})
             except KeyboardInterrupt:
                 result = None
             if result is None or stop.received:

@@ -14,15 +14,23 @@ Two callers: ``histo-assets materialize``, before each run and while it waits
 for a pool, and :data:`dead_run_sensor` in the daemon of ``dagster dev``.
 Waiting happens here, asleep, rather than in Dagster's step executor, whose
 slot-claim loop spins at full CPU while a pool is full.
+
+Dagster claims a pool's slots step by step, inside a run, so two launchers
+that both found a slot free can both start; a CI run under load once saw two
+such runs train at once. On one machine :func:`holding_pools` closes that
+gap with a lock file per pool, held for the whole run; the kernel releases
+it when the holder's process dies, however it dies.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -146,6 +154,20 @@ def wait_for_pools(instance: dg.DagsterInstance, pools: Iterable[str], log: Log 
             log(f"waiting for a free slot: {held}")
             announced = full
         time.sleep(poll_seconds)
+
+
+@contextlib.contextmanager
+def holding_pools(lock_dir: Path, pools: Iterable[str], log: Log = print) -> Iterator[None]:
+    """Hold this machine's lock for each pool while the body runs; wait, asleep, while another run holds one."""
+    with contextlib.ExitStack() as held:
+        for pool in sorted(set(pools)):
+            handle = held.enter_context((lock_dir / f"pool-{pool}.lock").open("a"))
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log(f"waiting for another run on this machine to release pool {pool}")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def end_interrupted_run(instance: dg.DagsterInstance, run_id: str, reason: str) -> None:

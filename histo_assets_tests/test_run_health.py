@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ import dagster as dg
 import pytest
 
 from histo_assets.params import PROJECT_ROOT
-from histo_assets.run_health import dead_run_sensor
+from histo_assets.run_health import dead_run_sensor, holding_pools
 from histo_assets_tests.tiny_pipeline import FIRST, Pipeline, run_ok
 
 POOL = "gpu"
@@ -244,3 +245,30 @@ def test_the_daemon_of_dagster_dev_marks_a_killed_run_failed_and_frees_its_slot(
     finally:
         ui.send_signal(signal.SIGTERM)
         ui.wait(timeout=60)
+
+
+def test_a_second_run_on_this_machine_waits_for_the_pool_lock_and_a_killed_holder_releases_it(tmp_path):
+    messages, entered = [], threading.Event()
+
+    def second_run() -> None:
+        with holding_pools(tmp_path, ["gpu"], log=messages.append):
+            entered.set()
+
+    with holding_pools(tmp_path, ["gpu"], log=messages.append):
+        waiter = threading.Thread(target=second_run)
+        waiter.start()
+        time.sleep(0.5)
+        assert not entered.is_set()
+    waiter.join(timeout=10)
+    assert entered.is_set() and messages == ["waiting for another run on this machine to release pool gpu"]
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from histo_assets.run_health import holding_pools\n"
+        "with holding_pools(Path(sys.argv[1]), ['gpu']):\n    print('held', flush=True); time.sleep(600)"
+    ), str(tmp_path)], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait(timeout=10)
+    messages.clear()
+    with holding_pools(tmp_path, ["gpu"], log=messages.append):
+        assert messages == []
