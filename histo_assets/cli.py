@@ -98,10 +98,6 @@ def _job_pools(job) -> set[str]:
     return {node.definition.pool for node in job.graph.node_dict.values() if getattr(node.definition, "pool", None)}
 
 
-def _partition_class(key) -> str:
-    return key.keys_by_dimension["tissue_class"] if hasattr(key, "keys_by_dimension") else key
-
-
 def _printer(label: str) -> Log:
     return lambda line: print(f"{label}: {line}", flush=True)
 
@@ -110,7 +106,7 @@ def _materialize(args: argparse.Namespace) -> int:
     home = ensure_dagster_home()
     from dagster import DagsterInstance
 
-    from histo_assets.assets.stage import launch_reason
+    from histo_assets.assets.stage import Part, launch_reason
     from histo_assets.definitions import STAGES, build_definitions, pipeline_jobs
     from histo_assets.run_health import HOST_TAG, end_interrupted_run, holding_pools, this_host, wait_for_pools
 
@@ -148,11 +144,12 @@ def _materialize(args: argparse.Namespace) -> int:
         if job.partitions_def is None:
             keys = [None] if set(classes) == set(params.classes) else []
         else:
-            keys = [k for k in job.partitions_def.get_partition_keys() if _partition_class(k) in classes]
+            keys = [k for k in job.partitions_def.get_partition_keys() if Part.of(k).tissue_class in classes]
         assets = sorted(asset_key.to_user_string() for asset_key in job.asset_layer.selected_asset_keys)
+        pools = _job_pools(job)
         for position, key in enumerate(keys, start=1):
             label = f"{job.name} [{position}/{len(keys)}]" + (f" {key}" if key is not None else "")
-            blocked = failed_classes if key is None else failed_classes & {_partition_class(key)}
+            blocked = failed_classes if key is None else failed_classes & {Part.of(key).tissue_class}
             if blocked:
                 print(f"{label}: skipped, upstream failed for {', '.join(sorted(blocked))}", flush=True)
                 continue
@@ -164,8 +161,8 @@ def _materialize(args: argparse.Namespace) -> int:
             run_id = str(uuid.uuid4())
             say = _printer(label)
             try:
-                wait_for_pools(instance, _job_pools(job), log=say)
-                with holding_pools(home, _job_pools(job), log=say):
+                wait_for_pools(instance, pools, log=say)
+                with holding_pools(home, pools, log=say):
                     print(f"{label}: materialising", flush=True)
                     result = job.execute_in_process(partition_key=key, instance=instance, run_config=run_config,
                                                     raise_on_error=False, run_id=run_id, tags={HOST_TAG: this_host()})
@@ -180,7 +177,7 @@ def _materialize(args: argparse.Namespace) -> int:
             if not result.success:
                 failures.append(label)
                 if key is not None:
-                    failed_classes.add(_partition_class(key))
+                    failed_classes.add(Part.of(key).tissue_class)
     if failures:
         print("error: failed: " + "; ".join(failures), file=sys.stderr)
         return 1

@@ -33,8 +33,3 @@ class Partitions:
         tissue_class = dg.StaticPartitionsDefinition(p.classes)
         step = dg.StaticPartitionsDefinition([str(s) for s in evaluated_steps(p["training"]["checkpoint_steps"])])
         return cls(tissue_class, dg.MultiPartitionsDefinition({"tissue_class": tissue_class, "step": step}))
-
-
-def class_and_step(context) -> tuple[str, int]:
-    keys = context.partition_key.keys_by_dimension
-    return keys["tissue_class"], int(keys["step"])

@@ -26,8 +26,8 @@ from histo_assets.core.slides import UnusableClassError, unknown_class_folders, 
 from histo_assets.core.stage import file_stats, output_settings
 from histo_assets.params import Params
 from histo_assets.partitions import Partitions
-from histo_assets.settings import augmentation_settings, crop_settings, ingest_settings, split_settings
 from histo_assets.resources import ObjectStoreResource, ParamsResource
+from histo_assets.settings import augmentation_settings, crop_settings, ingest_settings, split_settings
 
 GROUP = "ingest"
 SLIDE_INVENTORY_VERSION = "1"

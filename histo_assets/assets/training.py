@@ -125,10 +125,10 @@ def _imported_hypernetwork_index(p: Params, partitions: Partitions) -> dg.Assets
         base_model: BaseModelResource,
         object_store: ObjectStoreResource,
     ):
-        stage = Stage.start(context, params, object_store, STAGES["imported_hypernetwork_index"], base_model)
-        inbox = stage.layout.imported_hypernetworks_inbox(context.partition_key)
         from histo_assets.core.base_model import attention_context_widths
 
+        stage = Stage.start(context, params, object_store, STAGES["imported_hypernetwork_index"], base_model)
+        inbox = stage.layout.imported_hypernetworks_inbox(context.partition_key)
         summary = stage.build_or_reuse(lambda staging: write_imported_index(
             staging, inbox, lambda: attention_context_widths(base_model.load(stage.params).unet), warn=context.log.warning))
         frame = IMPORTED_HYPERNETWORK_INDEX.read(stage.out / INDEX)

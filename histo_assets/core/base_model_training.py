@@ -510,8 +510,8 @@ def _write_samples(model_dir: Path, path: Path, real: Sequence[Path], settings: 
 
 
 def train_from_crops(
-    out_dir: Path, image_folders: Sequence[Path], settings: BaseModelTrainingSettings, *, model_folder: str, resolution: int,
-    master_seed: int, preview: GenerationSettings, log: Log,
+    out_dir: Path, image_folders: Sequence[Path], settings: BaseModelTrainingSettings, *, model_folder: str,
+    resolution: int, master_seed: int, preview: GenerationSettings, log: Log,
 ) -> BaseModelTrainingResult:
     """Train on every class's augmented crops: the training share, since held-out crops are never augmented."""
     # The old summary would name weights that are about to be replaced.

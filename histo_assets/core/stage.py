@@ -100,22 +100,25 @@ def build_or_reuse(
     ``build`` writes the stage's files into the folder it is given and returns
     the summary's fields; the fingerprint is added here, so every summary has
     it, and the summary is checked against ``kind`` (core/schemas.py) before
-    it is written. By default the folder is a staging copy swapped in whole at the end, so
-    a failed build leaves the previous output intact. ``in_place`` is for
-    stages that must write as they go (training resumes from its own partial
-    output; see :func:`prepare_resumable`): then only the summary, written
-    last, marks the folder complete.
+    it is written. By default the folder is a staging copy swapped in whole at
+    the end, so a failed build leaves the previous output intact. ``in_place``
+    is for stages that must write as they go (training resumes from its own
+    partial output; see :func:`prepare_resumable`): then only the summary,
+    written last, marks the folder complete.
     """
     summary = current_summary(out, stage_fingerprint, kind)
     if summary is not None:
         if log:
             log(f"inputs and params unchanged, reusing {out}")
         return summary, True
+
+    def build_with_summary(folder: Path) -> Summary:
+        summary = check_summary(kind, {"fingerprint": stage_fingerprint, **build(folder)}, out / SUMMARY)
+        atomic_write_json(folder / SUMMARY, summary)
+        return summary
+
     if in_place:
-        summary = check_summary(kind, {"fingerprint": stage_fingerprint, **build(out)}, out / SUMMARY)
-        atomic_write_json(out / SUMMARY, summary)
-        return summary, False
+        return build_with_summary(out), False
     with atomic_directory(out) as staging:
-        summary = check_summary(kind, {"fingerprint": stage_fingerprint, **build(staging)}, out / SUMMARY)
-        atomic_write_json(staging / SUMMARY, summary)
+        summary = build_with_summary(staging)
     return summary, False
