@@ -106,7 +106,7 @@ def _materialize(args: argparse.Namespace) -> int:
     home = ensure_dagster_home()
     from dagster import DagsterInstance
 
-    from histo_assets.assets.stage import Part, launch_reason
+    from histo_assets.stage import Part, launch_reason
     from histo_assets.definitions import STAGES, build_definitions, pipeline_jobs
     from histo_assets.run_health import HOST_TAG, end_interrupted_run, holding_pools, this_host, wait_for_pools
 

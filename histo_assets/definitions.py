@@ -26,7 +26,7 @@ import os
 
 import dagster as dg
 
-from histo_assets.assets import base_model, evaluation, generation, ingest, release, training, utility
+from histo_assets.assets import base_model, evaluation, generation, ingest, release, training
 from histo_assets.automation import automation_condition_sensor, build_automation
 from histo_assets.core.layout import BASE_MODEL_ASSET
 from histo_assets.core.object_store import STORE_URL_ENV
@@ -58,9 +58,8 @@ pipeline_jobs = [ingest_job, base_model_job, training_job, per_checkpoint_job, s
 raw_slides_sensor, weekly_refresh = build_automation(ingest_job)
 
 
-# Every stage whose reuse can be confirmed before a run is launched (assets/stage.py).
-STAGES = {**ingest.STAGES, **base_model.STAGES, **training.STAGES, **generation.STAGES, **evaluation.STAGES,
-          **utility.STAGES}
+# Every stage whose reuse can be confirmed before a run is launched (histo_assets/stage.py).
+STAGES = {**ingest.STAGES, **base_model.STAGES, **training.STAGES, **generation.STAGES, **evaluation.STAGES}
 
 
 def build_assets(p: Params) -> list[dg.AssetsDefinition]:
@@ -71,7 +70,6 @@ def build_assets(p: Params) -> list[dg.AssetsDefinition]:
         *training.build_assets(p, partitions),
         *generation.build_assets(p, partitions),
         *evaluation.build_assets(p, partitions),
-        *utility.build_assets(p),
         *release.build_assets(p),
     ]
 

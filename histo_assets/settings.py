@@ -24,7 +24,7 @@ from histo_assets.core.augment import AugmentationRecipe, AugmentationSettings
 from histo_assets.core.classifier_utility import UtilitySettings
 from histo_assets.core.crops import CropSettings
 from histo_assets.core.evaluation import MetricSettings
-from histo_assets.core.holdout import SplitSettings
+from histo_assets.core.holdout import SplitSettings, read_groups, source_groups
 from histo_assets.core.hypernetwork import HypernetworkOptions
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.slides import IngestSettings
@@ -86,6 +86,12 @@ def crop_settings(p: Params) -> CropSettings:
 
 def split_settings(p: Params) -> SplitSettings:
     return from_section(SplitSettings, p["split"])
+
+
+def holdout_groups(p: Params, sources: typing.Iterable[str]) -> dict[str, str]:
+    """Each crop source's holdout group: the lab's (split.groups_csv, beside the params file) or its own path."""
+    groups_csv = p["split"]["groups_csv"]
+    return source_groups(sources, read_groups(p.source.parent / groups_csv) if groups_csv else None)
 
 
 def augmentation_recipe(p: Params) -> AugmentationRecipe:

@@ -20,7 +20,6 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from histo_assets.assets.generation import checkpoint_entry
 from histo_assets.assets.release import CODE_VERSION
 from histo_assets.core.lineage import training_lineage
 from histo_assets.cli import main
@@ -28,6 +27,7 @@ from histo_assets.core.io import atomic_write_json, sha256_file, stable_hash
 from histo_assets.core.lineage import LineageNotFound, png_text_disagreements, trace_image
 from histo_assets.core.release import ReleaseImage, build_release
 from histo_assets.core.sampling import generate_images, write_generation_index
+from histo_assets.core.steps import checkpoint_at
 from histo_assets.core.layout import HOLDOUT, IMAGES, INDEX, INVENTORY, SUMMARY, Layout
 from histo_assets.params import PARAMS_ENV, load_params
 from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
@@ -77,7 +77,7 @@ class Project:
 def generate(p, base, step: int) -> None:
     """The synthetic_images asset's work for one partition, without Dagster."""
     layout = Layout(p.data_dir)
-    checkpoint = checkpoint_entry(p, CLASS, step)
+    checkpoint = checkpoint_at(layout, CLASS, step)
     folder = layout.synthetic_images(CLASS, step)
     records = generate_images(
         base, layout.hypernetwork_checkpoints(CLASS) / checkpoint["file"], folder / IMAGES, tissue_class=CLASS,

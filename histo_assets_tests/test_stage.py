@@ -4,7 +4,7 @@ import os
 
 import dagster as dg
 
-from histo_assets.assets.stage import launch_reason
+from histo_assets.stage import launch_reason
 from histo_assets.core.stage import read_summary
 from histo_assets.definitions import STAGES
 from histo_assets.params import load_params

@@ -1,31 +1,22 @@
 """The Stable Diffusion model under every hypernetwork, as an asset, so lineage shows what the checkpoints stand on."""
 
-from pathlib import Path
-
 import dagster as dg
 import pandas as pd
 
-from histo_assets.assets.stage import Part, Stage, StageSpec, stage_asset
 from histo_assets.core.layout import BASE_MODEL_ASSET, IMAGES, Layout
 from histo_assets.core.previews import markdown_png_file, markdown_table
 from histo_assets.core.schemas import AugmentedCropsSummary, BaseModelSummary
 from histo_assets.core.stage import read_summary
 from histo_assets.params import Params
-from histo_assets.resources import (
-    TRAINED_MODEL_FOLDER,
-    TRAINED_SOURCE,
-    BaseModelResource,
-    ObjectStoreResource,
-    ParamsResource,
-    trained_model_dir,
-)
+from histo_assets.resources import TRAINED_MODEL_FOLDER, TRAINED_SOURCE, BaseModelResource, ObjectStoreResource
+from histo_assets.resources import ParamsResource, trained_model_dir
 from histo_assets.settings import base_model_training_settings, generation_settings
+from histo_assets.stage import Part, Stage, StageSpec, stage_asset
 
 # core.base_model, core.base_model_training and core.sampling import diffusers, so asset bodies import them
 # when a run needs them: loading and unloading diffusers takes seconds that every CLI start and UI reload
 # would otherwise pay.
 GROUP = "base_model"
-BASE_MODEL_VERSION = "1"
 
 
 def _trains_on_crops(p: Params) -> bool:
@@ -33,75 +24,56 @@ def _trains_on_crops(p: Params) -> bool:
 
 
 def _base_model_inputs(p: Params, _part: Part, _base_model) -> dict:
-    layout = Layout(p.data_dir)
-    training_set = None
-    if _trains_on_crops(p):
-        training_set = {c: read_summary(layout.augmented_crops(c), AugmentedCropsSummary)["data_version"]
-                        for c in p.classes}
-    return dict(base_model=p["base_model"], training_set=training_set, resolution=p.resolution, seed=p.seed,
-                code=BASE_MODEL_VERSION)
+    at = Layout(p.data_dir)
+    training_set = ({c: read_summary(at.augmented_crops(c), AugmentedCropsSummary)["data_version"] for c in p.classes}
+                    if _trains_on_crops(p) else None)
+    return dict(base_model=p["base_model"], training_set=training_set, resolution=p.resolution, seed=p.seed)
 
 
 # The crops it may train on depend on params' classes, so the asset pulls them itself.
 STAGES = {BASE_MODEL_ASSET: StageSpec(lambda at, _part: at.base_model, lambda _at, _part: [], _base_model_inputs,
-                                      BaseModelSummary)}
+                                      BaseModelSummary, code_version="1")}
 
 
 def build_assets(p: Params) -> list[dg.AssetsDefinition]:
-
-    @stage_asset(
-        p, on_gpu=True,
-        name=BASE_MODEL_ASSET,
-        group_name=GROUP,
-        code_version=BASE_MODEL_VERSION,
-        # Only a model trained here has inputs in this graph; a file or folder from elsewhere has none to show.
-        deps=["augmented_crops"] if _trains_on_crops(p) else [],
-        kinds={"diffusers", "safetensors"},
-        description="The Stable Diffusion model every hypernetwork is trained on and every image generated from. "
-        "single_file and diffusers: the configured weights, verified against base_model.sha256 and described "
-        "(name, hash, architecture, attention widths). trained: a small Stable-Diffusion-architecture model trained "
-        "here on the training share of every class's crops (never the held-out ones), with one class-agnostic prompt.",
-    )
-    def base_model_asset(
-        context: dg.AssetExecutionContext,
-        params: ParamsResource,
-        base_model: BaseModelResource,
-        object_store: ObjectStoreResource,
-    ):
+    # Only a model trained here has inputs in this graph; a file or folder from elsewhere has none to show.
+    @stage_asset(p, STAGES[BASE_MODEL_ASSET], on_gpu=True, name=BASE_MODEL_ASSET, group_name=GROUP,
+                 deps=["augmented_crops"] if _trains_on_crops(p) else [], kinds={"diffusers", "safetensors"})
+    def base_model_asset(context: dg.AssetExecutionContext, params: ParamsResource, base_model: BaseModelResource,
+                         object_store: ObjectStoreResource):
+        """The Stable Diffusion model every hypernetwork is trained on and every image generated from. single_file
+        and diffusers: the configured weights, verified against base_model.sha256 and described (name, hash,
+        architecture, attention widths). trained: a small Stable-Diffusion-architecture model trained here on the
+        training share of every class's crops (never the held-out ones), with one class-agnostic prompt."""
         from histo_assets.core.base_model import describe_base_model
         from histo_assets.core.base_model_training import train_from_crops, training_summary
 
         stage = Stage.start(context, params, object_store, STAGES[BASE_MODEL_ASSET])
         p, section = stage.params, stage.params["base_model"]
-        trains = _trains_on_crops(p)
-        crops = [stage.layout.augmented_crops(c) for c in p.classes] if trains else []
+        crops = [stage.layout.augmented_crops(c) for c in p.classes] if _trains_on_crops(p) else []
         object_store.pull(p.data_dir, *crops, log=stage.log)
 
-        def build(out: Path) -> dict:
-            if not trains:
+        def build(out) -> dict:
+            if not crops:
                 return describe_base_model(base_model.load(p))
             base_model.apply_threads()
-            result = train_from_crops(
-                out, [folder / IMAGES for folder in crops], base_model_training_settings(p),
-                model_folder=TRAINED_MODEL_FOLDER, resolution=p.resolution, master_seed=p.seed, log=stage.log,
-                preview=generation_settings(p),
-            )
+            result = train_from_crops(out, [folder / IMAGES for folder in crops], base_model_training_settings(p),
+                                      model_folder=TRAINED_MODEL_FOLDER, resolution=p.resolution, master_seed=p.seed,
+                                      log=stage.log, preview=generation_settings(p))
             model = base_model.load_folder(trained_model_dir(p), result.sha256, section["name"])
             made = training_summary(result, p.classes, section["training"]["prompt"], stage.inputs["training_set"])
             return describe_base_model(model) | {"source": TRAINED_SOURCE, **made}
 
         summary = stage.build_or_reuse(build, in_place=True)
-        yield dg.MaterializeResult(metadata=_metadata(summary, stage.out) | {"reused_unchanged_output": stage.reused},
-                                   data_version=dg.DataVersion(summary["sha256"]))
+        return stage.result(summary["sha256"], _metadata(summary, stage.out))
 
     return [base_model_asset]
 
 
-def _metadata(summary: dict, out: Path) -> dict:
+def _metadata(summary: dict, out) -> dict:
     """The model's identity and architecture, and for a model trained here its data, loss curve and samples."""
     from histo_assets.core.base_model_training import LOSS_PLOT, SAMPLES_PLOT
 
-    architecture = summary["architecture"]
     trained = {
         "training_set": dg.MetadataValue.json(summary["training_set"]),
         "loss_curve": dg.MetadataValue.md(markdown_png_file(out / LOSS_PLOT, "base model training loss")),
@@ -109,11 +81,9 @@ def _metadata(summary: dict, out: Path) -> dict:
     } if summary["source"] == TRAINED_SOURCE else {}
     return {
         **trained,
-        "name": summary["name"],
-        "source": summary["source"],
-        "sha256": summary["sha256"],
+        **{key: summary[key] for key in ("name", "source", "sha256")},
         "model_hash": dg.MetadataValue.text(summary["short_hash"]),
-        "attention_context_widths": str(architecture["attention_context_widths"]),
+        "attention_context_widths": str(summary["architecture"]["attention_context_widths"]),
         "architecture": dg.MetadataValue.md(markdown_table(pd.DataFrame(
-            [{"fact": key, "value": str(value)} for key, value in architecture.items()]))),
+            [{"fact": key, "value": str(value)} for key, value in summary["architecture"].items()]))),
     }

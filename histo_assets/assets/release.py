@@ -4,54 +4,39 @@ import dagster as dg
 import pandas as pd
 
 from histo_assets import __version__
-from histo_assets.assets.generation import SYNTHETIC_IMAGES_VERSION
-from histo_assets.assets.ingest import AUGMENTED_CROPS_VERSION, SQUARE_CROPS_VERSION
-from histo_assets.assets.training import HYPERNETWORK_CHECKPOINTS_VERSION
-from histo_assets.assets.stage import stage_asset
+from histo_assets.assets import generation, ingest, training
 from histo_assets.core.dvc import ensure_git_identity, git_last_commit, git_toplevel
 from histo_assets.core.evaluation import METRICS_TABLE_FILE
 from histo_assets.core.layout import Layout
 from histo_assets.core.lineage import training_lineage
-from histo_assets.core.release import (
-    ReleaseSelectionError,
-    build_dataset_release,
-    local_remote_path,
-    publish_dataset_release,
-    release_inputs,
-    selected_steps,
-)
+from histo_assets.core.release import ReleaseSelectionError, build_dataset_release, local_remote_path
+from histo_assets.core.release import publish_dataset_release, release_inputs, selected_steps
 from histo_assets.core.schemas import METRICS_TABLE, PUBLISHED_METRICS, ClassifierUtilitySummary, MetricsDetails
 from histo_assets.core.stage import read_summary
 from histo_assets.params import PROJECT_ROOT, Params
 from histo_assets.resources import DvcResource, ObjectStoreResource, ParamsResource
+from histo_assets.stage import refusals_as_failures, stage_asset
 
 GROUP = "release"
-CODE_VERSION = (
-    f"histo-assets {__version__}; square_crops {SQUARE_CROPS_VERSION}, augmented_crops {AUGMENTED_CROPS_VERSION}, "
-    f"hypernetwork_checkpoints {HYPERNETWORK_CHECKPOINTS_VERSION}, synthetic_images {SYNTHETIC_IMAGES_VERSION}"
-)
+# The package version and the code versions of the stages a released image's bytes come from.
+CODE_VERSION = f"histo-assets {__version__}; " + ", ".join(
+    f"{name} {stages[name].code_version}" for stages, name in [
+        (ingest.STAGES, "square_crops"), (ingest.STAGES, "augmented_crops"),
+        (training.STAGES, "hypernetwork_checkpoints"), (generation.STAGES, "synthetic_images")])
 # The last change to these paths is the code version a release records; later release commits don't count.
 CODE_PATHS = ["histo_assets", "pyproject.toml"]
 PIPELINE_AUTHOR = ("histo-assets", "histo-assets@localhost")
 
 
 def build_assets(p: Params) -> list[dg.AssetsDefinition]:
-    @stage_asset(
-        p,
-        group_name=GROUP,
-        deps=["metrics_summary", "checkpoint_metrics", "classifier_utility"],
-        kinds={"dvc", "parquet"},
-        description="The versioned synthetic dataset: images of the selected checkpoints (release.checkpoints: best per "
-        "class, the step that most helps a classifier (utility), all, or listed steps), manifest.parquet with full provenance per image, lineage.parquet back to the raw "
-        "slides, metrics and a dataset card. Recorded with `dvc add`, pushed to the DVC remote, tagged "
-        "release/<name>/<content hash>.",
-    )
-    def dataset_release(
-        context: dg.AssetExecutionContext,
-        params: ParamsResource,
-        dvc: DvcResource,
-        object_store: ObjectStoreResource,
-    ):
+    @stage_asset(p, group_name=GROUP, deps=["metrics_summary", "checkpoint_metrics", "classifier_utility"],
+                 kinds={"dvc", "parquet"})
+    def dataset_release(context: dg.AssetExecutionContext, params: ParamsResource, dvc: DvcResource,
+                        object_store: ObjectStoreResource):
+        """The versioned synthetic dataset: images of the selected checkpoints (release.checkpoints: best per class,
+        the step that most helps a classifier (utility), all, or listed steps), manifest.parquet with full provenance
+        per image, lineage.parquet back to the raw slides, metrics and a dataset card. Recorded with `dvc add`, pushed
+        to the DVC remote, tagged release/<name>/<content hash>."""
         p = params.load_for(context)
         layout, section = Layout(p.data_dir), p["release"]
         object_store.pull(p.data_dir, layout.metrics_summary, layout.classifier_utility, log=context.log.info)
@@ -59,10 +44,8 @@ def build_assets(p: Params) -> list[dg.AssetsDefinition]:
         utility = read_summary(layout.classifier_utility, ClassifierUtilitySummary)
         if summary is None:
             raise dg.Failure("metrics_summary has not been materialised")
-        try:
+        with refusals_as_failures(ReleaseSelectionError):
             steps = selected_steps(section["checkpoints"], p["training"]["checkpoint_steps"], p.classes, summary, utility)
-        except ReleaseSelectionError as error:
-            raise dg.Failure(str(error)) from error
         object_store.pull(p.data_dir, *release_inputs(layout, steps), log=context.log.info)
         repo, local_remote = git_toplevel(p.data_dir), local_remote_path(section["remote"]["url"], p.source.parent)
         info = build_dataset_release(

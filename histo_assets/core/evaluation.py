@@ -53,8 +53,16 @@ from histo_assets.core.metrics import (
 )
 from histo_assets.core.plots import metric_curves
 from histo_assets.core.previews import contact_sheet
-from histo_assets.core.schemas import HELD_OUT_CROPS, METRICS_TABLE, PUBLISHED_METRICS, MetricsDetails, check_summary
+from histo_assets.core.schemas import (
+    HELD_OUT_CROPS,
+    METRICS_TABLE,
+    PUBLISHED_METRICS,
+    CheckpointMetricsSummary,
+    MetricsDetails,
+    check_summary,
+)
 from histo_assets.core.seeding import derive_seed
+from histo_assets.core.stage import read_summary
 from histo_assets.core.steps import BASELINE_STEP
 
 LIBRARIES = ("torch", "torchmetrics", "diffusers", "numpy", "scipy")
@@ -585,6 +593,21 @@ def baseline_notes(verdicts: Mapping[str, dict], metric_name: str) -> str:
 
 
 # ---- the summary across classes and checkpoints ---------------------------------------------
+
+
+def scored_checkpoints(layout: Layout, classes: Sequence[str],
+                       steps: Sequence[int]) -> dict[tuple[str, int], CheckpointMetricsSummary | None]:
+    """Every class's and step's checkpoint_metrics summary; None where that checkpoint was never scored."""
+    return {(c, step): read_summary(layout.checkpoint_metrics(c, step), CheckpointMetricsSummary)
+            for c in classes for step in steps}
+
+
+def summarise_rows(cache: FeatureCache, layout: Layout, rows: Sequence[dict], classes: Sequence[str],
+                   steps: Sequence[int], settings: MetricSettings, metric_name: str, tie: str) -> str:
+    """The checkpoints' rows with every class pooled per step, written as the metrics_summary folder; the rows' hash."""
+    rows = [*rows, *combined_rows(cache, layout, classes, steps, settings)]
+    write_metrics_summary(layout, metrics_table(rows, metric_name), classes, steps, metric_name, tie)
+    return stable_hash(rows)
 
 
 def metrics_table(rows: Sequence[dict], metric_name: str) -> pd.DataFrame:

@@ -9,38 +9,47 @@ settings and chooses what the UI shows.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pandas as pd
 
-from histo_assets.assets import FOLLOW_UPSTREAM, GPU_TAGS
+from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.layout import SUMMARY, Layout
+from histo_assets.core.previews import markdown_table
 from histo_assets.core.stage import build_or_reuse, current_summary, fingerprint
 from histo_assets.params import Params
 from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource, params_config_schema
 
 # The pool of steps that need the GPU: one at a time (dagster.yaml), so concurrent runs never share it.
 GPU_POOL = "gpu"
+# On Kubernetes (dagster-k8s) these tags request one GPU for the step's pod; elsewhere they are inert.
+GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
+# Downstream assets follow their upstream through declarative automation, so a sensor or
+# schedule only has to start the ingest job; unchanged inputs are reused by fingerprint.
+FOLLOW_UPSTREAM = dg.AutomationCondition.eager()
 
 
-def stage_asset(p: Params, *, on_gpu: bool = False, follows_upstream: bool = True, **asset_args: Any):
-    """``dg.asset`` with what the stages share.
+def skipped_files(problems: list[dict]) -> dg.MetadataValue:
+    """The files a stage skipped and why, as the UI shows them."""
+    return dg.MetadataValue.md(markdown_table(pd.DataFrame(problems)) if problems else "No file was skipped.")
 
-    Run config shaped like params, so the launchpad checks overrides before a
-    run exists; eager automation after the upstream, unless the stage reads
-    files a lab drops in (then a sensor or a person starts it); and for GPU
-    work the ``gpu`` pool and the pod's GPU request.
-    """
-    shared: dict[str, Any] = {"config_schema": params_config_schema(p.values)}
-    if follows_upstream:
-        shared["automation_condition"] = FOLLOW_UPSTREAM
-    if on_gpu:
-        shared |= {"pool": GPU_POOL, "op_tags": GPU_TAGS}
-    return dg.asset(**shared, **asset_args)
+
+@contextlib.contextmanager
+def refusals_as_failures(*refusals: type[HistoAssetsError]) -> Iterator[None]:
+    """These core refusals fail the run as a Dagster failure, so the UI shows why, and the files skipped on the way,
+    instead of a traceback."""
+    try:
+        yield
+    except refusals as error:
+        problems = getattr(error, "problems", None)
+        raise dg.Failure(str(error), metadata=None if problems is None else {
+            "skipped": skipped_files([vars(problem) for problem in problems])}) from error
 
 
 @dataclass(frozen=True)
@@ -65,22 +74,48 @@ class StageSpec:
 
     Declared apart from the asset's body so that a launcher can tell, before
     starting a Dagster run, that the run would only confirm its reuse.
-    ``inputs`` returns the fingerprinted inputs; the build may use them too.
-    ``summary`` is the TypedDict (core/schemas.py) its summary.json must match.
+    ``inputs`` returns the inputs that decide the output; the build may use
+    them too. The code version is fingerprinted with them, and is the asset's
+    Dagster code version: bump it when a change to the stage's code changes
+    what it writes. ``summary`` is the TypedDict (core/schemas.py) its
+    summary.json must match.
     """
 
     output: Callable[[Layout, Part], Path]
     reads: Callable[[Layout, Part], Iterable[Path]]
-    inputs: Callable[[Params, Part, BaseModelResource], dict[str, Any]]
+    inputs: Callable[[Params, Part, BaseModelResource | None], dict[str, Any]]
     summary: type
+    code_version: str
+
+    def fingerprinted(self, p: Params, part: Part, base_model: BaseModelResource | None) -> dict[str, Any]:
+        return self.inputs(p, part, base_model) | {"code": self.code_version}
 
     def is_current(self, p: Params, part: Part, base_model: BaseModelResource) -> bool:
         """Whether the output folder was built from exactly the inputs a run would see now."""
         try:
-            expected = fingerprint(**self.inputs(p, part, base_model))
+            expected = fingerprint(**self.fingerprinted(p, part, base_model))
         except Exception:  # a missing or unreadable input: the run will report it properly
             return False
         return current_summary(self.output(Layout(p.data_dir), part), expected, self.summary) is not None
+
+
+def stage_asset(p: Params, spec: StageSpec | None = None, *, on_gpu: bool = False, follows_upstream: bool = True,
+                **asset_args: Any):
+    """``dg.asset`` with what the stages share.
+
+    Run config shaped like params, so the launchpad checks overrides before a
+    run exists; the stage's declared code version; eager automation after the
+    upstream, unless the stage reads files a lab drops in (then a sensor or a
+    person starts it); and for GPU work the ``gpu`` pool and the pod's GPU request.
+    """
+    shared: dict[str, Any] = {"config_schema": params_config_schema(p.values)}
+    if spec is not None:
+        shared["code_version"] = spec.code_version
+    if follows_upstream:
+        shared["automation_condition"] = FOLLOW_UPSTREAM
+    if on_gpu:
+        shared |= {"pool": GPU_POOL, "op_tags": GPU_TAGS}
+    return dg.asset(**shared, **asset_args)
 
 
 def launch_reason(instance: dg.DagsterInstance, stages: dict[str, StageSpec], assets: Iterable[str], p: Params,
@@ -145,7 +180,7 @@ class Stage:
 
     @cached_property
     def inputs(self) -> dict[str, Any]:
-        return self.spec.inputs(self.params, self.part, self.base_model)
+        return self.spec.fingerprinted(self.params, self.part, self.base_model)
 
     def log(self, message: str) -> None:
         self.context.log.info(message)
