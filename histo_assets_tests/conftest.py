@@ -1,4 +1,12 @@
-"""Shared fixtures: small real datasets on disk and params files that point at them."""
+"""Shared fixtures: small real datasets on disk and params files that point at them.
+
+Test modules mirror the code's: ``test_<name>.py`` tests ``histo_assets/<name>.py`` or
+``histo_assets/core/<name>.py`` (``test_stage.py`` both stage modules), and ``test_assets_<name>.py``
+tests ``histo_assets/assets/<name>.py``. Tests of the system against outside tools and servers are
+named for what they prove: the WebUI's loading rules (``test_a1111_round_trip``), a real S3 server,
+PostgreSQL, the deployment files and dvc.yaml's invalidation. Tests that need the tiny pipeline, a
+real server or the UI are marked slow (``pytest -m "not slow"`` runs the rest in minutes).
+"""
 
 import dataclasses
 import os

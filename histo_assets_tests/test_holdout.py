@@ -22,7 +22,7 @@ from histo_assets.core.holdout import (
 from histo_assets.core.layout import HOLDOUT, INDEX
 from histo_assets.core.schemas import HELD_OUT_CROPS
 from histo_assets_tests.conftest import SMALL, THESIS_CLASSES, tissue_image, write_params
-from histo_assets_tests.test_ingest_assets import materialize
+from histo_assets_tests.test_assets_ingest import materialize
 
 CLASS = THESIS_CLASSES[0]
 SETTINGS = SplitSettings(holdout_fraction=0.2, group_fraction_tolerance=0.15, guard_tiles=1)

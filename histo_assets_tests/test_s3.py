@@ -27,7 +27,7 @@ from histo_assets.params import PROJECT_ROOT
 from histo_assets.resources import ObjectStoreResource, ParamsResource
 from histo_assets_tests import test_object_store as on_every_store
 from histo_assets_tests.conftest import THESIS_CLASSES, dvc_executable, tissue_image, tree_hashes
-from histo_assets_tests.test_dvc_release import RELEASE_PATH, git, isolate, make_extras, make_images, new_repo
+from histo_assets_tests.test_release import RELEASE_PATH, git, isolate, make_extras, make_images, new_repo
 
 
 @pytest.fixture

@@ -39,8 +39,9 @@ from histo_assets.core.stage import build_or_reuse, read_summary
 from histo_assets.core.slides import IngestSettings, write_inventory
 from histo_assets_tests.conftest import tissue_image
 from histo_assets.settings import from_section
-from histo_assets_tests.test_crops_and_augmentation import PARAMS, augmentation, settings
-from histo_assets_tests.test_metrics import _collapse_table, _write_pngs
+from histo_assets_tests.test_augment import augmentation
+from histo_assets_tests.test_crops import PARAMS, settings
+from histo_assets_tests.test_evaluation import _collapse_table, _write_pngs
 
 CLASS = "alpha"
 STEP = 3

@@ -10,7 +10,7 @@ from histo_assets.definitions import STAGES
 from histo_assets.params import load_params
 from histo_assets.resources import BaseModelResource
 from histo_assets_tests.conftest import THESIS_CLASSES
-from histo_assets_tests.test_ingest_assets import ASSETS, materialize
+from histo_assets_tests.test_assets_ingest import ASSETS, materialize
 
 FIRST, SECOND, _ = THESIS_CLASSES
 

@@ -31,6 +31,8 @@ def _current_umask() -> int:
 
 
 _FILE_MODE = 0o666 & ~_current_umask()
+# tempfile makes private (0700) folders; a stage folder is shared like one made by mkdir.
+_DIRECTORY_MODE = 0o777 & ~_current_umask()
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -98,19 +100,27 @@ def atomic_save_png(path: str | os.PathLike, image, pnginfo=None, compress_level
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Build a directory in a temporary sibling and swap it in only on success.
 
-    Readers see either the complete old directory or the complete new one;
-    on error the old directory is untouched and the partial one is removed.
+    Readers never see a partial directory: the complete old one, then (for
+    the instant between two renames) none, then the complete new one. On
+    error the old directory is kept, or put back if the swap itself failed,
+    and the partial one is removed.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
     try:
         yield staging
+        os.chmod(staging, _DIRECTORY_MODE)
         retired = None
         if target.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".retired", dir=target.parent))
             os.replace(target, retired / target.name)
-        os.replace(staging, target)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if retired is not None:
+                os.replace(retired / target.name, target)
+            raise
         if retired is not None:
             shutil.rmtree(retired, ignore_errors=True)
     finally:

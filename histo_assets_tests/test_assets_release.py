@@ -1,8 +1,8 @@
 """The dataset_release asset publishing for real, a fresh clone pulling it, and lineage from the pulled copy.
 
 Why this module exists: the other tests stop short of what the demo promises.
-test_pipeline_assets materialises the graph outside any git repository, so
-dataset_release there only builds its folder; test_dvc_release publishes
+test_cli materialises the graph outside any git repository, so
+dataset_release there only builds its folder; test_release publishes
 hand-made images with the core functions; test_lineage traces a release made
 by ``build_release``. Here the real asset publishes the release of a real
 (tiny) pipeline run, and a downstream user's clone gets it back:

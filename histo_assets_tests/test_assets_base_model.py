@@ -8,7 +8,7 @@ from histo_assets.core.layout import BASE_MODEL_ASSET, Layout
 from histo_assets.params import load_params
 from histo_assets.resources import TRAINED_MODEL_FOLDER, BaseModelResource, ObjectStoreResource, ParamsResource
 from histo_assets_tests.conftest import SMALL, THESIS_CLASSES, assets_by_name, tree_hashes, write_params
-from histo_assets_tests.test_ingest_assets import materialize as materialize_ingest
+from histo_assets_tests.test_assets_ingest import materialize as materialize_ingest
 
 QUICK_TRAINING = {
     "vae": {"steps": 4, "batch_size": 4},

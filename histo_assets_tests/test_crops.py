@@ -1,45 +1,31 @@
-"""Square crops and the rudi augmentation recipe, without Dagster."""
+"""core/crops.py: centred crops and tissue tiles, in one process and in worker processes (the same bytes; a bad
+slide leaves nothing behind), without Dagster."""
 
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import tifffile
 import yaml
 from PIL import Image
 
-from histo_assets.core.augment import (
-    AugmentationSettings,
-    CaptionModeError,
-    apply_recipe,
-    augment_class,
-    write_augmented_crops,
-    write_captions,
-)
 from histo_assets.core.crops import CropSettings, TileSettings, crop_class, tissue_mask, write_square_crops
-from histo_assets.core.holdout import SplitSettings
 from histo_assets.core.io import sha256_file, stable_hash
-from histo_assets.core.schemas import HELD_OUT_CROPS
 from histo_assets.core.slides import UnusableClassError
 from histo_assets.params import DEFAULT_PARAMS_FILE, load_params
-from histo_assets.settings import augmentation_recipe, augmentation_settings, crop_settings
-from histo_assets_tests.conftest import tissue_image
+from histo_assets.settings import crop_settings
+from histo_assets_tests.conftest import tissue_image, tree_hashes
 from histo_assets_tests.test_slides import write_pyramid
 
+
 PARAMS = yaml.safe_load(DEFAULT_PARAMS_FILE.read_text())
-RECIPE = augmentation_recipe(load_params(DEFAULT_PARAMS_FILE))
 
 
 def settings(mode: str, resolution: int = 32, policy: str = "skip", **tiles) -> CropSettings:
     """Small limits and Pillow's default PNG compression; tiles as in params.yaml but for the test's changes."""
     tile = TileSettings(**(PARAMS["crops"]["tiles"] | {"tile_size": 64} | tiles)) if mode == "tiles" else None
     return CropSettings(mode, resolution, policy, 10_000_000, 1 << 30, tile, png_compress_level=-1)
-
-
-def augmentation(**changes) -> AugmentationSettings:
-    """params.yaml's augmentation with a test's changes, e.g. total=5."""
-    overrides = [f"augmentation.{key}={value}" for key, value in changes.items()]
-    return augmentation_settings(load_params(DEFAULT_PARAMS_FILE, overrides))
 
 
 def source(tmp_path: Path, name: str, image: Image.Image) -> tuple[str, str]:
@@ -106,55 +92,6 @@ def test_mpp_tiles_need_an_mpp(tmp_path):
     assert records == [] and "no mpp" in problems[0].reason
 
 
-@pytest.fixture
-def crops(tmp_path) -> list[tuple[Path, str]]:
-    folder = tmp_path / "crops"
-    folder.mkdir()
-    out = []
-    for index in range(3):
-        path = folder / f"crop{index}.png"
-        tissue_image((48, 48), seed=index, tissue=1.0).save(path)
-        out.append((path, sha256_file(path)))
-    return out
-
-
-def run_augmentation(crops, out: Path, workers: int, seed: int = 7):
-    return augment_class(crops, out, recipe=RECIPE, total=20, keep_originals=True, seed=seed, workers=workers)
-
-
-def test_augmentation_is_byte_identical_across_runs_and_worker_counts(crops, tmp_path):
-    one = run_augmentation(crops, tmp_path / "one", workers=1)
-    two = run_augmentation(crops, tmp_path / "two", workers=2)
-    assert [(r.file, r.sha256) for r in one] == [(r.file, r.sha256) for r in two]
-    files = sorted(p.name for p in (tmp_path / "one").iterdir())
-    assert files == sorted(p.name for p in (tmp_path / "two").iterdir())
-    assert all(sha256_file(tmp_path / "one" / f) == sha256_file(tmp_path / "two" / f) for f in files)
-    other = run_augmentation(crops, tmp_path / "other", workers=1, seed=8)
-    assert [r.sha256 for r in other] != [r.sha256 for r in one]
-
-
-def test_augmentation_keeps_originals_names_sources_and_leaves_sources_alone(crops, tmp_path):
-    before = sorted(p.name for p in crops[0][0].parent.iterdir())
-    records = run_augmentation(crops, tmp_path / "out", workers=1)
-    assert sorted(p.name for p in crops[0][0].parent.iterdir()) == before
-    frame = pd.DataFrame([r.as_row() for r in records])
-    assert (frame["kind"] == "original").sum() == 3 and (frame["kind"] == "augmented").sum() == 20
-    augmented = frame[frame["kind"] == "augmented"]
-    assert augmented["file"].str.match(r"^aug-\d{5}-crop\d\.png$").all()
-    assert set(augmented["source_crop"]) <= {"crop0.png", "crop1.png", "crop2.png"}
-    known = {"RotateRange", "Distort", "Skew", "Zoom", "Flip"}
-    fired = [op for ops in augmented["operations"] for op in ops.split(",") if op]
-    assert set(fired) <= known and len(fired) > 20
-    assert all(Image.open(tmp_path / "out" / f).size == (48, 48) for f in frame["file"])
-
-
-def test_operations_fire_at_augmentors_rounded_rate():
-    image = tissue_image((32, 32), seed=1, tissue=1.0)
-    fired = [len(apply_recipe(image, RECIPE, seed)[1]) for seed in range(200)]
-    rate = sum(fired) / (200 * 5)
-    assert 0.68 < rate < 0.82
-
-
 def test_crop_settings_read_the_crops_and_ingest_sections():
     crops, ingest = PARAMS["crops"], PARAMS["ingest"]
     settings = crop_settings(load_params(DEFAULT_PARAMS_FILE, ["resolution=64"]))
@@ -183,30 +120,89 @@ def test_a_class_that_gives_no_crop_is_refused_with_its_skipped_files(tmp_path):
     assert [p.path for p in refused.value.problems] == ["small.png"]
 
 
-def test_captions_are_the_class_name_unless_file_names_are_asked_for(tmp_path):
-    write_captions(tmp_path, ["a.png", "b.png"], "fibro_adenoma", "class")
-    assert [p.read_text() for p in sorted(tmp_path.glob("*.txt"))] == ["fibro adenoma\n"] * 2
-    write_captions(tmp_path / "none", ["a.png"], "fibro_adenoma", "filename")
-    assert not (tmp_path / "none").exists()
-    with pytest.raises(CaptionModeError, match="augmentation.captions must be 'class' or 'filename', not 'words'"):
-        write_captions(tmp_path, ["a.png"], "fibro_adenoma", "words")
+TILE = 256
 
 
-def test_augmented_crops_leave_the_held_out_crops_alone(crops, tmp_path):
-    index = pd.DataFrame({"crop_file": [path.name for path, _ in crops], "crop_sha256": [sha for _, sha in crops],
-                          "source_path": [f"slide{i}.png" for i in range(len(crops))],
-                          "x": 0, "y": 0, "size": 48})
-    split = SplitSettings(holdout_fraction=0.3, group_fraction_tolerance=0.5, guard_tiles=1)
-    logs = []
-    summary = write_augmented_crops(tmp_path / "out", crops[0][0].parent, index, split_settings=split,
-                                    groups={source: source for source in index["source_path"]},
-                                    augmentation=augmentation(total=5, workers=1, captions="class"),
-                                    tissue_class="alpha", seed=7, log=logs.append)
-    held_out = pd.read_parquet(tmp_path / "out" / "holdout.parquet")
-    augmented = pd.read_parquet(tmp_path / "out" / "index.parquet")
-    assert tuple(held_out.columns) == HELD_OUT_CROPS.columns and len(held_out) == summary["held_out_crops"] == 1
-    assert not set(held_out["crop_file"]) & set(augmented["source_crop"])
-    assert summary["holdout_rule"] == "group" and summary["train_crops"] == 2 and summary["count"] == len(augmented)
-    assert summary["data_version"] == stable_hash(sorted(zip(augmented["file"], augmented["sha256"])))
-    assert len(list((tmp_path / "out" / "images").glob("*.txt"))) == len(augmented)
-    assert any(line.startswith("alpha: group split") for line in logs)
+def write_deflate_pyramid(path: Path, size: tuple[int, int], seed: int) -> None:
+    """A deflate-compressed three-level pyramid, tiled as scanners write them, so each tile decodes on its own."""
+    base = np.asarray(tissue_image(size, seed=seed))
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(base, tile=(TILE, TILE), subifds=2, compression="zlib", photometric="rgb")
+        for step in (2, 4):
+            tif.write(base[::step, ::step], tile=(TILE, TILE), subfiletype=1, compression="zlib", photometric="rgb")
+
+
+def corrupt_tile(path: Path, level: int, tile: int) -> None:
+    """Overwrite one compressed tile of ``level`` with bytes no deflate decoder accepts."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0] if level == 0 else tif.pages[0].pages[level - 1]
+        offset, count = page.dataoffsets[tile], page.databytecounts[tile]
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(b"\x55" * count)
+
+
+@pytest.fixture
+def sources(tmp_path) -> list[tuple[str, str]]:
+    """A pyramid 2560 px wide (its tissue mask comes from level 1) and a plain PNG."""
+    write_deflate_pyramid(tmp_path / "slide.tiff", (2560, 1536), seed=11)
+    tissue_image((700, 500), seed=12).save(tmp_path / "plain.png")
+    return [(name, sha256_file(tmp_path / name)) for name in ("plain.png", "slide.tiff")]
+
+
+def pyramid_settings(mode: str = "tiles", level: int = 1) -> CropSettings:
+    tiles = TileSettings(tile_size=128, level=0, mpp=None, stride=None, min_tissue_fraction=0.5, max_tiles_per_image=None)
+    return CropSettings(mode, 32, "skip", 10_000_000, 1 << 30, tiles, png_compress_level=level)
+
+
+def cut(sources, root: Path, out: Path, workers: int, crop_settings: CropSettings | None = None):
+    records, problems = crop_class(sources, root, out, crop_settings or pyramid_settings(), workers=workers)
+    return [r.as_row() for r in records], problems
+
+
+@pytest.mark.parametrize("mode", ["tiles", "center"])
+def test_two_workers_write_the_same_files_and_index_as_one(sources, tmp_path, mode):
+    one = cut(sources, tmp_path, tmp_path / "one", workers=1, crop_settings=pyramid_settings(mode))
+    two = cut(sources, tmp_path, tmp_path / "two", workers=2, crop_settings=pyramid_settings(mode))
+    assert one == two and one[1] == []
+    rows = one[0]
+    assert {row["source_path"] for row in rows} == {"plain.png", "slide.tiff"}
+    if mode == "tiles":
+        assert sum(row["source_path"] == "slide.tiff" for row in rows) > 16, "the pyramid is split over several tasks"
+    hashes = tree_hashes(tmp_path / "one")
+    assert hashes == tree_hashes(tmp_path / "two")
+    assert sorted(hashes) == sorted(row["crop_file"] for row in rows)
+    assert all(hashes[row["crop_file"]] == row["crop_sha256"] for row in rows)
+
+
+def test_compress_level_changes_bytes_not_pixels(sources, tmp_path):
+    fast, _ = cut(sources, tmp_path, tmp_path / "fast", workers=1, crop_settings=pyramid_settings(level=1))
+    small, _ = cut(sources, tmp_path, tmp_path / "small", workers=1, crop_settings=pyramid_settings(level=9))
+    assert [r["crop_file"] for r in fast] == [r["crop_file"] for r in small]
+    assert all(a["crop_sha256"] != b["crop_sha256"] for a, b in zip(fast, small))
+    for row in fast:
+        pixels = [np.asarray(Image.open(tmp_path / folder / row["crop_file"])) for folder in ("fast", "small")]
+        assert np.array_equal(*pixels)
+    with pytest.raises(ValueError, match="png_compress_level"):
+        pyramid_settings(level=10)
+
+
+@pytest.mark.parametrize(
+    "level, tile, step",
+    [
+        (0, 5 * 10 + 3, "cutting"),  # last tile row of level 0: the slide's first windows are already written
+        (1, 0, "planning"),  # level 1 is where the tissue mask is read
+    ],
+)
+def test_corrupt_tile_skips_its_slide_with_the_reason_and_no_crop_of_it(sources, tmp_path, level, tile, step):
+    corrupt_tile(tmp_path / "slide.tiff", level, tile)
+    sources = [(rel, sha256_file(tmp_path / rel)) for rel, _ in sources]
+    results = {workers: cut(sources, tmp_path, tmp_path / f"out{workers}", workers) for workers in (1, 2)}
+    assert results[1] == results[2]
+    rows, problems = results[1]
+    ((path, reason),) = [(p.path, p.reason) for p in problems]
+    assert path == "slide.tiff" and "corrupt pyramid: reading" in reason and f"at level {level}" in reason, (step, reason)
+    assert rows and {row["source_path"] for row in rows} == {"plain.png"}
+    for workers in (1, 2):
+        left = sorted(p.name for p in (tmp_path / f"out{workers}").iterdir())
+        assert left == sorted(row["crop_file"] for row in rows), "no crop of the bad slide, no temporary file"
