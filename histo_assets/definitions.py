@@ -2,9 +2,9 @@
 
 Per tissue class:
     slide_inventory -> square_crops -> augmented_crops -> hypernetwork_checkpoints
+    imported_hypernetwork_index -> imported_synthetic_images (hypernetworks a lab brings)
 Across classes, under every checkpoint and image:
     base_model (trained on every class's augmented_crops when base_model.source is trained)
-    imported_hypernetwork_index -> imported_synthetic_images
 Per tissue class x checkpoint step (step 0: the base model without a hypernetwork):
     synthetic_images -> checkpoint_metrics
 Across everything:

@@ -1,5 +1,6 @@
 """Dagster resources: thin, configurable handles on params and compute."""
 
+import copy
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,7 @@ class BaseModelResource(dg.ConfigurableResource):
         base_model asset trained is known by the weights it wrote, since the
         same params on new crops train a different model.
         """
-        section = p["base_model"]
+        section = copy.deepcopy(p["base_model"])  # the caller's to keep: never the live params section
         if section["source"] != TRAINED_SOURCE:
             return section
         return {**section, "weights_sha256": self._trained_sha256(p)}

@@ -125,3 +125,8 @@ def test_a_markdown_table_has_the_frames_columns_and_one_line_per_row_without_th
         "| raw/b.svs | 4096 |  |",
     ])
     assert markdown_table(frame.iloc[:0]) == "| path | width | reader |\n|---|---|---|"
+
+
+def test_a_markdown_table_leaves_missing_values_empty_and_escapes_what_would_break_it():
+    frame = pd.DataFrame({"path": ["a|b.png", "c.png"], "reason": ["bad header\nsecond line", None]})
+    assert markdown_table(frame).splitlines()[2:] == ["| a\\|b.png | bad header<br>second line |", "| c.png |  |"]

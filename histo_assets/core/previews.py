@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -70,9 +71,17 @@ def markdown_png_file(path: Path, alt: str) -> str:
     return _markdown_png(path.read_bytes(), alt)
 
 
+def _cell(value) -> str:
+    """A table cell: empty for a missing value (pandas may hold None as NaN), and a message's own
+    ``|`` or line breaks escaped, so a skipped file's reason cannot break the table."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).replace("|", "\\|").replace("\r\n", "<br>").replace("\n", "<br>")
+
+
 def markdown_table(frame) -> str:
     """A pandas frame as a Markdown table, without the optional tabulate dependency."""
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    header = "| " + " | ".join(map(_cell, frame.columns)) + " |"
     rule = "|" + "---|" * len(frame.columns)
-    rows = ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    rows = ["| " + " | ".join(map(_cell, row)) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *rows])
