@@ -102,6 +102,11 @@ def _printer(label: str) -> Log:
     return lambda line: print(f"{label}: {line}", flush=True)
 
 
+def _upstream_first(defs) -> list:
+    """Every asset key after those it depends on, so a launch names the first stage that changed."""
+    return [key for level in defs.resolve_asset_graph().toposorted_asset_keys_by_level for key in level]
+
+
 def _materialize(args: argparse.Namespace) -> int:
     home = ensure_dagster_home()
     from dagster import DagsterInstance
@@ -145,7 +150,7 @@ def _materialize(args: argparse.Namespace) -> int:
             keys = [None] if set(classes) == set(params.classes) else []
         else:
             keys = [k for k in job.partitions_def.get_partition_keys() if Part.of(k).tissue_class in classes]
-        assets = sorted(asset_key.to_user_string() for asset_key in job.asset_layer.selected_asset_keys)
+        assets = [key.to_user_string() for key in _upstream_first(defs) if key in job.asset_layer.selected_asset_keys]
         pools = _job_pools(job)
         for position, key in enumerate(keys, start=1):
             label = f"{job.name} [{position}/{len(keys)}]" + (f" {key}" if key is not None else "")

@@ -24,6 +24,8 @@ def test_every_asset_materialises_for_every_partition(pipeline):
     log = (pipeline.root / "first_run.log").read_text()
     for work_done in (" from step ", "generating ", "extracted "):  # what a no-change refresh must not log
         assert work_done in log, work_done
+    for tissue_class in CLASSES:  # the first stage of the job that changed, not the first in the alphabet
+        assert f" {tissue_class}: launched because slide_inventory: its inputs, params or code changed" in log
     with pipeline.instance() as instance:
         missing = [(asset, partition) for asset, partition in all_asset_partitions() if latest(instance, asset, partition) is None]
         assert missing == []
