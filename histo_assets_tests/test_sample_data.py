@@ -95,6 +95,17 @@ def test_a_wheel_holding_other_bytes_is_refused_naming_file_wheel_and_pin_and_no
         fetch_sample_data(data_dir, log=lambda line: None)
     message = str(error.value)
     assert IHC.member in message and wheel.name in message and f"expected {IHC.sha256}" in message
+    assert f"delete {wheel}" in message, "a cached wheel is reused, so the message says how to get past it"
+    assert not (data_dir / "raw").exists()
+
+
+def test_a_cached_file_that_is_no_wheel_is_refused_naming_it_and_how_to_fetch_it_again(tmp_path, only_ihc):
+    data_dir = tmp_path / "data"
+    wheel = put_wheel(data_dir, IHC, b"")
+    wheel.write_bytes(b"cut off mid-download")
+    with pytest.raises(SampleDataError, match="is not a usable scikit-image wheel") as error:
+        fetch_sample_data(data_dir, log=lambda line: None)
+    assert str(wheel) in str(error.value) and "delete it" in str(error.value)
     assert not (data_dir / "raw").exists()
 
 
