@@ -1,5 +1,7 @@
 """The Stable Diffusion model under every hypernetwork, as an asset, so lineage shows what the checkpoints stand on."""
 
+from pathlib import Path
+
 import dagster as dg
 import pandas as pd
 
@@ -53,7 +55,7 @@ def build_assets(p: Params) -> list[dg.AssetsDefinition]:
         crops = [stage.layout.augmented_crops(c) for c in p.classes] if _trains_on_crops(p) else []
         object_store.pull(p.data_dir, *crops, log=stage.log)
 
-        def build(out) -> dict:
+        def build(out: Path) -> dict:
             if not crops:
                 return describe_base_model(base_model.load(p))
             base_model.apply_threads()
@@ -70,7 +72,7 @@ def build_assets(p: Params) -> list[dg.AssetsDefinition]:
     return [base_model_asset]
 
 
-def _metadata(summary: dict, out) -> dict:
+def _metadata(summary: dict, out: Path) -> dict:
     """The model's identity and architecture, and for a model trained here its data, loss curve and samples."""
     from histo_assets.core.base_model_training import LOSS_PLOT, SAMPLES_PLOT
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 from histo_assets.core.classifier_utility import BALANCED_ACCURACY, PLOT_FILE, RESULTS_FILE
 from histo_assets.core.classifier_utility import image_sets_hash, utility_inputs, write_candidates
-from histo_assets.core.evaluation import CURVES_FILE, METRICS_TABLE_FILE, checkpoint_row, feature_cache
+from histo_assets.core.evaluation import CURVES_FILE, METRICS_TABLE_FILE, FeatureCache, checkpoint_row, feature_cache
 from histo_assets.core.evaluation import generated_files, grid_file, real_sets, scored_checkpoints, scoring_settings
 from histo_assets.core.evaluation import summarise_rows
 from histo_assets.core.io import stable_hash
@@ -30,7 +30,7 @@ INTERVALS = ("fid_ci_low", "fid_ci_high", "kid_ci_low", "kid_ci_high", "confiden
 SHOWN_UTILITY_COLUMNS = ["candidate", "classifier", "variant", "value", "ci_low", "ci_high", "verdict"]
 
 
-def _cache(p: Params):
+def _cache(p: Params) -> FeatureCache:
     return feature_cache(p["metrics"], Layout(p.data_dir), p.source.parent, p.seed)
 
 
