@@ -1,24 +1,30 @@
-"""dvc.yaml's deps cover every core module each stage runs, so `dvc repro` reruns a stage whose code changed.
+"""dvc.yaml's deps and params cover what each stage's code and fingerprints use, so `dvc repro` reruns a stage
+whose code or params changed.
 
 Each dvc.yaml stage materialises one Dagster job (`--job <name>`). The modules a
 stage runs are the asset modules of that job's assets plus every
 ``histo_assets.core`` module they import, directly or through each other
-(imports inside functions count: torch-heavy modules are imported lazily).
+(imports inside functions count: torch-heavy modules are imported lazily). The
+params a stage depends on are those its assets' fingerprints read, recorded on
+the tiny pipeline's data.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import inspect
+import json
 import os
 import re
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 import yaml
 
-from histo_assets.params import PARAMS_ENV, PROJECT_ROOT, RESOLVED_PARAMS_FILE, load_params
+from histo_assets.params import PARAMS_ENV, PROJECT_ROOT, RESOLVED_PARAMS_FILE, Params, load_params
 
 PACKAGE = "histo_assets"
 SETTINGS = f"{PACKAGE}.settings"
@@ -133,3 +139,113 @@ def test_dvc_repro_follows_the_params_file_chosen_by_the_environment(tmp_path):
     resolved = load_params(tmp_path / RESOLVED_PARAMS_FILE.name)
     assert resolved.values == load_params(lab).values
     assert resolved.classes == ["lab_class_a", "lab_class_b"] and resolved.seed == 11
+
+
+# --- params: every key a stage's fingerprint reads is a param of its dvc.yaml stage --------------------
+
+
+class RecordedSection(Mapping):
+    """A params section that notes the path of every value read from it.
+
+    A section read as a whole (hashed, printed or copied) notes its own path;
+    one read key by key notes each key's.
+    """
+
+    def __init__(self, values: Mapping, path: str, reads: set[str]):
+        self._values, self._path, self._reads = values, path, reads
+
+    def __getitem__(self, key):
+        value, path = self._values[key], f"{self._path}{key}"
+        if isinstance(value, Mapping):
+            return RecordedSection(value, f"{path}.", self._reads)
+        self._reads.add(path)
+        return value
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def _whole(self) -> dict:
+        self._reads.add(self._path.rstrip("."))
+        return copy.deepcopy(dict(self._values))
+
+    def __str__(self) -> str:  # how stable_hash's json.dumps(default=str) meets a section it cannot encode
+        return json.dumps(self._whole(), sort_keys=True, default=str)
+
+    def __deepcopy__(self, memo) -> dict:
+        return self._whole()
+
+
+def fingerprint_reads(params_file: Path) -> dict[str, set[str]]:
+    """Per declared stage, the params paths its fingerprint reads, for the last partition of its asset."""
+    from histo_assets.core.stage import fingerprint
+    from histo_assets.definitions import STAGES, build_definitions
+    from histo_assets.resources import BaseModelResource
+    from histo_assets.stage import Part
+
+    p = load_params(params_file)
+    partitions = {spec.key.to_user_string(): spec.partitions_def
+                  for spec in build_definitions(p).resolve_all_asset_specs()}
+    found = {}
+    for asset, spec in STAGES.items():
+        part = Part.of(None if partitions[asset] is None else partitions[asset].get_partition_keys()[-1])
+        reads: set[str] = set()
+        recorded = Params(RecordedSection(p.values, "", reads), p.source)
+        fingerprint(**spec.fingerprinted(recorded, part, BaseModelResource()))
+        found[asset] = reads
+    return found
+
+
+def uncovered_params(dvc_yaml: dict, reads: dict[str, set[str]], params_values: Mapping) -> dict[str, list[str]]:
+    """Per dvc.yaml stage, the params paths its assets' fingerprints read that its params do not list.
+
+    A path is covered by itself or a listed ancestor; a section read whole
+    also by all of its keys listed one by one. Keys that decide speed, never
+    output (core/stage.py's SPEED_ONLY_SETTINGS), need not be listed.
+    """
+    from histo_assets.core.stage import SPEED_ONLY_SETTINGS
+    from histo_assets.definitions import defs
+
+    uncovered = {}
+    for name, stage in dvc_yaml["stages"].items():
+        job = re.search(r"--job (\S+)", stage["cmd"])
+        if job is None:
+            continue
+        listed = {key for entry in stage.get("params", []) if isinstance(entry, dict) for key in next(iter(entry.values()))}
+        assets = {key.to_user_string() for key in defs.resolve_job_def(job.group(1)).asset_layer.selected_asset_keys}
+
+        def covered(path: str) -> bool:
+            parts = path.split(".")
+            if parts[-1] in SPEED_ONLY_SETTINGS or any(".".join(parts[:i]) in listed for i in range(1, len(parts) + 1)):
+                return True
+            value = params_values
+            for part in parts:
+                value = value[part]
+            return isinstance(value, Mapping) and all(covered(f"{path}.{child}") for child in value)
+
+        missing = sorted({path for asset in assets & reads.keys() for path in reads[asset] if not covered(path)})
+        if missing:
+            uncovered[name] = missing
+    return uncovered
+
+
+@pytest.fixture(scope="module")
+def stage_reads(pipeline) -> tuple[dict[str, set[str]], dict]:
+    return fingerprint_reads(pipeline.params), load_params(pipeline.params).values
+
+
+def test_every_stage_lists_every_param_its_fingerprints_read(dvc_yaml, stage_reads):
+    reads, values = stage_reads
+    assert {"split", "augmentation.total", "seed"} <= reads["augmented_crops"], "the recording sees what is read"
+    assert uncovered_params(dvc_yaml, reads, values) == {}
+
+
+def test_a_dvc_yaml_missing_a_param_is_caught(dvc_yaml, stage_reads):
+    reads, values = stage_reads
+    edited = copy.deepcopy(dvc_yaml)
+    ingest = edited["stages"]["ingest"]
+    ingest["params"] = [{file: [key for key in keys if key != "split"]} for entry in ingest["params"]
+                        for file, keys in entry.items()]
+    assert uncovered_params(edited, reads, values) == {"ingest": ["split", "split.groups_csv"]}
