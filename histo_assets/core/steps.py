@@ -35,7 +35,7 @@ BASELINE_CHECKPOINT = {"file": None, "sha256": None, "training_set": None}
 def checkpoint_at(layout: Layout, tissue_class: str, step: int) -> dict[str, Any]:
     """The checkpoint entry (file, sha256, step) behind a class's step, with its run's name and training set."""
     if step == BASELINE_STEP:
-        return BASELINE_CHECKPOINT
+        return dict(BASELINE_CHECKPOINT)  # the caller's own: never the shared constant
     summary = read_summary(layout.hypernetwork_checkpoints(tissue_class), HypernetworkCheckpointsSummary)
     if summary is None:
         raise MissingCheckpointError(f"class {tissue_class!r}: hypernetwork_checkpoints has not been materialised")
