@@ -58,20 +58,22 @@ pipeline_jobs = [ingest_job, base_model_job, training_job, per_checkpoint_job, s
 raw_slides_sensor, weekly_refresh = build_automation(ingest_job)
 
 
-# Every stage whose reuse can be confirmed before a run is launched (histo_assets/stage.py).
-STAGES = {**ingest.STAGES, **base_model.STAGES, **training.STAGES, **generation.STAGES, **evaluation.STAGES}
+# Every asset, declared once in its module (histo_assets/stage.py builds it for a params object).
+ASSETS = [
+    ingest.slide_inventory, ingest.square_crops, ingest.augmented_crops,
+    base_model.base_model,
+    training.hypernetwork_checkpoints, training.imported_hypernetwork_index,
+    generation.synthetic_images, generation.imported_synthetic_images,
+    evaluation.checkpoint_metrics, evaluation.metrics_summary, evaluation.classifier_utility,
+    release.dataset_release,
+]
+# Every stage whose reuse can be confirmed before a run is launched.
+STAGES = {asset.name: asset.spec for asset in ASSETS if asset.spec is not None}
 
 
 def build_assets(p: Params) -> list[dg.AssetsDefinition]:
     partitions = Partitions.from_params(p)
-    return [
-        *ingest.build_assets(p, partitions),
-        *base_model.build_assets(p),
-        *training.build_assets(p, partitions),
-        *generation.build_assets(p, partitions),
-        *evaluation.build_assets(p, partitions),
-        *release.build_assets(p),
-    ]
+    return [asset.build(p, partitions) for asset in ASSETS]
 
 
 def build_definitions(params: Params, object_store: ObjectStoreResource | None = None, executor=None,

@@ -20,6 +20,7 @@ import yaml
 
 from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.io import atomic_write_text, stable_hash
+from histo_assets.core.steps import evaluated_steps
 
 PARAMS_ENV = "HISTO_ASSETS_PARAMS"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -197,6 +198,11 @@ class Params:
     @property
     def resolution(self) -> int:
         return int(self.values["resolution"])
+
+    @property
+    def steps(self) -> list[int]:
+        """The steps every class is evaluated at: the base model's step 0, then every checkpoint step."""
+        return evaluated_steps(self.values["training"]["checkpoint_steps"])
 
     def section_hash(self, *keys: str) -> str:
         """Fingerprint of the given top-level keys, for cache keys and code versions."""

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from histo_assets.core.steps import evaluated_steps
 from histo_assets.params import Params
 
 with warnings.catch_warnings():
@@ -31,5 +30,5 @@ class Partitions:
     @classmethod
     def from_params(cls, p: Params) -> Partitions:
         tissue_class = dg.StaticPartitionsDefinition(p.classes)
-        step = dg.StaticPartitionsDefinition([str(s) for s in evaluated_steps(p["training"]["checkpoint_steps"])])
+        step = dg.StaticPartitionsDefinition([str(s) for s in p.steps])
         return cls(tissue_class, dg.MultiPartitionsDefinition({"tissue_class": tissue_class, "step": step}))

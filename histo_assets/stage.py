@@ -1,6 +1,9 @@
 """The steps every stage shares, so that an asset only says what is particular to it.
 
-A partition's run is: read params (with the launch's overrides), pull its
+An asset is declared once, with ``stage_asset`` over its recipe: the folders
+it reads, what decides its output, and its Dagster settings. definitions.py
+builds every declaration into a Dagster asset for a params object. A
+partition's run is: read params (with the launch's overrides), pull its
 inputs and its own folder from the object store, fingerprint, build in a
 staging folder or reuse, push, and report metadata and a data version. The
 building itself is a core function; the asset passes it the inputs and
@@ -10,7 +13,7 @@ settings and chooses what the UI shows.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -21,10 +24,11 @@ import pandas as pd
 
 from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.layout import SUMMARY, Layout
-from histo_assets.core.previews import markdown_table
+from histo_assets.core.previews import markdown_png_file, markdown_table
 from histo_assets.core.stage import build_or_reuse, current_summary, fingerprint
 from histo_assets.params import Params
-from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource, params_config_schema
+from histo_assets.partitions import Partitions
+from histo_assets.resources import BaseModelResource, ObjectStoreResource, params_config_schema
 
 # The pool of steps that need the GPU: one at a time (dagster.yaml), so concurrent runs never share it.
 GPU_POOL = "gpu"
@@ -35,9 +39,17 @@ GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": 
 FOLLOW_UPSTREAM = dg.AutomationCondition.eager()
 
 
+def table_value(frame: pd.DataFrame) -> dg.MetadataValue:
+    return dg.MetadataValue.md(markdown_table(frame))
+
+
+def png_value(file: Path, alt: str) -> dg.MetadataValue:
+    return dg.MetadataValue.md(markdown_png_file(file, alt))
+
+
 def skipped_files(problems: list[dict]) -> dg.MetadataValue:
     """The files a stage skipped and why, as the UI shows them."""
-    return dg.MetadataValue.md(markdown_table(pd.DataFrame(problems)) if problems else "No file was skipped.")
+    return table_value(pd.DataFrame(problems)) if problems else dg.MetadataValue.md("No file was skipped.")
 
 
 @contextlib.contextmanager
@@ -73,19 +85,30 @@ class StageSpec:
     """Where a stage writes, which folders it reads and what decides its output.
 
     Declared apart from the asset's body so that a launcher can tell, before
-    starting a Dagster run, that the run would only confirm its reuse.
-    ``inputs`` returns the inputs that decide the output; the build may use
-    them too. The code version is fingerprinted with them, and is the asset's
-    Dagster code version: bump it when a change to the stage's code changes
-    what it writes. ``summary`` is the TypedDict (core/schemas.py) its
+    starting a Dagster run, that the run would only confirm its reuse. The
+    stage writes the Layout folder of its own name; ``reads`` names the Layout
+    folders it reads (a stage across classes reads them for every class and
+    step). ``inputs`` returns the inputs that decide the output; the build may
+    use them too. The code version is fingerprinted with them, and is the
+    asset's Dagster code version: bump it when a change to the stage's code
+    changes what it writes. ``summary`` is the TypedDict (core/schemas.py) its
     summary.json must match.
     """
 
-    output: Callable[[Layout, Part], Path]
-    reads: Callable[[Layout, Part], Iterable[Path]]
+    name: str
+    reads: tuple[str, ...]
     inputs: Callable[[Params, Part, BaseModelResource | None], dict[str, Any]]
     summary: type
     code_version: str
+
+    def output(self, layout: Layout, part: Part) -> Path:
+        return layout.folder(self.name, part.tissue_class, part.step)
+
+    def read_folders(self, p: Params, part: Part) -> list[Path]:
+        parts = [part] if part.tissue_class is not None else [
+            Part(c, step) for c in p.classes for step in p.steps]
+        layout = Layout(p.data_dir)
+        return list(dict.fromkeys(layout.folder(name, at.tissue_class, at.step) for name in self.reads for at in parts))
 
     def fingerprinted(self, p: Params, part: Part, base_model: BaseModelResource | None) -> dict[str, Any]:
         return self.inputs(p, part, base_model) | {"code": self.code_version}
@@ -99,23 +122,79 @@ class StageSpec:
         return current_summary(self.output(Layout(p.data_dir), part), expected, self.summary) is not None
 
 
-def stage_asset(p: Params, spec: StageSpec | None = None, *, on_gpu: bool = False, follows_upstream: bool = True,
-                **asset_args: Any):
-    """``dg.asset`` with what the stages share.
+@dataclass(frozen=True)
+class StageAsset:
+    """An asset declared once: its recipe, its stage (None for an asset that always runs) and its Dagster settings.
 
-    Run config shaped like params, so the launchpad checks overrides before a
-    run exists; the stage's declared code version; eager automation after the
-    upstream, unless the stage reads files a lab drops in (then a sensor or a
-    person starts it); and for GPU work the ``gpu`` pool and the pod's GPU request.
+    Built into a Dagster asset per params object, since the run-config schema,
+    the partitions and (for the base model) the deps come from params. The
+    recipe takes the running Stage; resources come from the run's context.
     """
-    shared: dict[str, Any] = {"config_schema": params_config_schema(p.values)}
-    if spec is not None:
-        shared["code_version"] = spec.code_version
-    if follows_upstream:
-        shared["automation_condition"] = FOLLOW_UPSTREAM
-    if on_gpu:
-        shared |= {"pool": GPU_POOL, "op_tags": GPU_TAGS}
-    return dg.asset(**shared, **asset_args)
+
+    recipe: Callable[[Stage], Any]
+    spec: StageSpec | None
+    partitioned: str | None
+    deps: Sequence | Callable[[Params], Sequence]
+    resources: frozenset[str]
+    on_gpu: bool
+    follows_upstream: bool
+    asset_args: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.asset_args.get("name", self.recipe.__name__)
+
+    def build(self, p: Params, partitions: Partitions) -> dg.AssetsDefinition:
+        """``dg.asset`` with what the stages share.
+
+        Run config shaped like params, so the launchpad checks overrides
+        before a run exists; its module's name as its group, so the UI's groups
+        are the asset modules; the stage's declared code version; eager
+        automation after the upstream, unless the stage reads files a lab drops
+        in (then a sensor or a person starts it); and for GPU work the ``gpu``
+        pool and the pod's GPU request.
+        """
+        shared: dict[str, Any] = {"config_schema": params_config_schema(p.values), "name": self.name,
+                                  "group_name": self.recipe.__module__.rsplit(".", 1)[-1],
+                                  "required_resource_keys": set(self.resources),
+                                  "deps": self.deps(p) if callable(self.deps) else self.deps}
+        if self.partitioned is not None:
+            shared["partitions_def"] = getattr(partitions, self.partitioned)
+        if self.spec is not None:
+            shared["code_version"] = self.spec.code_version
+        if self.follows_upstream:
+            shared["automation_condition"] = FOLLOW_UPSTREAM
+        if self.on_gpu:
+            shared |= {"pool": GPU_POOL, "op_tags": GPU_TAGS}
+        recipe, spec = self.recipe, self.spec
+
+        def compute(context):  # unannotated: this module postpones annotations, which Dagster reads as strings
+            result = recipe(Stage.start(context, spec))
+            yield from result if isinstance(result, Iterator) else [result]
+
+        # The recipe's name, module and docstring: the asset's description, and where tools find its code.
+        compute.__name__, compute.__qualname__ = recipe.__name__, recipe.__qualname__
+        compute.__module__, compute.__doc__ = recipe.__module__, recipe.__doc__
+        return dg.asset(**shared, **{key: value for key, value in self.asset_args.items() if key != "name"})(compute)
+
+
+def stage_asset(*, reads: Iterable[str] = (), inputs: Callable | None = None, summary: type | None = None,
+                code_version: str | None = None, partitioned: str | None = None,
+                deps: Sequence | Callable[[Params], Sequence] = (), resources: Iterable[str] = (),
+                on_gpu: bool = False, follows_upstream: bool = True, **asset_args: Any):
+    """Declare an asset by its recipe: with ``inputs``, a stage whose unchanged output is reused.
+
+    ``partitioned`` names a field of Partitions; ``resources`` are those the
+    recipe uses besides params and the object store (a stage using the base
+    model runs torch, so its thread count is set before it starts).
+    """
+    def declare(recipe: Callable[[Stage], Any]) -> StageAsset:
+        name = asset_args.get("name", recipe.__name__)
+        spec = None if inputs is None else StageSpec(name, tuple(reads), inputs, summary, code_version)
+        return StageAsset(recipe, spec, partitioned, deps, frozenset({"params", "object_store", *resources}), on_gpu,
+                          follows_upstream, asset_args)
+
+    return declare
 
 
 def launch_reason(instance: dg.DagsterInstance, stages: dict[str, StageSpec], assets: Iterable[str], p: Params,
@@ -150,25 +229,32 @@ def launch_reason(instance: dg.DagsterInstance, stages: dict[str, StageSpec], as
 
 @dataclass
 class Stage:
-    """One partition of one stage while it runs."""
+    """One partition of one asset while it runs."""
 
     context: dg.AssetExecutionContext
     params: Params
-    object_store: ObjectStoreResource
-    spec: StageSpec
+    spec: StageSpec | None
     part: Part
-    base_model: BaseModelResource | None
     reused: bool = field(default=False, init=False)
 
     @classmethod
-    def start(cls, context: dg.AssetExecutionContext, params: ParamsResource, object_store: ObjectStoreResource,
-              spec: StageSpec, base_model: BaseModelResource | None = None) -> Stage:
+    def start(cls, context: dg.AssetExecutionContext, spec: StageSpec | None) -> Stage:
         """Read params with the launch's overrides, and pull the folders the stage reads and its previous output."""
-        p = params.load_for(context)
-        stage = cls(context, p, object_store, spec, Part.of(context.partition_key if context.has_partition_key else None),
-                    base_model)
-        object_store.pull(p.data_dir, *spec.reads(stage.layout, stage.part), stage.out, log=stage.log)
+        p = context.resources.params.load_for(context)
+        stage = cls(context, p, spec, Part.of(context.partition_key if context.has_partition_key else None))
+        if stage.base_model is not None:
+            stage.base_model.apply_threads()
+        if spec is not None:
+            stage.object_store.pull(p.data_dir, *spec.read_folders(p, stage.part), stage.out, log=stage.log)
         return stage
+
+    @property
+    def object_store(self) -> ObjectStoreResource:
+        return self.context.resources.object_store
+
+    @property
+    def base_model(self) -> BaseModelResource | None:
+        return getattr(self.context.resources, "base_model", None)
 
     @property
     def layout(self) -> Layout:

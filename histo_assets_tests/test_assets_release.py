@@ -50,7 +50,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from histo_assets.assets.release import PIPELINE_AUTHOR
+from histo_assets.core.release import PIPELINE_AUTHOR
 from histo_assets.core.evaluation import SMALL_REFERENCE, TABLE_COLUMNS
 from histo_assets.core.io import sha256_file
 from histo_assets.core.release import CARD, DATASET_HEADING, content_hash

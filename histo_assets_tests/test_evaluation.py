@@ -39,8 +39,10 @@ from histo_assets.core.evaluation import (
     metrics_notes,
     metrics_table,
     overlapping_steps,
+    UnscoredCheckpointError,
     real_sets,
     score_checkpoint,
+    scored_checkpoints,
     scoring_settings,
     write_metrics_summary,
 )
@@ -270,3 +272,9 @@ def test_naming_a_cached_set_never_loads_the_extractor_and_the_weights_are_hashe
     monkeypatch.setattr(features_module, "sha256_file", lambda path: hashed.append(path) or "0" * 64)
     first, second = (features_module.extractor_info(str(weights), seed=0) for _ in range(2))
     assert first == second and first.weights_sha256 == "0" * 64 and len(hashed) == 1
+
+
+def test_the_scored_checkpoints_are_refused_naming_every_one_not_yet_scored(tmp_path):
+    layout = Layout(tmp_path)
+    with pytest.raises(UnscoredCheckpointError, match="missing for a step 0, a step 100, b step 0, b step 100; materialise"):
+        scored_checkpoints(layout, ["a", "b"], [0, 100])

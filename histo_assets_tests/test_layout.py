@@ -59,6 +59,18 @@ def layout(tmp_path) -> Layout:
     return Layout(tmp_path / "data")
 
 
+def test_a_folder_is_found_by_its_name_for_the_class_and_step_it_is_kept_per(layout):
+    for name, path in class_folders(layout, "tumour").items():
+        name, _, step = name.partition("/")
+        if name == "imported_hypernetworks":
+            name = "imported_hypernetworks_inbox"
+        assert layout.folder(name, "tumour", int(step) if step else None) == path, name
+    assert layout.folder("augmented_crops", "tumour", 100) == layout.augmented_crops("tumour"), "a step it is not kept per"
+    assert layout.folder("metrics_summary") == layout.metrics_summary
+    with pytest.raises(AttributeError):
+        layout.folder("no_such_folder", "tumour")
+
+
 def test_every_folder_is_inside_the_data_dir(layout):
     for name, path in all_folders(layout).items():
         assert path.is_relative_to(layout.data_dir) and path != layout.data_dir, name

@@ -18,6 +18,7 @@ def test_project_params_hold_the_thesis_defaults():
     aug = p["augmentation"]
     assert (aug["total"], aug["probability"], aug["rotate"]["max_left_rotation"], aug["zoom"]["max_factor"]) == (125, 0.7, 15, 1.2)
     assert p["training"]["max_steps"] == 40000 and p["training"]["checkpoint_steps"][0] == 5000
+    assert p.steps == [0, 5000, 10000, 15000, 20000, 25000, 30000, 35000, 40000], "the base model, then each checkpoint"
     assert (p["generation"]["steps"], p["generation"]["cfg_scale"], p["generation"]["sampler"]) == (20, 7.0, "euler")
     assert p.data_dir == (DEFAULT_PARAMS_FILE.parent / "data").resolve()
 

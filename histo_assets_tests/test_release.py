@@ -167,6 +167,11 @@ def test_selected_steps_follow_release_checkpoints() -> None:
         selected_steps([100, 300], trained, classes, metrics, utility)
 
 
+def test_no_steps_are_selected_before_the_metrics_summary_exists() -> None:
+    with pytest.raises(ReleaseSelectionError, match="metrics_summary has not been materialised"):
+        selected_steps("all", [100], ["a"], None, None)
+
+
 def test_release_repo_url_and_local_remote(tmp_path: Path) -> None:
     section = {"repo_url": "", "git_remote": ""}
     assert release_repo_url({**section, "repo_url": "https://example.invalid/lab.git"}, tmp_path) == (

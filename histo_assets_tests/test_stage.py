@@ -4,10 +4,13 @@ import os
 
 import dagster as dg
 
-from histo_assets.stage import launch_reason
+from histo_assets.assets import evaluation, ingest
+from histo_assets.core.layout import Layout
 from histo_assets.core.stage import read_summary
 from histo_assets.definitions import STAGES
-from histo_assets.params import load_params
+from histo_assets.params import DEFAULT_PARAMS_FILE, load_params
+from histo_assets.partitions import Partitions
+from histo_assets.stage import Part, launch_reason
 from histo_assets.resources import BaseModelResource
 from histo_assets_tests.conftest import THESIS_CLASSES
 from histo_assets_tests.test_assets_ingest import ASSETS, materialize
@@ -70,3 +73,31 @@ def test_a_partition_whose_last_run_failed_is_relaunched(small_params, small_dat
         assert not materialize(small_params, FIRST, recorded, ["checks.min_square_crops=1000"]).success
         assert reason(recorded, small_params, FIRST, ["checks.min_square_crops=1000"]) == \
             "slide_inventory: its last run did not succeed"
+
+
+def test_a_stage_writes_its_own_folder_and_reads_the_named_ones_for_its_partition_or_for_every_class_and_step():
+    p = load_params(DEFAULT_PARAMS_FILE)
+    at, part = Layout(p.data_dir), Part(p.classes[0], p.steps[1])
+    metrics = STAGES["checkpoint_metrics"]
+    assert metrics.output(at, part) == at.checkpoint_metrics(part.tissue_class, part.step)
+    assert metrics.read_folders(p, part) == [at.synthetic_images(part.tissue_class, part.step),
+                                             at.augmented_crops(part.tissue_class), at.square_crops(part.tissue_class)]
+    across = STAGES["metrics_summary"].read_folders(p, Part())
+    expected = {folder for c in p.classes for folder in (at.square_crops(c), at.augmented_crops(c))} | {
+        folder for c in p.classes for step in p.steps for folder in (at.synthetic_images(c, step), at.checkpoint_metrics(c, step))}
+    assert len(across) == len(expected) and set(across) == expected, "each folder once"
+
+
+def test_an_asset_is_built_from_its_declaration():
+    p = load_params(DEFAULT_PARAMS_FILE)
+    partitions = Partitions.from_params(p)
+    crops = ingest.square_crops.build(p, partitions)
+    spec = crops.specs_by_key[dg.AssetKey("square_crops")]
+    assert (spec.group_name, spec.code_version) == ("ingest", ingest.square_crops.spec.code_version)
+    assert spec.description.split() == ingest.square_crops.recipe.__doc__.split()
+    assert crops.partitions_def == partitions.tissue_class
+    assert crops.required_resource_keys - {"io_manager"} == {"params", "object_store"}
+    utility = evaluation.classifier_utility.build(p, partitions)
+    assert utility.partitions_def is None
+    assert utility.required_resource_keys - {"io_manager"} == {"params", "object_store", "base_model"}
+    assert utility.node_def.compute_fn.decorated_fn.__module__ == "histo_assets.assets.evaluation", "where its code is"

@@ -6,19 +6,12 @@ import dagster as dg
 import pandas as pd
 
 from histo_assets.core.layout import BASE_MODEL_ASSET, IMAGES, Layout
-from histo_assets.core.previews import markdown_png_file, markdown_table
 from histo_assets.core.schemas import AugmentedCropsSummary, BaseModelSummary
 from histo_assets.core.stage import read_summary
 from histo_assets.params import Params
-from histo_assets.resources import TRAINED_MODEL_FOLDER, TRAINED_SOURCE, BaseModelResource, ObjectStoreResource
-from histo_assets.resources import ParamsResource, trained_model_dir
+from histo_assets.resources import TRAINED_MODEL_FOLDER, TRAINED_SOURCE, trained_model_dir
 from histo_assets.settings import base_model_training_settings, generation_settings
-from histo_assets.stage import Part, Stage, StageSpec, stage_asset
-
-# core.base_model, core.base_model_training and core.sampling import diffusers, so asset bodies import them
-# when a run needs them: loading and unloading diffusers takes seconds that every CLI start and UI reload
-# would otherwise pay.
-GROUP = "base_model"
+from histo_assets.stage import Part, Stage, png_value, stage_asset, table_value
 
 
 def _trains_on_crops(p: Params) -> bool:
@@ -32,44 +25,34 @@ def _base_model_inputs(p: Params, _part: Part, _base_model) -> dict:
     return dict(base_model=p["base_model"], training_set=training_set, resolution=p.resolution, seed=p.seed)
 
 
-# The crops it may train on depend on params' classes, so the asset pulls them itself.
-STAGES = {BASE_MODEL_ASSET: StageSpec(lambda at, _part: at.base_model, lambda _at, _part: [], _base_model_inputs,
-                                      BaseModelSummary, code_version="1")}
+# Only a model trained here has inputs in this graph (it pulls them itself); a file or folder from elsewhere has none.
+@stage_asset(inputs=_base_model_inputs, summary=BaseModelSummary, code_version="1", name=BASE_MODEL_ASSET,
+             deps=lambda p: ["augmented_crops"] if _trains_on_crops(p) else [], resources=["base_model"], on_gpu=True,
+             kinds={"diffusers", "safetensors"})
+def base_model(stage: Stage):
+    """The Stable Diffusion model every hypernetwork is trained on and every image generated from. single_file
+    and diffusers: the configured weights, verified against base_model.sha256 and described (name, hash,
+    architecture, attention widths). trained: a small Stable-Diffusion-architecture model trained here on the
+    training share of every class's crops (never the held-out ones), with one class-agnostic prompt."""
+    from histo_assets.core.base_model import describe_base_model
+    from histo_assets.core.base_model_training import train_from_crops, training_summary
 
+    p, section, resource = stage.params, stage.params["base_model"], stage.base_model
+    crops = [stage.layout.augmented_crops(c) for c in p.classes] if _trains_on_crops(p) else []
+    stage.object_store.pull(p.data_dir, *crops, log=stage.log)
 
-def build_assets(p: Params) -> list[dg.AssetsDefinition]:
-    # Only a model trained here has inputs in this graph; a file or folder from elsewhere has none to show.
-    @stage_asset(p, STAGES[BASE_MODEL_ASSET], on_gpu=True, name=BASE_MODEL_ASSET, group_name=GROUP,
-                 deps=["augmented_crops"] if _trains_on_crops(p) else [], kinds={"diffusers", "safetensors"})
-    def base_model_asset(context: dg.AssetExecutionContext, params: ParamsResource, base_model: BaseModelResource,
-                         object_store: ObjectStoreResource):
-        """The Stable Diffusion model every hypernetwork is trained on and every image generated from. single_file
-        and diffusers: the configured weights, verified against base_model.sha256 and described (name, hash,
-        architecture, attention widths). trained: a small Stable-Diffusion-architecture model trained here on the
-        training share of every class's crops (never the held-out ones), with one class-agnostic prompt."""
-        from histo_assets.core.base_model import describe_base_model
-        from histo_assets.core.base_model_training import train_from_crops, training_summary
+    def build(out: Path) -> dict:
+        if not crops:
+            return describe_base_model(resource.load(p))
+        result = train_from_crops(out, [folder / IMAGES for folder in crops], base_model_training_settings(p),
+                                  model_folder=TRAINED_MODEL_FOLDER, resolution=p.resolution, master_seed=p.seed,
+                                  log=stage.log, preview=generation_settings(p))
+        model = resource.load_folder(trained_model_dir(p), result.sha256, section["name"])
+        made = training_summary(result, p.classes, section["training"]["prompt"], stage.inputs["training_set"])
+        return describe_base_model(model) | {"source": TRAINED_SOURCE, **made}
 
-        stage = Stage.start(context, params, object_store, STAGES[BASE_MODEL_ASSET])
-        p, section = stage.params, stage.params["base_model"]
-        crops = [stage.layout.augmented_crops(c) for c in p.classes] if _trains_on_crops(p) else []
-        object_store.pull(p.data_dir, *crops, log=stage.log)
-
-        def build(out: Path) -> dict:
-            if not crops:
-                return describe_base_model(base_model.load(p))
-            base_model.apply_threads()
-            result = train_from_crops(out, [folder / IMAGES for folder in crops], base_model_training_settings(p),
-                                      model_folder=TRAINED_MODEL_FOLDER, resolution=p.resolution, master_seed=p.seed,
-                                      log=stage.log, preview=generation_settings(p))
-            model = base_model.load_folder(trained_model_dir(p), result.sha256, section["name"])
-            made = training_summary(result, p.classes, section["training"]["prompt"], stage.inputs["training_set"])
-            return describe_base_model(model) | {"source": TRAINED_SOURCE, **made}
-
-        summary = stage.build_or_reuse(build, in_place=True)
-        return stage.result(summary["sha256"], _metadata(summary, stage.out))
-
-    return [base_model_asset]
+    summary = stage.build_or_reuse(build, in_place=True)
+    return stage.result(summary["sha256"], _metadata(summary, stage.out))
 
 
 def _metadata(summary: dict, out: Path) -> dict:
@@ -78,14 +61,14 @@ def _metadata(summary: dict, out: Path) -> dict:
 
     trained = {
         "training_set": dg.MetadataValue.json(summary["training_set"]),
-        "loss_curve": dg.MetadataValue.md(markdown_png_file(out / LOSS_PLOT, "base model training loss")),
-        "samples": dg.MetadataValue.md(markdown_png_file(out / SAMPLES_PLOT, "real crops above generated ones")),
+        "loss_curve": png_value(out / LOSS_PLOT, "base model training loss"),
+        "samples": png_value(out / SAMPLES_PLOT, "real crops above generated ones"),
     } if summary["source"] == TRAINED_SOURCE else {}
     return {
         **trained,
         **{key: summary[key] for key in ("name", "source", "sha256")},
         "model_hash": dg.MetadataValue.text(summary["short_hash"]),
         "attention_context_widths": str(summary["architecture"]["attention_context_widths"]),
-        "architecture": dg.MetadataValue.md(markdown_table(pd.DataFrame(
-            [{"fact": key, "value": str(value)} for key, value in summary["architecture"].items()]))),
+        "architecture": table_value(pd.DataFrame(
+            [{"fact": key, "value": str(value)} for key, value in summary["architecture"].items()])),
     }

@@ -10,29 +10,75 @@ from histo_assets.core.augment import CaptionModeError, write_augmented_crops
 from histo_assets.core.crops import write_square_crops
 from histo_assets.core.holdout import BY_SOURCE_COLUMNS
 from histo_assets.core.layout import IMAGES, INDEX, INVENTORY, PREVIEW, Layout
-from histo_assets.core.previews import markdown_png_file, markdown_table
 from histo_assets.core.schemas import CROP_INDEX, SLIDE_INVENTORY
 from histo_assets.core.schemas import AugmentedCropsSummary, SlideInventorySummary, SquareCropsSummary
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.slides import UnusableClassError, unknown_class_folders, write_inventory
 from histo_assets.core.stage import file_stats, output_settings
 from histo_assets.params import Params
-from histo_assets.partitions import Partitions
-from histo_assets.resources import ObjectStoreResource, ParamsResource
 from histo_assets.settings import augmentation_settings, crop_settings, holdout_groups, ingest_settings, split_settings
-from histo_assets.stage import Part, Stage, StageSpec, refusals_as_failures, skipped_files, stage_asset
+from histo_assets.stage import Part, Stage, png_value, refusals_as_failures, skipped_files, stage_asset, table_value
 
-GROUP = "ingest"
+
+
+def _crops_metadata(folder: Path, summary: dict) -> dict:
+    """What the UI shows of a crop folder, the same whether the stage ran or was reused."""
+    metadata = {"images": summary["count"], "skipped": skipped_files(summary.get("problems", [])),
+                "fingerprint": summary["fingerprint"][:16]}
+    if (folder / PREVIEW).is_file():
+        metadata["preview"] = png_value(folder / PREVIEW, folder.name)
+    return metadata
 
 
 def _slide_inventory_inputs(p: Params, part: Part, _base_model) -> dict:
     return dict(files=file_stats(Layout(p.data_dir).raw(part.tissue_class)), ingest=p["ingest"])
 
 
+@stage_asset(reads=["raw"], inputs=_slide_inventory_inputs, summary=SlideInventorySummary, code_version="1",
+             partitioned="tissue_class", follows_upstream=False, kinds={"python", "parquet"})
+def slide_inventory(stage: Stage):
+    """Inventory of the raw slide files of one tissue class (data/raw/<class>/): sha256, bytes, dimensions, pyramid
+    levels and microns-per-pixel. Unusable files are skipped with a reason; the data version is the hash of the
+    content hashes, so unchanged classes are not recomputed downstream."""
+    warn, raw_root = stage.context.log.warning, stage.layout.raw_root
+    unknown = unknown_class_folders(raw_root, stage.params.classes)
+    if unknown:
+        warn(f"class folder(s) under {raw_root} not in params 'classes', ignored: {', '.join(unknown)}")
+    with refusals_as_failures(UnusableClassError, CaptionModeError):
+        summary = stage.build_or_reuse(lambda staging: write_inventory(
+            staging, stage.layout.raw(stage.part.tissue_class), stage.params.data_dir, ingest_settings(stage.params),
+            tissue_class=stage.part.tissue_class, warn=warn))
+    inventory = SLIDE_INVENTORY.read(stage.out / INVENTORY)
+    return stage.result(summary["data_version"], {
+        "path": dg.MetadataValue.path(str(stage.out / INVENTORY)),
+        "slides": summary["count"],
+        "total_bytes": int(inventory["bytes"].sum()),
+        "inventory": table_value(inventory[["path", "width", "height", "levels", "mpp", "reader"]]),
+        "skipped": skipped_files(summary["problems"]),
+        "unknown_class_folders": ", ".join(unknown) or "none",
+    })
+
+
 def _square_crops_inputs(p: Params, part: Part, _base_model) -> dict:
     inventory = SLIDE_INVENTORY.read(Layout(p.data_dir).slide_inventory(part.tissue_class) / INVENTORY)
     return dict(sources=sorted(zip(inventory["path"], inventory["sha256"])), crops=output_settings(p["crops"]),
                 ingest=p["ingest"], resolution=p.resolution)
+
+
+@stage_asset(reads=["raw", "slide_inventory"], inputs=_square_crops_inputs, summary=SquareCropsSummary,
+             code_version="2", partitioned="tissue_class", deps=["slide_inventory"],
+             kinds={"python", "png", "parquet"}, check_specs=image_check_specs("square_crops"))
+def square_crops(stage: Stage):
+    """Square crops of one class at the training resolution: one centred crop per image (mode 'center', the thesis
+    way) or a tissue-masked grid of tiles at a chosen level or mpp (mode 'tiles'). Names encode the source hash,
+    level and level-0 coordinates; index.parquet records provenance."""
+    p = stage.params
+    with refusals_as_failures(UnusableClassError, CaptionModeError):
+        summary = stage.build_or_reuse(lambda staging: write_square_crops(
+            staging, stage.inputs["sources"], p.data_dir, crop_settings(p), tissue_class=stage.part.tissue_class,
+            workers=int(p["crops"]["workers"]), log=stage.log, warn=stage.context.log.warning))
+    yield stage.result(summary["data_version"], _crops_metadata(stage.out, summary) | {"mode": p["crops"]["mode"]})
+    yield from image_check_results("square_crops", stage.out / IMAGES, p.resolution, int(p["checks"]["min_square_crops"]))
 
 
 def _augmented_crops_inputs(p: Params, part: Part, _base_model) -> dict:
@@ -43,109 +89,31 @@ def _augmented_crops_inputs(p: Params, part: Part, _base_model) -> dict:
                 seed=derive_seed(p.seed, "augmented_crops", part.tissue_class))
 
 
-STAGES = {
-    "slide_inventory": StageSpec(lambda at, part: at.slide_inventory(part.tissue_class),
-                                 lambda at, part: [at.raw(part.tissue_class)], _slide_inventory_inputs,
-                                 SlideInventorySummary, code_version="1"),
-    "square_crops": StageSpec(lambda at, part: at.square_crops(part.tissue_class),
-                              lambda at, part: [at.raw(part.tissue_class), at.slide_inventory(part.tissue_class)],
-                              _square_crops_inputs, SquareCropsSummary, code_version="2"),
-    "augmented_crops": StageSpec(lambda at, part: at.augmented_crops(part.tissue_class),
-                                 lambda at, part: [at.square_crops(part.tissue_class)], _augmented_crops_inputs,
-                                 AugmentedCropsSummary, code_version="3"),
-}
+@stage_asset(reads=["square_crops"], inputs=_augmented_crops_inputs, summary=AugmentedCropsSummary, code_version="3",
+             partitioned="tissue_class", deps=["square_crops"], kinds={"python", "png", "parquet"},
+             check_specs=image_check_specs("augmented_crops"))
+def augmented_crops(stage: Stage):
+    """The thesis's rudi/Augmentor recipe (rotate +-15, distortion grid 8 magnitude 5, skew 0.7, zoom 1-1.2, flip;
+    p 0.7) applied to the training share of the square crops, with the originals kept alongside. Held-out crops
+    (holdout.parquet) are never augmented or trained on: they are the metric reference set, chosen by source slide
+    (or the lab's groups), or where a class has too few, from a band of a slide with a guard band of tiles dropped
+    from training; the rule is recorded. Deterministic for a seed, stable names, index.parquet maps outputs to
+    sources and operations."""
+    p, crops = stage.params, stage.layout.square_crops(stage.part.tissue_class)
 
+    def build(staging: Path) -> dict:
+        index = CROP_INDEX.read(crops / INDEX)
+        return write_augmented_crops(
+            staging, crops / IMAGES, index, split_settings=split_settings(p), augmentation=augmentation_settings(p),
+            groups=holdout_groups(p, index["source_path"]), tissue_class=stage.part.tissue_class,
+            seed=stage.inputs["seed"], log=stage.log, warn=stage.context.log.warning)
 
-def _crops_metadata(folder: Path, summary: dict) -> dict:
-    """What the UI shows of a crop folder, the same whether the stage ran or was reused."""
-    metadata = {"images": summary["count"], "skipped": skipped_files(summary.get("problems", [])),
-                "fingerprint": summary["fingerprint"][:16]}
-    if (folder / PREVIEW).is_file():
-        metadata["preview"] = dg.MetadataValue.md(markdown_png_file(folder / PREVIEW, folder.name))
-    return metadata
-
-
-def _slide_inventory(p: Params, partitions: Partitions) -> dg.AssetsDefinition:
-    @stage_asset(p, STAGES["slide_inventory"], follows_upstream=False, partitions_def=partitions.tissue_class,
-                 group_name=GROUP, kinds={"python", "parquet"})
-    def slide_inventory(context: dg.AssetExecutionContext, params: ParamsResource, object_store: ObjectStoreResource):
-        """Inventory of the raw slide files of one tissue class (data/raw/<class>/): sha256, bytes, dimensions, pyramid
-        levels and microns-per-pixel. Unusable files are skipped with a reason; the data version is the hash of the
-        content hashes, so unchanged classes are not recomputed downstream."""
-        stage = Stage.start(context, params, object_store, STAGES["slide_inventory"])
-        unknown = unknown_class_folders(stage.layout.raw_root, stage.params.classes)
-        if unknown:
-            context.log.warning(f"class folder(s) under {stage.layout.raw_root} not in params 'classes', ignored: "
-                                f"{', '.join(unknown)}")
-        with refusals_as_failures(UnusableClassError, CaptionModeError):
-            summary = stage.build_or_reuse(lambda staging: write_inventory(
-                staging, stage.layout.raw(stage.part.tissue_class), stage.params.data_dir, ingest_settings(stage.params),
-                tissue_class=stage.part.tissue_class, warn=context.log.warning))
-        inventory = SLIDE_INVENTORY.read(stage.out / INVENTORY)
-        return stage.result(summary["data_version"], {
-            "path": dg.MetadataValue.path(str(stage.out / INVENTORY)),
-            "slides": summary["count"],
-            "total_bytes": int(inventory["bytes"].sum()),
-            "inventory": dg.MetadataValue.md(markdown_table(inventory[["path", "width", "height", "levels", "mpp", "reader"]])),
-            "skipped": skipped_files(summary["problems"]),
-            "unknown_class_folders": ", ".join(unknown) or "none",
-        })
-
-    return slide_inventory
-
-
-def _square_crops(p: Params, partitions: Partitions) -> dg.AssetsDefinition:
-    @stage_asset(p, STAGES["square_crops"], partitions_def=partitions.tissue_class, group_name=GROUP,
-                 deps=["slide_inventory"], kinds={"python", "png", "parquet"}, check_specs=image_check_specs("square_crops"))
-    def square_crops(context: dg.AssetExecutionContext, params: ParamsResource, object_store: ObjectStoreResource):
-        """Square crops of one class at the training resolution: one centred crop per image (mode 'center', the thesis
-        way) or a tissue-masked grid of tiles at a chosen level or mpp (mode 'tiles'). Names encode the source hash,
-        level and level-0 coordinates; index.parquet records provenance."""
-        stage = Stage.start(context, params, object_store, STAGES["square_crops"])
-        p = stage.params
-        with refusals_as_failures(UnusableClassError, CaptionModeError):
-            summary = stage.build_or_reuse(lambda staging: write_square_crops(
-                staging, stage.inputs["sources"], p.data_dir, crop_settings(p), tissue_class=stage.part.tissue_class,
-                workers=int(p["crops"]["workers"]), log=stage.log, warn=context.log.warning))
-        yield stage.result(summary["data_version"], _crops_metadata(stage.out, summary) | {"mode": p["crops"]["mode"]})
-        yield from image_check_results("square_crops", stage.out / IMAGES, p.resolution, int(p["checks"]["min_square_crops"]))
-
-    return square_crops
-
-
-def _augmented_crops(p: Params, partitions: Partitions) -> dg.AssetsDefinition:
-    @stage_asset(p, STAGES["augmented_crops"], partitions_def=partitions.tissue_class, group_name=GROUP,
-                 deps=["square_crops"], kinds={"python", "png", "parquet"}, check_specs=image_check_specs("augmented_crops"))
-    def augmented_crops(context: dg.AssetExecutionContext, params: ParamsResource, object_store: ObjectStoreResource):
-        """The thesis's rudi/Augmentor recipe (rotate +-15, distortion grid 8 magnitude 5, skew 0.7, zoom 1-1.2, flip;
-        p 0.7) applied to the training share of the square crops, with the originals kept alongside. Held-out crops
-        (holdout.parquet) are never augmented or trained on: they are the metric reference set, chosen by source slide
-        (or the lab's groups), or where a class has too few, from a band of a slide with a guard band of tiles dropped
-        from training; the rule is recorded. Deterministic for a seed, stable names, index.parquet maps outputs to
-        sources and operations."""
-        stage = Stage.start(context, params, object_store, STAGES["augmented_crops"])
-        p, crops = stage.params, stage.layout.square_crops(stage.part.tissue_class)
-
-        def build(staging: Path) -> dict:
-            index = CROP_INDEX.read(crops / INDEX)
-            return write_augmented_crops(
-                staging, crops / IMAGES, index, split_settings=split_settings(p), augmentation=augmentation_settings(p),
-                groups=holdout_groups(p, index["source_path"]), tissue_class=stage.part.tissue_class,
-                seed=stage.inputs["seed"], log=stage.log, warn=context.log.warning)
-
-        with refusals_as_failures(UnusableClassError, CaptionModeError):
-            summary = stage.build_or_reuse(build)
-        yield stage.result(summary["data_version"], _crops_metadata(stage.out, summary) | {
-            **{key: summary[key] for key in ("train_crops", "held_out_crops", "holdout_rule", "holdout_reason")},
-            "guard_crops": len(summary["guard_crops"]),
-            "holdout_by_source": dg.MetadataValue.md(
-                markdown_table(pd.DataFrame(summary["holdout_by_source"], columns=list(BY_SOURCE_COLUMNS)))),
-        })
-        yield from image_check_results("augmented_crops", stage.out / IMAGES, p.resolution,
-                                       int(p["checks"]["min_augmented_crops"]))
-
-    return augmented_crops
-
-
-def build_assets(p: Params, partitions: Partitions) -> list[dg.AssetsDefinition]:
-    return [_slide_inventory(p, partitions), _square_crops(p, partitions), _augmented_crops(p, partitions)]
+    with refusals_as_failures(UnusableClassError, CaptionModeError):
+        summary = stage.build_or_reuse(build)
+    yield stage.result(summary["data_version"], _crops_metadata(stage.out, summary) | {
+        **{key: summary[key] for key in ("train_crops", "held_out_crops", "holdout_rule", "holdout_reason")},
+        "guard_crops": len(summary["guard_crops"]),
+        "holdout_by_source": table_value(pd.DataFrame(summary["holdout_by_source"], columns=list(BY_SOURCE_COLUMNS))),
+    })
+    yield from image_check_results("augmented_crops", stage.out / IMAGES, p.resolution,
+                                   int(p["checks"]["min_augmented_crops"]))

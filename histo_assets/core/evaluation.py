@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.features import (
     FeatureExtractorInfo,
     ImageFeatureExtractor,
@@ -595,11 +596,19 @@ def baseline_notes(verdicts: Mapping[str, dict], metric_name: str) -> str:
 # ---- the summary across classes and checkpoints ---------------------------------------------
 
 
+class UnscoredCheckpointError(HistoAssetsError):
+    """A summary across checkpoints was asked for before every checkpoint was scored."""
+
+
 def scored_checkpoints(layout: Layout, classes: Sequence[str],
-                       steps: Sequence[int]) -> dict[tuple[str, int], CheckpointMetricsSummary | None]:
-    """Every class's and step's checkpoint_metrics summary; None where that checkpoint was never scored."""
-    return {(c, step): read_summary(layout.checkpoint_metrics(c, step), CheckpointMetricsSummary)
-            for c in classes for step in steps}
+                       steps: Sequence[int]) -> dict[tuple[str, int], CheckpointMetricsSummary]:
+    """Every class's and step's checkpoint_metrics summary; refused, naming them, while any is missing."""
+    found = {(c, step): read_summary(layout.checkpoint_metrics(c, step), CheckpointMetricsSummary)
+             for c in classes for step in steps}
+    missing = [f"{c} step {step}" for (c, step), summary in found.items() if summary is None]
+    if missing:
+        raise UnscoredCheckpointError(f"checkpoint_metrics missing for {', '.join(missing)}; materialise it first")
+    return found
 
 
 def summarise_rows(cache: FeatureCache, layout: Layout, rows: Sequence[dict], classes: Sequence[str],

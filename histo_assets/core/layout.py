@@ -6,6 +6,7 @@ the same thing, and an auditor can find any stage's output without a database.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,13 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Layout:
     data_dir: Path
+
+    def folder(self, name: str, tissue_class: str | None = None, step: int | None = None) -> Path:
+        """The folder of that name for a class and step, so that a stage can name the folders it reads."""
+        found = getattr(self, name)
+        if isinstance(found, Path):
+            return found
+        return found(tissue_class, step) if "step" in inspect.signature(found).parameters else found(tissue_class)
 
     @property
     def raw_root(self) -> Path:

@@ -32,6 +32,7 @@ from histo_assets.core.dvc import (
     git_push_tag,
     git_remote_url,
     git_tag,
+    ensure_git_identity,
     git_tag_target,
     is_local_url,
     md5_from_dvc_text,
@@ -655,15 +656,21 @@ def _exclude_locally(root: Path, folder: Path) -> None:
 # --- The pipeline's release: its checkpoints, images and card text from the stage folders -----------
 
 
+# Who the release commits and tags name, where the repository has no git identity of its own.
+PIPELINE_AUTHOR = ("histo-assets", "histo-assets@localhost")
+
+
 class ReleaseSelectionError(HistoAssetsError, ValueError):
     """``release.checkpoints`` asks for checkpoints the pipeline has not made or ranked."""
 
 
 def selected_steps(
     choice: str | Sequence[int], trained_steps: Sequence[int], classes: Sequence[str],
-    metrics_summary: Mapping[str, Any], utility_summary: Mapping[str, Any] | None,
+    metrics_summary: Mapping[str, Any] | None, utility_summary: Mapping[str, Any] | None,
 ) -> dict[str, list[int]]:
     """The steps released per class: the best by metrics, the most useful to a classifier, all, or listed ones."""
+    if metrics_summary is None:
+        raise ReleaseSelectionError("metrics_summary has not been materialised")
     best = {c: int(s) for c, s in metrics_summary["best"].items()}
     by_utility = utility_summary["best_step_by_utility"] if utility_summary else None
     all_steps = sorted(int(s) for s in trained_steps)
@@ -752,7 +759,7 @@ def local_remote_path(url: str, params_dir: Path) -> Path | None:
 def build_dataset_release(
     layout: Layout, steps: Mapping[str, Sequence[int]], *, section: Mapping[str, Any],
     metrics_summary: Mapping[str, Any], utility_summary: Mapping[str, Any] | None, metrics_table: pd.DataFrame,
-    lineage: pd.DataFrame, code_version: str, git_commit: str, repo: Path | None, local_remote: Path | None,
+    lineage: pd.DataFrame, code_version: str, git_commit: str, repo: Path | None, params_dir: Path,
 ) -> ReleaseInfo:
     """The ``release`` params section's folder, from the stage folders of ``layout``.
 
@@ -763,6 +770,7 @@ def build_dataset_release(
     out = layout.release(section["name"])
     utility_notes = "\n\n" + utility_summary["notes"] if utility_summary else ""
     checkpoints = f"Checkpoints: {section['checkpoints']} (by {metrics_summary['best_by']})."
+    local_remote = local_remote_path(section["remote"]["url"], params_dir)
     return build_release(
         release_images(layout, steps, code_version=code_version, git_commit=git_commit), out, name=section["name"],
         metrics_table=PUBLISHED_METRICS.check(metrics_table),
@@ -775,16 +783,17 @@ def build_dataset_release(
 
 
 def publish_dataset_release(
-    dvc: DvcCli, repo: Path, info: ReleaseInfo, section: Mapping[str, Any], local_remote: Path | None,
-    log: Log,
+    dvc: DvcCli, repo: Path, info: ReleaseInfo, section: Mapping[str, Any], params_dir: Path, log: Log,
 ) -> PublishedRelease:
     """:func:`publish_release` into ``repo`` made a DVC repository, then the tag pushed where ``git_remote`` says.
 
     A local remote is recorded relative to the repository, so a clone beside
     it resolves it without the path of this machine.
     """
+    ensure_git_identity(repo, *PIPELINE_AUTHOR)
     dvc.init()
     remote = section["remote"]
+    local_remote = local_remote_path(remote["url"], params_dir)
     url = os.path.relpath(local_remote, repo) if local_remote else remote["url"]
     published = publish_release(dvc, repo, info.path, info.tag, f"Release {section['name']} ({info.tag})",
                                 (remote["name"], url))
