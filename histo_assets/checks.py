@@ -1,20 +1,25 @@
-"""Per-class checks on image-folder assets, evaluated inside the asset's own run.
+"""Per-class checks on image folders and hypernetwork checkpoints, evaluated inside the asset's own run.
 
 They are declared as check specs of the partitioned asset, so each class
 partition gets its own results, and the blocking ones stop hypernetwork
-training from starting on a folder that would waste it.
+training from starting on a folder that would waste it, and generation from
+starting on a checkpoint that would not load.
 """
 
 from pathlib import Path
 
 import dagster as dg
 
+from histo_assets.core.hypernetwork import checkpoint_problems
 from histo_assets.core.quality import inspect_images
 
 ENOUGH = "enough_images"
 DECODE = "images_decode"
 SIZE_MODE = "size_and_rgb_mode"
 UNIQUE = "no_duplicate_images"
+CHECKPOINTS_LOAD = dg.AssetCheckSpec(
+    "all_checkpoints_load", asset="hypernetwork_checkpoints", blocking=True,
+    description="Every checkpoint step in params exists, loads in safe mode, and has finite weights.")
 
 
 def image_check_specs(asset: str) -> list[dg.AssetCheckSpec]:
@@ -63,3 +68,9 @@ def image_check_results(asset: str, folder: Path, resolution: int, minimum: int)
             metadata={"duplicate_groups": len(report.duplicates), "examples": _sample(report.duplicates)},
         ),
     ]
+
+
+def checkpoint_check_result(folder: Path, checkpoints: list[dict], steps: list[int]) -> dg.AssetCheckResult:
+    problems = checkpoint_problems(folder, checkpoints, steps)
+    return dg.AssetCheckResult(asset_key=CHECKPOINTS_LOAD.asset_key, check_name=CHECKPOINTS_LOAD.name, passed=not problems,
+                               metadata={"checkpoints": len(checkpoints), "problems": "; ".join(problems) or "none"})

@@ -283,6 +283,6 @@ class Stage:
 
     def result(self, data_version: str, metadata: dict[str, Any]) -> dg.MaterializeResult:
         return dg.MaterializeResult(
-            metadata={"path": dg.MetadataValue.path(str(self.out)), **metadata, "reused_unchanged_output": self.reused},
+            metadata={"path": self.out, **metadata, "reused_unchanged_output": self.reused},
             data_version=dg.DataVersion(data_version),
         )

@@ -5,7 +5,8 @@ import shutil
 import dagster as dg
 from PIL import Image
 
-from histo_assets.checks import DECODE, ENOUGH, SIZE_MODE, UNIQUE, image_check_results, image_check_specs
+from histo_assets.checks import CHECKPOINTS_LOAD, DECODE, ENOUGH, SIZE_MODE, UNIQUE, checkpoint_check_result
+from histo_assets.checks import image_check_results, image_check_specs
 from histo_assets_tests.conftest import tissue_image
 
 RESOLUTION = 32
@@ -41,3 +42,10 @@ def test_each_fault_fails_its_own_check_and_names_the_file(tmp_path):
 def test_only_the_duplicate_check_is_non_blocking():
     blocking = {spec.name: spec.blocking for spec in image_check_specs("square_crops")}
     assert blocking == {ENOUGH: True, DECODE: True, SIZE_MODE: True, UNIQUE: False}
+
+
+def test_the_checkpoint_check_fails_naming_a_step_never_written_and_a_file_gone_from_disk(tmp_path):
+    result = checkpoint_check_result(tmp_path, [{"step": 5, "file": "a-5.pt", "sha256": "0" * 64}], [5, 10])
+    assert (result.asset_key, result.check_name, result.passed) == (CHECKPOINTS_LOAD.asset_key, CHECKPOINTS_LOAD.name, False)
+    assert result.metadata["problems"].value == "missing steps [10]; a-5.pt: missing or changed on disk"
+    assert result.metadata["checkpoints"].value == 1

@@ -60,7 +60,7 @@ def _metadata(summary: dict, out: Path) -> dict:
     from histo_assets.core.base_model_training import LOSS_PLOT, SAMPLES_PLOT
 
     trained = {
-        "training_set": dg.MetadataValue.json(summary["training_set"]),
+        "training_set": summary["training_set"],
         "loss_curve": png_value(out / LOSS_PLOT, "base model training loss"),
         "samples": png_value(out / SAMPLES_PLOT, "real crops above generated ones"),
     } if summary["source"] == TRAINED_SOURCE else {}

@@ -58,7 +58,7 @@ def checkpoint_metrics(stage: Stage):
         "memorisation_rate": row["memorisation_rate"],
         "n_generated / n_reference": f"{row['n_generated']} / {row['n_reference']}",
         "feature_dim": row["feature_dim"],
-        "intervals": dg.MetadataValue.json({name: row[name] for name in INTERVALS}),
+        "intervals": {name: row[name] for name in INTERVALS},
         "flags": row["flags"] or "none",
         **{name: row[name] for name in ("extractor", "comparable_with", "preprocessing", "is_note")},
         "note": row["extractor_note"],
@@ -87,10 +87,10 @@ def metrics_summary(stage: Stage):
     summary, table = read_summary(details, MetricsDetails), METRICS_TABLE.read(details / METRICS_TABLE_FILE)
     return stage.result(data_version, {
         "table": table_value(table[list(PUBLISHED_METRICS.columns)].round(4)),
-        "best_checkpoint": dg.MetadataValue.json({"metric": metric, "tie_rule": tie, "steps": summary["best"],
-                                                  "indistinguishable_steps": summary["indistinguishable"]}),
+        "best_checkpoint": {"metric": metric, "tie_rule": tie, "steps": summary["best"],
+                            "indistinguishable_steps": summary["indistinguishable"]},
         "how_to_read": dg.MetadataValue.md(summary["metrics_notes"]),
-        "against_base_model": dg.MetadataValue.json(summary["against_base_model"]),
+        "against_base_model": summary["against_base_model"],
         "extractor_note": summary["extractor_note"],
         "curves": png_value(details / CURVES_FILE, "metric curves"),
         **{f"grid_{c}": png_value(details / grid_file(c), c) for c in p.classes},
@@ -125,6 +125,6 @@ def classifier_utility(stage: Stage):
         "summary": dg.MetadataValue.md(summary["notes"]),
         "plot": png_value(stage.out / PLOT_FILE, "classifier utility per release candidate"),
         "table": table_value(table[table["metric"].eq(BALANCED_ACCURACY)][SHOWN_UTILITY_COLUMNS].round(3)),
-        "verdicts": dg.MetadataValue.json(summary["verdicts"]),
+        "verdicts": summary["verdicts"],
         "best_step_by_utility": summary["best_step_by_utility"],
     })

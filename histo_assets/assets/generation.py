@@ -79,4 +79,4 @@ def imported_synthetic_images(stage: Stage):
         count=int(p["generation"]["images_per_checkpoint"]), settings=generation_settings(p), master_seed=p.seed,
         log=stage.log), "run_id": stage.context.run_id})
     return stage.result(summary["fingerprint"], {"hypernetworks": len(summary["images"]),
-                                                 "images": dg.MetadataValue.json(summary["images"])})
+                                                 "images": summary["images"]})

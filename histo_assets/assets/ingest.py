@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import dagster as dg
 import pandas as pd
 
 from histo_assets.checks import image_check_results, image_check_specs
@@ -50,7 +49,7 @@ def slide_inventory(stage: Stage):
             tissue_class=stage.part.tissue_class, warn=warn))
     inventory = SLIDE_INVENTORY.read(stage.out / INVENTORY)
     return stage.result(summary["data_version"], {
-        "path": dg.MetadataValue.path(str(stage.out / INVENTORY)),
+        "path": stage.out / INVENTORY,
         "slides": summary["count"],
         "total_bytes": int(inventory["bytes"].sum()),
         "inventory": table_value(inventory[["path", "width", "height", "levels", "mpp", "reader"]]),

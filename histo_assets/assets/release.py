@@ -48,10 +48,10 @@ def dataset_release(stage: Stage):
         params_dir=p.source.parent,
     )
     metadata = {
-        "path": dg.MetadataValue.path(str(layout.release(section["name"]))),
+        "path": layout.release(section["name"]),
         "images": sum(info.counts.values()),
-        "per_class": dg.MetadataValue.json(info.counts),
-        "checkpoints": dg.MetadataValue.json(steps),
+        "per_class": info.counts,
+        "checkpoints": steps,
         "tag": info.tag,
         "card": dg.MetadataValue.md(info.card.read_text()),
     }
@@ -66,7 +66,7 @@ def dataset_release(stage: Stage):
             "dvc_md5": published.md5,
             "git_commit": published.commit,
             "new_commit": published.new_commit,
-            "dvc_file": dg.MetadataValue.path(str(published.dvc_file)),
+            "dvc_file": published.dvc_file,
             "git_remote": section["git_remote"] or "none (tag kept in the local repository)",
         },
         data_version=dg.DataVersion(published.md5),

@@ -3,7 +3,8 @@
 import dagster as dg
 import pandas as pd
 
-from histo_assets.core.hypernetwork import checkpoint_problems, write_imported_index
+from histo_assets.checks import CHECKPOINTS_LOAD, checkpoint_check_result
+from histo_assets.core.hypernetwork import write_imported_index
 from histo_assets.core.io import stable_hash
 from histo_assets.core.layout import BASE_MODEL_ASSET, IMAGES, INDEX, LOSS_PLOT, Layout
 from histo_assets.core.schemas import IMPORTED_HYPERNETWORK_INDEX, AugmentedCropsSummary
@@ -13,10 +14,6 @@ from histo_assets.params import Params
 from histo_assets.resources import BaseModelResource
 from histo_assets.settings import hypernetwork_options, training_settings
 from histo_assets.stage import Part, Stage, png_value, skipped_files, stage_asset, table_value
-
-ALL_CHECKPOINTS_LOAD = dg.AssetCheckSpec(
-    "all_checkpoints_load", asset="hypernetwork_checkpoints", blocking=True,
-    description="Every checkpoint step in params exists, loads in safe mode, and has finite weights.")
 
 
 def _hypernetwork_checkpoints_inputs(p: Params, part: Part, base_model: BaseModelResource) -> dict:
@@ -28,7 +25,7 @@ def _hypernetwork_checkpoints_inputs(p: Params, part: Part, base_model: BaseMode
 @stage_asset(reads=["augmented_crops"], inputs=_hypernetwork_checkpoints_inputs, summary=HypernetworkCheckpointsSummary,
              code_version="2", partitioned="tissue_class", deps=["augmented_crops", BASE_MODEL_ASSET],
              resources=["base_model"], on_gpu=True, kinds={"pytorch", "diffusers"},
-             check_specs=[ALL_CHECKPOINTS_LOAD])
+             check_specs=[CHECKPOINTS_LOAD])
 def hypernetwork_checkpoints(stage: Stage):
     """A Stable Diffusion hypernetwork per tissue class, trained AUTOMATIC1111-style on the class's augmented
     crops (training share only), with an A1111 .pt checkpoint at every step listed in training.checkpoint_steps.
@@ -50,10 +47,7 @@ def hypernetwork_checkpoints(stage: Stage):
         "checkpoints": table_value(pd.DataFrame(checkpoints).sort_values("step")),
         "training_set": summary["training_set"][:16],
     })
-    problems = checkpoint_problems(stage.out, checkpoints, p["training"]["checkpoint_steps"])
-    yield dg.AssetCheckResult(asset_key="hypernetwork_checkpoints", check_name=ALL_CHECKPOINTS_LOAD.name,
-                              passed=not problems,
-                              metadata={"checkpoints": len(checkpoints), "problems": "; ".join(problems) or "none"})
+    yield checkpoint_check_result(stage.out, checkpoints, p["training"]["checkpoint_steps"])
 
 
 def _imported_hypernetwork_index_inputs(p: Params, part: Part, base_model: BaseModelResource) -> dict:
@@ -76,7 +70,7 @@ def imported_hypernetwork_index(stage: Stage):
         warn=stage.context.log.warning))
     frame = IMPORTED_HYPERNETWORK_INDEX.read(stage.out / INDEX)
     return stage.result(summary["data_version"], {
-        "inbox": dg.MetadataValue.path(str(inbox)),
+        "inbox": inbox,
         "imported": summary["count"],
         "hypernetworks": table_value(frame.drop(columns=["path"])) if len(frame) else dg.MetadataValue.md("none"),
         "skipped": skipped_files(summary["problems"]),
