@@ -47,7 +47,6 @@ REAPER_INTERVAL_SECONDS = 20
 _START_TIME_SLACK_SECONDS = 2.0
 
 
-
 def this_host() -> str:
     return socket.gethostname()
 

@@ -14,7 +14,6 @@ from histo_assets.settings import generation_settings
 from histo_assets.stage import Part, Stage, png_value, refusals_as_failures, stage_asset
 
 
-
 def _checkpoint(p: Params, part: Part) -> dict:
     with refusals_as_failures(MissingCheckpointError):
         return checkpoint_at(Layout(p.data_dir), part.tissue_class, part.step)

@@ -19,7 +19,6 @@ from histo_assets.settings import augmentation_settings, crop_settings, holdout_
 from histo_assets.stage import Part, Stage, png_value, refusals_as_failures, skipped_files, stage_asset, table_value
 
 
-
 def _crops_metadata(folder: Path, summary: dict) -> dict:
     """What the UI shows of a crop folder, the same whether the stage ran or was reused."""
     metadata = {"images": summary["count"], "skipped": skipped_files(summary.get("problems", [])),
