@@ -105,8 +105,7 @@ class StageSpec:
         return layout.folder(self.name, part.tissue_class, part.step)
 
     def read_folders(self, p: Params, part: Part) -> list[Path]:
-        parts = [part] if part.tissue_class is not None else [
-            Part(c, step) for c in p.classes for step in p.steps]
+        parts = [part] if part.tissue_class is not None else [Part(c, step) for c in p.classes for step in p.steps]
         layout = Layout(p.data_dir)
         return list(dict.fromkeys(layout.folder(name, at.tissue_class, at.step) for name in self.reads for at in parts))
 
@@ -131,6 +130,7 @@ class StageAsset:
     recipe takes the running Stage; resources come from the run's context.
     """
 
+    name: str
     recipe: Callable[[Stage], Any]
     spec: StageSpec | None
     partitioned: str | None
@@ -139,10 +139,6 @@ class StageAsset:
     on_gpu: bool
     follows_upstream: bool
     asset_args: dict[str, Any]
-
-    @property
-    def name(self) -> str:
-        return self.asset_args.get("name", self.recipe.__name__)
 
     def build(self, p: Params, partitions: Partitions) -> dg.AssetsDefinition:
         """``dg.asset`` with what the stages share.
@@ -175,7 +171,7 @@ class StageAsset:
         # The recipe's name, module and docstring: the asset's description, and where tools find its code.
         compute.__name__, compute.__qualname__ = recipe.__name__, recipe.__qualname__
         compute.__module__, compute.__doc__ = recipe.__module__, recipe.__doc__
-        return dg.asset(**shared, **{key: value for key, value in self.asset_args.items() if key != "name"})(compute)
+        return dg.asset(**shared, **self.asset_args)(compute)
 
 
 def stage_asset(*, reads: Iterable[str] = (), inputs: Callable | None = None, summary: type | None = None,
@@ -188,11 +184,17 @@ def stage_asset(*, reads: Iterable[str] = (), inputs: Callable | None = None, su
     recipe uses besides params and the object store (a stage using the base
     model runs torch, so its thread count is set before it starts).
     """
+    if inputs is not None and (summary is None or code_version is None):
+        raise TypeError("a stage with inputs needs its summary schema and its code version")
+    if partitioned not in (None, *Partitions.__dataclass_fields__):
+        raise TypeError(f"partitioned={partitioned!r}: expected one of {', '.join(Partitions.__dataclass_fields__)}")
+    args = {key: value for key, value in asset_args.items() if key != "name"}
+
     def declare(recipe: Callable[[Stage], Any]) -> StageAsset:
         name = asset_args.get("name", recipe.__name__)
         spec = None if inputs is None else StageSpec(name, tuple(reads), inputs, summary, code_version)
-        return StageAsset(recipe, spec, partitioned, deps, frozenset({"params", "object_store", *resources}), on_gpu,
-                          follows_upstream, asset_args)
+        return StageAsset(name, recipe, spec, partitioned, deps, frozenset({"params", "object_store", *resources}),
+                          on_gpu, follows_upstream, args)
 
     return declare
 

@@ -3,6 +3,7 @@
 import os
 
 import dagster as dg
+import pytest
 
 from histo_assets.assets import evaluation, ingest
 from histo_assets.core.layout import Layout
@@ -10,7 +11,7 @@ from histo_assets.core.stage import read_summary
 from histo_assets.definitions import STAGES
 from histo_assets.params import DEFAULT_PARAMS_FILE, load_params
 from histo_assets.partitions import Partitions
-from histo_assets.stage import Part, launch_reason
+from histo_assets.stage import Part, launch_reason, stage_asset
 from histo_assets.resources import BaseModelResource
 from histo_assets_tests.conftest import THESIS_CLASSES
 from histo_assets_tests.test_assets_ingest import ASSETS, materialize
@@ -101,3 +102,10 @@ def test_an_asset_is_built_from_its_declaration():
     assert utility.partitions_def is None
     assert utility.required_resource_keys - {"io_manager"} == {"params", "object_store", "base_model"}
     assert utility.node_def.compute_fn.decorated_fn.__module__ == "histo_assets.assets.evaluation", "where its code is"
+
+
+def test_a_declaration_missing_what_a_stage_needs_is_refused_when_the_module_loads():
+    with pytest.raises(TypeError, match="needs its summary schema and its code version"):
+        stage_asset(inputs=lambda p, part, base_model: {}, code_version="1")
+    with pytest.raises(TypeError, match="partitioned='class': expected one of tissue_class, class_and_step"):
+        stage_asset(partitioned="class")
