@@ -20,7 +20,6 @@ import yaml
 
 from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.io import atomic_write_text, stable_hash
-from histo_assets.core.steps import evaluated_steps
 
 PARAMS_ENV = "HISTO_ASSETS_PARAMS"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -202,6 +201,9 @@ class Params:
     @property
     def steps(self) -> list[int]:
         """The steps every class is evaluated at: the base model's step 0, then every checkpoint step."""
+        # Imported here: core.steps brings pandas, which `resolve-params` and the CLI's start need not load.
+        from histo_assets.core.steps import evaluated_steps
+
         return evaluated_steps(self.values["training"]["checkpoint_steps"])
 
     def section_hash(self, *keys: str) -> str:
