@@ -23,7 +23,8 @@ import dagster as dg
 import pandas as pd
 
 from histo_assets.core.errors import HistoAssetsError
-from histo_assets.core.layout import SUMMARY, Layout
+from histo_assets.checks import image_check_results, image_check_specs
+from histo_assets.core.layout import IMAGES, SUMMARY, Layout
 from histo_assets.core.previews import markdown_png_file, markdown_table
 from histo_assets.core.stage import build_or_reuse, current_summary, fingerprint
 from histo_assets.params import Params
@@ -53,12 +54,12 @@ def skipped_files(problems: list[dict]) -> dg.MetadataValue:
 
 
 @contextlib.contextmanager
-def refusals_as_failures(*refusals: type[HistoAssetsError]) -> Iterator[None]:
-    """These core refusals fail the run as a Dagster failure, so the UI shows why, and the files skipped on the way,
-    instead of a traceback."""
+def refusals_as_failures() -> Iterator[None]:
+    """The project's own errors fail the run as a Dagster failure, so the UI shows why, and the files skipped on the
+    way, instead of a traceback: each names the input it refuses (core/errors.py)."""
     try:
         yield
-    except refusals as error:
+    except HistoAssetsError as error:
         problems = getattr(error, "problems", None)
         raise dg.Failure(str(error), metadata=None if problems is None else {
             "skipped": skipped_files([vars(problem) for problem in problems])}) from error
@@ -128,6 +129,8 @@ class StageAsset:
     Built into a Dagster asset per params object, since the run-config schema,
     the partitions and (for the base model) the deps come from params. The
     recipe takes the running Stage; resources come from the run's context.
+    ``min_images`` gives, from params, how many images the stage must write:
+    then its images/ folder is checked (checks.py) after every run.
     """
 
     name: str
@@ -138,6 +141,7 @@ class StageAsset:
     resources: frozenset[str]
     on_gpu: bool
     follows_upstream: bool
+    min_images: Callable[[Params], int] | None
     asset_args: dict[str, Any]
 
     def build(self, p: Params, partitions: Partitions) -> dg.AssetsDefinition:
@@ -162,11 +166,18 @@ class StageAsset:
             shared["automation_condition"] = FOLLOW_UPSTREAM
         if self.on_gpu:
             shared |= {"pool": GPU_POOL, "op_tags": GPU_TAGS}
-        recipe, spec = self.recipe, self.spec
+        if self.min_images is not None:
+            shared["check_specs"] = image_check_specs(self.name)
+        name, recipe, spec, min_images = self.name, self.recipe, self.spec, self.min_images
 
         def compute(context):  # unannotated: this module postpones annotations, which Dagster reads as strings
-            result = recipe(Stage.start(context, spec))
-            yield from result if isinstance(result, Iterator) else [result]
+            with refusals_as_failures():
+                stage = Stage.start(context, spec)
+                result = recipe(stage)
+                yield from result if isinstance(result, Iterator) else [result]
+                if min_images is not None:
+                    yield from image_check_results(name, stage.out / IMAGES, stage.params.resolution,
+                                                   min_images(stage.params))
 
         # The recipe's name, module and docstring: the asset's description, and where tools find its code.
         compute.__name__, compute.__qualname__ = recipe.__name__, recipe.__qualname__
@@ -177,7 +188,8 @@ class StageAsset:
 def stage_asset(*, reads: Iterable[str] = (), inputs: Callable | None = None, summary: type | None = None,
                 code_version: str | None = None, partitioned: str | None = None,
                 deps: Sequence | Callable[[Params], Sequence] = (), resources: Iterable[str] = (),
-                on_gpu: bool = False, follows_upstream: bool = True, **asset_args: Any):
+                on_gpu: bool = False, follows_upstream: bool = True, min_images: Callable[[Params], int] | None = None,
+                **asset_args: Any):
     """Declare an asset by its recipe: with ``inputs``, a stage whose unchanged output is reused.
 
     ``partitioned`` names a field of Partitions; ``resources`` are those the
@@ -194,7 +206,7 @@ def stage_asset(*, reads: Iterable[str] = (), inputs: Callable | None = None, su
         name = asset_args.get("name", recipe.__name__)
         spec = None if inputs is None else StageSpec(name, tuple(reads), inputs, summary, code_version)
         return StageAsset(name, recipe, spec, partitioned, deps, frozenset({"params", "object_store", *resources}),
-                          on_gpu, follows_upstream, args)
+                          on_gpu, follows_upstream, min_images, args)
 
     return declare
 
@@ -284,7 +296,8 @@ class Stage:
         self.object_store.push(self.params.data_dir, self.out, log=self.log)
 
     def result(self, data_version: str, metadata: dict[str, Any]) -> dg.MaterializeResult:
-        return dg.MaterializeResult(
-            metadata={"path": self.out, **metadata, "reused_unchanged_output": self.reused},
-            data_version=dg.DataVersion(data_version),
-        )
+        """A stage's metadata leads with its folder and ends with whether it was reused; an asset that always runs
+        has neither."""
+        if self.spec is not None:
+            metadata = {"path": self.out, **metadata, "reused_unchanged_output": self.reused}
+        return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(data_version))

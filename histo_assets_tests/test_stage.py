@@ -5,14 +5,15 @@ import os
 import dagster as dg
 import pytest
 
-from histo_assets.assets import evaluation, ingest
+from histo_assets.assets import evaluation, generation, ingest
+from histo_assets.core.errors import HistoAssetsError
 from histo_assets.core.layout import Layout
 from histo_assets.core.stage import read_summary
 from histo_assets.definitions import STAGES
 from histo_assets.params import DEFAULT_PARAMS_FILE, load_params
 from histo_assets.partitions import Partitions
 from histo_assets.stage import Part, launch_reason, stage_asset
-from histo_assets.resources import BaseModelResource
+from histo_assets.resources import BaseModelResource, ObjectStoreResource, ParamsResource
 from histo_assets_tests.conftest import THESIS_CLASSES
 from histo_assets_tests.test_assets_ingest import ASSETS, materialize
 
@@ -102,6 +103,40 @@ def test_an_asset_is_built_from_its_declaration():
     assert utility.partitions_def is None
     assert utility.required_resource_keys - {"io_manager"} == {"params", "object_store", "base_model"}
     assert utility.node_def.compute_fn.decorated_fn.__module__ == "histo_assets.assets.evaluation", "where its code is"
+    checked = {spec.name: spec.blocking for spec in crops.check_specs}
+    assert checked == {"enough_images": True, "images_decode": True, "size_and_rgb_mode": True, "no_duplicate_images": False}
+    assert len(list(generation.synthetic_images.build(p, partitions).check_specs)) == 4
+    assert not list(utility.check_specs), "only stages declaring min_images check their images"
+
+
+class UnusableThingError(HistoAssetsError):
+    pass
+
+
+@stage_asset()
+def refusing(stage):
+    raise UnusableThingError("thing.png is unusable: it is empty")
+
+
+@stage_asset()
+def failing(stage):
+    return {}["bug"]
+
+
+def test_a_project_error_fails_the_run_with_its_message_and_a_bug_keeps_its_traceback(small_params):
+    p = load_params(small_params)
+    resources = {"params": ParamsResource(params_file=str(small_params)), "object_store": ObjectStoreResource()}
+    for declared in (refusing, failing):
+        result = dg.materialize([declared.build(p, Partitions.from_params(p))], resources=resources,
+                                instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+        assert not result.success
+        error = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE").step_failure_data.error
+        if declared is refusing:
+            assert (error.cls_name, error.message.strip()) == ("Failure", "dagster._core.definitions.events.Failure: "
+                                                                           "thing.png is unusable: it is empty")
+            assert error.cause.cls_name == "UnusableThingError", "the refusal stays attached"
+        else:
+            assert error.cls_name == "DagsterExecutionStepExecutionError" and error.cause.cls_name == "KeyError"
 
 
 def test_a_declaration_missing_what_a_stage_needs_is_refused_when_the_module_loads():

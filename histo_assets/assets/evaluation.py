@@ -8,7 +8,7 @@ from histo_assets.core.classifier_utility import BALANCED_ACCURACY, PLOT_FILE, R
 from histo_assets.core.classifier_utility import image_sets_hash, utility_inputs, write_candidates
 from histo_assets.core.evaluation import CURVES_FILE, METRICS_TABLE_FILE, FeatureCache, checkpoint_row, feature_cache
 from histo_assets.core.evaluation import generated_files, grid_file, real_sets, scored_checkpoints, scoring_settings
-from histo_assets.core.evaluation import UnscoredCheckpointError, summarise_rows
+from histo_assets.core.evaluation import row_description, summarise_rows
 from histo_assets.core.io import stable_hash
 from histo_assets.core.layout import Layout
 from histo_assets.core.schemas import METRICS_TABLE, PUBLISHED_METRICS, CheckpointMetricsSummary
@@ -17,7 +17,7 @@ from histo_assets.core.stage import output_settings, read_summary
 from histo_assets.params import Params
 from histo_assets.partitions import by_tissue_class
 from histo_assets.settings import metric_settings, utility_settings
-from histo_assets.stage import Part, Stage, png_value, refusals_as_failures, stage_asset, table_value
+from histo_assets.stage import Part, Stage, png_value, stage_asset, table_value
 
 # Row values that are None where a metric could not be computed: numeric metadata shows them as NaN.
 OPTIONAL_METRICS = ("fid", "kid_mean", "is_mean", "precision", "recall")
@@ -50,9 +50,7 @@ def checkpoint_metrics(stage: Stage):
     row = stage.build_or_reuse(lambda _staging: {"row": checkpoint_row(
         _cache(p), generated_files(layout, tissue_class, step), *real_sets(layout, tissue_class), metric_settings(p),
         tissue_class=tissue_class, step=step, log=stage.log)})["row"]
-    stage.log(f"{tissue_class} step {step}: FID {row['fid']} [{row['fid_ci_low']}, {row['fid_ci_high']}], "
-              f"KID {row['kid_mean']} [{row['kid_ci_low']}, {row['kid_ci_high']}] ({row['extractor']}; "
-              f"flags: {row['flags'] or 'none'})")
+    stage.log(row_description(row))
     return stage.result(stable_hash(row), {
         **{name: float("nan") if row[name] is None else row[name] for name in OPTIONAL_METRICS},
         "memorisation_rate": row["memorisation_rate"],
@@ -78,8 +76,7 @@ def metrics_summary(stage: Stage):
     3.6); the best checkpoint per class by metrics.best_checkpoint_metric; FID/KID/IS-versus-step plots and
     originals-versus-generated grids. Written as DVC metrics (metrics.json) and plots (metrics.csv)."""
     p, details = stage.params, stage.layout.metrics_details
-    with refusals_as_failures(UnscoredCheckpointError):
-        scored = scored_checkpoints(stage.layout, p.classes, p.steps)
+    scored = scored_checkpoints(stage.layout, p.classes, p.steps)
     metric, tie = p["metrics"]["best_checkpoint_metric"], p["metrics"]["best_checkpoint_tie"]
     data_version = stage.build_or_reuse(lambda _out: {"data_version": summarise_rows(
         _cache(p), stage.layout, [found["row"] for found in scored.values()], p.classes, p.steps,

@@ -2,32 +2,26 @@
 
 import dagster as dg
 
-from histo_assets.checks import image_check_results, image_check_specs
-from histo_assets.core.layout import BASE_MODEL_ASSET, IMAGES, INDEX, PREVIEW, Layout
+from histo_assets.core.layout import BASE_MODEL_ASSET, INDEX, PREVIEW, Layout
 from histo_assets.core.schemas import GENERATION_INDEX, IMPORTED_HYPERNETWORK_INDEX
 from histo_assets.core.schemas import ImportedSyntheticImagesSummary, SyntheticImagesSummary
-from histo_assets.core.steps import MissingCheckpointError, checkpoint_at
+from histo_assets.core.steps import checkpoint_at
 from histo_assets.params import Params
 from histo_assets.partitions import by_tissue_class
 from histo_assets.resources import BaseModelResource
 from histo_assets.settings import generation_settings
-from histo_assets.stage import Part, Stage, png_value, refusals_as_failures, stage_asset
-
-
-def _checkpoint(p: Params, part: Part) -> dict:
-    with refusals_as_failures(MissingCheckpointError):
-        return checkpoint_at(Layout(p.data_dir), part.tissue_class, part.step)
+from histo_assets.stage import Part, Stage, png_value, stage_asset
 
 
 def _synthetic_images_inputs(p: Params, part: Part, base_model: BaseModelResource) -> dict:
-    return dict(checkpoint=_checkpoint(p, part)["sha256"], generation=p["generation"], resolution=p.resolution,
-                base_model=base_model.identity(p), seed=p.seed)
+    return dict(checkpoint=checkpoint_at(Layout(p.data_dir), part.tissue_class, part.step)["sha256"],
+                generation=p["generation"], resolution=p.resolution, base_model=base_model.identity(p), seed=p.seed)
 
 
 @stage_asset(reads=["hypernetwork_checkpoints"], inputs=_synthetic_images_inputs, summary=SyntheticImagesSummary,
              code_version="2", partitioned="class_and_step", resources=["base_model"], on_gpu=True,
              deps=[dg.AssetDep("hypernetwork_checkpoints", partition_mapping=by_tissue_class), BASE_MODEL_ASSET],
-             kinds={"diffusers", "png"}, check_specs=image_check_specs("synthetic_images"))
+             kinds={"diffusers", "png"}, min_images=lambda p: int(p["generation"]["images_per_checkpoint"]))
 def synthetic_images(stage: Stage):
     """generation.images_per_checkpoint images from one checkpoint (thesis defaults: Euler, 20 steps, CFG 7, the
     training resolution, a negative prompt). Each image's seed derives from class, step and index; each PNG
@@ -35,16 +29,15 @@ def synthetic_images(stage: Stage):
     from histo_assets.core.sampling import write_checkpoint_images
 
     p, (tissue_class, step) = stage.params, (stage.part.tissue_class, stage.part.step)
-    checkpoint, settings = _checkpoint(p, stage.part), generation_settings(p)
-    count = int(p["generation"]["images_per_checkpoint"])
+    checkpoint, settings = checkpoint_at(stage.layout, tissue_class, step), generation_settings(p)
     file = None if checkpoint["file"] is None else stage.layout.hypernetwork_checkpoints(tissue_class) / checkpoint["file"]
     summary = stage.build_or_reuse(lambda staging: write_checkpoint_images(
-        staging, stage.base_model.load(p), file, tissue_class=tissue_class, step=step, count=count, settings=settings,
-        master_seed=p.seed, log=stage.log,
+        staging, stage.base_model.load(p), file, tissue_class=tissue_class, step=step, settings=settings,
+        count=int(p["generation"]["images_per_checkpoint"]), master_seed=p.seed, log=stage.log,
     ) | {"checkpoint_file": checkpoint["file"], "checkpoint_sha256": checkpoint["sha256"],
          "training_set": checkpoint["training_set"], "run_id": stage.context.run_id})
     index = GENERATION_INDEX.read(stage.out / INDEX)
-    yield stage.result(summary["data_version"], {
+    return stage.result(summary["data_version"], {
         "images": summary["count"],
         "checkpoint": summary["checkpoint_file"],
         "checkpoint_sha256": summary["checkpoint_sha256"],
@@ -53,7 +46,6 @@ def synthetic_images(stage: Stage):
         "sampler": f"{settings.sampler}, {settings.steps} steps, CFG {settings.cfg_scale}",
         "preview": png_value(stage.out / PREVIEW, f"{tissue_class} step {step}"),
     })
-    yield from image_check_results("synthetic_images", stage.out / IMAGES, p.resolution, count)
 
 
 def _imported_synthetic_images_inputs(p: Params, part: Part, base_model: BaseModelResource) -> dict:

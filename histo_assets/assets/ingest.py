@@ -4,19 +4,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from histo_assets.checks import image_check_results, image_check_specs
-from histo_assets.core.augment import CaptionModeError, write_augmented_crops
+from histo_assets.core.augment import write_augmented_crops
 from histo_assets.core.crops import write_square_crops
 from histo_assets.core.holdout import BY_SOURCE_COLUMNS
 from histo_assets.core.layout import IMAGES, INDEX, INVENTORY, PREVIEW, Layout
 from histo_assets.core.schemas import CROP_INDEX, SLIDE_INVENTORY
 from histo_assets.core.schemas import AugmentedCropsSummary, SlideInventorySummary, SquareCropsSummary
 from histo_assets.core.seeding import derive_seed
-from histo_assets.core.slides import UnusableClassError, unknown_class_folders, write_inventory
+from histo_assets.core.slides import unknown_class_folders, write_inventory
 from histo_assets.core.stage import file_stats, output_settings
 from histo_assets.params import Params
 from histo_assets.settings import augmentation_settings, crop_settings, holdout_groups, ingest_settings, split_settings
-from histo_assets.stage import Part, Stage, png_value, refusals_as_failures, skipped_files, stage_asset, table_value
+from histo_assets.stage import Part, Stage, png_value, skipped_files, stage_asset, table_value
 
 
 def _crops_metadata(folder: Path, summary: dict) -> dict:
@@ -42,10 +41,9 @@ def slide_inventory(stage: Stage):
     unknown = unknown_class_folders(raw_root, stage.params.classes)
     if unknown:
         warn(f"class folder(s) under {raw_root} not in params 'classes', ignored: {', '.join(unknown)}")
-    with refusals_as_failures(UnusableClassError, CaptionModeError):
-        summary = stage.build_or_reuse(lambda staging: write_inventory(
-            staging, stage.layout.raw(stage.part.tissue_class), stage.params.data_dir, ingest_settings(stage.params),
-            tissue_class=stage.part.tissue_class, warn=warn))
+    summary = stage.build_or_reuse(lambda staging: write_inventory(
+        staging, stage.layout.raw(stage.part.tissue_class), stage.params.data_dir, ingest_settings(stage.params),
+        tissue_class=stage.part.tissue_class, warn=warn))
     inventory = SLIDE_INVENTORY.read(stage.out / INVENTORY)
     return stage.result(summary["data_version"], {
         "path": stage.out / INVENTORY,
@@ -65,18 +63,16 @@ def _square_crops_inputs(p: Params, part: Part, _base_model) -> dict:
 
 @stage_asset(reads=["raw", "slide_inventory"], inputs=_square_crops_inputs, summary=SquareCropsSummary,
              code_version="2", partitioned="tissue_class", deps=["slide_inventory"],
-             kinds={"python", "png", "parquet"}, check_specs=image_check_specs("square_crops"))
+             kinds={"python", "png", "parquet"}, min_images=lambda p: int(p["checks"]["min_square_crops"]))
 def square_crops(stage: Stage):
     """Square crops of one class at the training resolution: one centred crop per image (mode 'center', the thesis
     way) or a tissue-masked grid of tiles at a chosen level or mpp (mode 'tiles'). Names encode the source hash,
     level and level-0 coordinates; index.parquet records provenance."""
     p = stage.params
-    with refusals_as_failures(UnusableClassError, CaptionModeError):
-        summary = stage.build_or_reuse(lambda staging: write_square_crops(
-            staging, stage.inputs["sources"], p.data_dir, crop_settings(p), tissue_class=stage.part.tissue_class,
-            workers=int(p["crops"]["workers"]), log=stage.log, warn=stage.context.log.warning))
-    yield stage.result(summary["data_version"], _crops_metadata(stage.out, summary) | {"mode": p["crops"]["mode"]})
-    yield from image_check_results("square_crops", stage.out / IMAGES, p.resolution, int(p["checks"]["min_square_crops"]))
+    summary = stage.build_or_reuse(lambda staging: write_square_crops(
+        staging, stage.inputs["sources"], p.data_dir, crop_settings(p), tissue_class=stage.part.tissue_class,
+        workers=int(p["crops"]["workers"]), log=stage.log, warn=stage.context.log.warning))
+    return stage.result(summary["data_version"], _crops_metadata(stage.out, summary) | {"mode": p["crops"]["mode"]})
 
 
 def _augmented_crops_inputs(p: Params, part: Part, _base_model) -> dict:
@@ -89,7 +85,7 @@ def _augmented_crops_inputs(p: Params, part: Part, _base_model) -> dict:
 
 @stage_asset(reads=["square_crops"], inputs=_augmented_crops_inputs, summary=AugmentedCropsSummary, code_version="3",
              partitioned="tissue_class", deps=["square_crops"], kinds={"python", "png", "parquet"},
-             check_specs=image_check_specs("augmented_crops"))
+             min_images=lambda p: int(p["checks"]["min_augmented_crops"]))
 def augmented_crops(stage: Stage):
     """The thesis's rudi/Augmentor recipe (rotate +-15, distortion grid 8 magnitude 5, skew 0.7, zoom 1-1.2, flip;
     p 0.7) applied to the training share of the square crops, with the originals kept alongside. Held-out crops
@@ -106,12 +102,9 @@ def augmented_crops(stage: Stage):
             groups=holdout_groups(p, index["source_path"]), tissue_class=stage.part.tissue_class,
             seed=stage.inputs["seed"], log=stage.log, warn=stage.context.log.warning)
 
-    with refusals_as_failures(UnusableClassError, CaptionModeError):
-        summary = stage.build_or_reuse(build)
-    yield stage.result(summary["data_version"], _crops_metadata(stage.out, summary) | {
+    summary = stage.build_or_reuse(build)
+    return stage.result(summary["data_version"], _crops_metadata(stage.out, summary) | {
         **{key: summary[key] for key in ("train_crops", "held_out_crops", "holdout_rule", "holdout_reason")},
         "guard_crops": len(summary["guard_crops"]),
         "holdout_by_source": table_value(pd.DataFrame(summary["holdout_by_source"], columns=list(BY_SOURCE_COLUMNS))),
     })
-    yield from image_check_results("augmented_crops", stage.out / IMAGES, p.resolution,
-                                   int(p["checks"]["min_augmented_crops"]))

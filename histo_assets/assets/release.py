@@ -10,12 +10,11 @@ from histo_assets.assets.training import hypernetwork_checkpoints
 from histo_assets.core.dvc import git_last_commit, git_toplevel
 from histo_assets.core.evaluation import METRICS_TABLE_FILE
 from histo_assets.core.lineage import training_lineage
-from histo_assets.core.release import ReleaseSelectionError, build_dataset_release
-from histo_assets.core.release import publish_dataset_release, release_inputs, selected_steps
+from histo_assets.core.release import build_dataset_release, publish_dataset_release, release_inputs, selected_steps
 from histo_assets.core.schemas import METRICS_TABLE, PUBLISHED_METRICS, ClassifierUtilitySummary, MetricsDetails
 from histo_assets.core.stage import read_summary
 from histo_assets.params import PROJECT_ROOT
-from histo_assets.stage import Stage, refusals_as_failures, stage_asset
+from histo_assets.stage import Stage, stage_asset
 
 # The package version and the code versions of the stages a released image's bytes come from.
 CODE_VERSION = f"histo-assets {__version__}; " + ", ".join(
@@ -36,8 +35,7 @@ def dataset_release(stage: Stage):
     object_store.pull(p.data_dir, layout.metrics_summary, layout.classifier_utility, log=stage.log)
     summary = read_summary(layout.metrics_details, MetricsDetails)
     utility = read_summary(layout.classifier_utility, ClassifierUtilitySummary)
-    with refusals_as_failures(ReleaseSelectionError):
-        steps = selected_steps(section["checkpoints"], p["training"]["checkpoint_steps"], p.classes, summary, utility)
+    steps = selected_steps(section["checkpoints"], p["training"]["checkpoint_steps"], p.classes, summary, utility)
     object_store.pull(p.data_dir, *release_inputs(layout, steps), log=stage.log)
     repo = git_toplevel(p.data_dir)
     info = build_dataset_release(
@@ -57,17 +55,10 @@ def dataset_release(stage: Stage):
     }
     if repo is None:
         stage.context.log.warning(f"{p.data_dir} is not inside a git repository: the release was built but not versioned")
-        return dg.MaterializeResult(metadata=metadata | {"published": False}, data_version=dg.DataVersion(info.content_hash))
+        return stage.result(info.content_hash, metadata | {"published": False})
     published = publish_dataset_release(stage.context.resources.dvc.cli(repo), repo, info, section, p.source.parent,
                                         log=stage.log)
-    return dg.MaterializeResult(
-        metadata=metadata | {
-            "published": True,
-            "dvc_md5": published.md5,
-            "git_commit": published.commit,
-            "new_commit": published.new_commit,
-            "dvc_file": published.dvc_file,
-            "git_remote": section["git_remote"] or "none (tag kept in the local repository)",
-        },
-        data_version=dg.DataVersion(published.md5),
-    )
+    return stage.result(published.md5, metadata | {
+        "published": True, "dvc_md5": published.md5, "git_commit": published.commit, "new_commit": published.new_commit,
+        "dvc_file": published.dvc_file, "git_remote": section["git_remote"] or "none (tag kept in the local repository)",
+    })

@@ -370,6 +370,13 @@ def checkpoint_row(
     return {"tissue_class": tissue_class, "step": step} | row
 
 
+def row_description(row: dict) -> str:
+    """One metric row as the run's log reports it: the figures with their intervals, the extractor and the flags."""
+    return (f"{row['tissue_class']} step {row['step']}: FID {row['fid']} [{row['fid_ci_low']}, {row['fid_ci_high']}], "
+            f"KID {row['kid_mean']} [{row['kid_ci_low']}, {row['kid_ci_high']}] ({row['extractor']}; "
+            f"flags: {row['flags'] or 'none'})")
+
+
 def combined_rows(cache: FeatureCache, layout: Layout, classes: Sequence[str], steps: Sequence[int],
                   settings: MetricSettings) -> list[dict]:
     """Table 3.6 of the thesis: all classes pooled, per step (from cached features).
