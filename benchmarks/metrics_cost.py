@@ -30,7 +30,8 @@ from PIL import Image
 from torch import Tensor
 
 from histo_assets.core.evaluation import FeatureCache, FeatureSet, MetricSettings, score_checkpoint
-from histo_assets.core.features import WEIGHTS_ENV, ImageFeatureExtractor, build_extractor, extract_features
+from histo_assets.core.feature_networks import ImageFeatureExtractor
+from histo_assets.core.features import WEIGHTS_ENV, build_extractor, extract_features
 from histo_assets.params import DEFAULT_PARAMS_FILE, load_params
 from histo_assets.settings import from_section
 

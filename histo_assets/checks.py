@@ -10,7 +10,6 @@ from pathlib import Path
 
 import dagster as dg
 
-from histo_assets.core.hypernetwork import checkpoint_problems
 from histo_assets.core.quality import inspect_images
 
 ENOUGH = "enough_images"
@@ -71,6 +70,8 @@ def image_check_results(asset: str, folder: Path, resolution: int, minimum: int)
 
 
 def checkpoint_check_result(folder: Path, checkpoints: list[dict], steps: list[int]) -> dg.AssetCheckResult:
+    from histo_assets.core.hypernetwork import checkpoint_problems  # torch: imported by the run that checks
+
     problems = checkpoint_problems(folder, checkpoints, steps)
     return dg.AssetCheckResult(asset_key=CHECKPOINTS_LOAD.asset_key, check_name=CHECKPOINTS_LOAD.name, passed=not problems,
                                metadata={"checkpoints": len(checkpoints), "problems": "; ".join(problems) or "none"})

@@ -8,9 +8,10 @@ converts each value to its field's declared type, since YAML and `--set` may
 give an int for a float or a list for a tuple. Seeds are derived here, per
 purpose, from the master seed.
 
-The settings of generation and of both trainings are defined beside code that
-imports diffusers, so their builders import them when called: importing this
-module stays cheap for the CLI and the UI.
+The settings of generation, of both trainings, of the hypernetwork and of the
+utility classifier are defined beside code that imports torch or diffusers, so
+their builders import them when called: importing this module stays cheap for
+the CLI and the UI.
 """
 
 from __future__ import annotations
@@ -21,11 +22,9 @@ import typing
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from histo_assets.core.augment import AugmentationRecipe, AugmentationSettings
-from histo_assets.core.classifier_utility import UtilitySettings
 from histo_assets.core.crops import CropSettings
 from histo_assets.core.evaluation import MetricSettings
 from histo_assets.core.holdout import SplitSettings, read_groups, source_groups
-from histo_assets.core.hypernetwork import HypernetworkOptions
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.slides import IngestSettings
 from histo_assets.params import Params, ParamsError
@@ -34,6 +33,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from histo_assets.core.base_model_training import BaseModelTrainingSettings
+    from histo_assets.core.classifier_utility import UtilitySettings
+    from histo_assets.core.hypernetwork import HypernetworkOptions
     from histo_assets.core.sampling import GenerationSettings
     from histo_assets.core.training import TrainingSettings
 
@@ -121,6 +122,8 @@ def augmentation_settings(p: Params) -> AugmentationSettings:
 
 
 def hypernetwork_options(p: Params) -> HypernetworkOptions:
+    from histo_assets.core.hypernetwork import HypernetworkOptions
+
     return from_section(HypernetworkOptions, p["hypernetwork"])
 
 
@@ -144,6 +147,8 @@ def metric_settings(p: Params) -> MetricSettings:
 
 
 def utility_settings(p: Params) -> UtilitySettings:
+    from histo_assets.core.classifier_utility import UtilitySettings
+
     return from_section(UtilitySettings, p["utility"], seed=derive_seed(p.seed, "utility"))
 
 

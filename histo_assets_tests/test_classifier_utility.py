@@ -24,7 +24,6 @@ from PIL import Image
 
 from histo_assets.core.classifier_utility import (
     BALANCED_ACCURACY,
-    BEST_PER_CLASS,
     CANDIDATES,
     CLASS_NOT_TRAINED,
     CNN,
@@ -49,17 +48,16 @@ from histo_assets.core.classifier_utility import (
     classifier_utility,
     confusion_counts,
     extractor_featurizer,
-    image_sets_hash,
     scores_from_confusion,
-    step_candidate,
     stratified_resamples,
-    utility_inputs,
     write_candidates,
     write_utility,
 )
+from histo_assets.core.candidates import BEST_PER_CLASS, image_sets_hash, step_candidate, utility_inputs
 from histo_assets.core.evaluation import FeatureCache
 from histo_assets.core.layout import HOLDOUT, IMAGES, INDEX, Layout
-from histo_assets.core.features import WEIGHTS_ENV, RandomConvFeatures, build_extractor
+from histo_assets.core.feature_networks import RandomConvFeatures
+from histo_assets.core.features import WEIGHTS_ENV, build_extractor
 from histo_assets.params import DEFAULT_PARAMS_FILE, PROJECT_ROOT, load_params
 from histo_assets.settings import from_section, utility_settings
 from histo_assets_tests.conftest import tree_hashes

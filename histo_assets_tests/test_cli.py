@@ -4,6 +4,7 @@ recomputes nothing, launches only the release and leaves every file as it was.""
 from __future__ import annotations
 
 import subprocess
+import sys
 from dataclasses import dataclass
 
 import dagster as dg
@@ -115,3 +116,29 @@ def test_every_folder_the_pipeline_writes_is_ignored_by_git(pipeline):
     unignored = [name for name in written
                  if subprocess.run(["git", "check-ignore", "-q", f"data/{name}/"], cwd=PROJECT_ROOT).returncode != 0]
     assert unignored == []
+
+
+CHECK_EVERY_STAGE = """
+import sys
+from histo_assets.definitions import ASSETS
+from histo_assets.params import load_params
+from histo_assets.resources import BaseModelResource
+from histo_assets.stage import Part
+
+p = load_params(sys.argv[1])
+parts = {None: [Part()], "tissue_class": [Part(c) for c in p.classes],
+         "class_and_step": [Part(c, step) for c in p.classes for step in p.steps]}
+stale = [(asset.name, part) for asset in ASSETS if asset.spec is not None for part in parts[asset.partitioned]
+         if not asset.spec.is_current(p, part, BaseModelResource())]
+heavy = [m for m in ("torch", "scipy", "matplotlib", "skimage", "diffusers", "transformers") if m in sys.modules]
+print(stale, heavy)
+"""
+
+
+def test_checking_that_every_stage_is_unchanged_imports_no_torch(pipeline):
+    """Every refresh, CLI start and UI load pays for what loading the definitions and the fingerprint check import:
+    torch, scipy, matplotlib and scikit-image took 4 of its 6 seconds. Only a run that computes imports them."""
+    checked = subprocess.run([sys.executable, "-c", CHECK_EVERY_STAGE, str(pipeline.params)], cwd=PROJECT_ROOT,
+                             env=pipeline.environment(), capture_output=True, text=True, timeout=300)
+    run_ok(checked)
+    assert checked.stdout.strip() == "[] []", "every stage of the pipeline is current, and nothing heavy was imported"

@@ -16,11 +16,10 @@ from histo_assets.core.features import (
     FALLBACK_NAME,
     INCEPTION_NAME,
     WEIGHTS_ENV,
-    InceptionV3FID,
-    RandomConvFeatures,
     build_extractor,
     extract_features,
 )
+from histo_assets.core.feature_networks import InceptionV3FID, RandomConvFeatures
 from histo_assets.core import features as features_module
 from histo_assets.core.io import atomic_path, sha256_file
 from histo_assets.core.metrics import (

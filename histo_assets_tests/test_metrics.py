@@ -9,10 +9,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from histo_assets.core.features import (
-    RandomConvFeatures,
-    extract_features,
-)
+from histo_assets.core.feature_networks import RandomConvFeatures
+from histo_assets.core.features import extract_features
 from histo_assets.core.metrics import (
     bootstrap_fid_kid,
     centred_interval,

@@ -4,8 +4,7 @@ a release candidate's synthetic images help a classifier on real held-out crops.
 import dagster as dg
 import pandas as pd
 
-from histo_assets.core.classifier_utility import BALANCED_ACCURACY, PLOT_FILE, RESULTS_FILE
-from histo_assets.core.classifier_utility import image_sets_hash, utility_inputs, write_candidates
+from histo_assets.core.candidates import image_sets_hash, utility_inputs
 from histo_assets.core.evaluation import CURVES_FILE, METRICS_TABLE_FILE, FeatureCache, checkpoint_row, feature_cache
 from histo_assets.core.evaluation import generated_files, grid_file, real_sets, scored_checkpoints, scoring_settings
 from histo_assets.core.evaluation import row_description, summarise_rows
@@ -112,6 +111,8 @@ def classifier_utility(stage: Stage):
     checkpoint), the same classifier (utility.classifier) is trained with fixed seeds and budget on the real
     training crops, on real plus synthetic, and on synthetic only, and scored on the held-out, source-disjoint
     real crops: balanced accuracy, macro-F1 and the confusion matrix, each with a bootstrap interval."""
+    from histo_assets.core.classifier_utility import BALANCED_ACCURACY, PLOT_FILE, RESULTS_FILE, write_candidates
+
     p, cache = stage.params, _cache(stage.params)
     summary = stage.build_or_reuse(lambda staging: write_candidates(
         staging, *_utility_sets(p), utility_settings(p), p.steps,

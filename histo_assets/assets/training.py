@@ -4,7 +4,6 @@ import dagster as dg
 import pandas as pd
 
 from histo_assets.checks import CHECKPOINTS_LOAD, checkpoint_check_result
-from histo_assets.core.hypernetwork import write_imported_index
 from histo_assets.core.io import stable_hash
 from histo_assets.core.layout import BASE_MODEL_ASSET, IMAGES, INDEX, LOSS_PLOT, Layout
 from histo_assets.core.schemas import IMPORTED_HYPERNETWORK_INDEX, AugmentedCropsSummary
@@ -63,6 +62,7 @@ def imported_hypernetwork_index(stage: Stage):
     data/imported_hypernetworks/<class>/ are validated (safe loading, spec defaults, sizes against the base
     model) and indexed, so synthetic images can be generated from them like from our own checkpoints."""
     from histo_assets.core.base_model import attention_context_widths
+    from histo_assets.core.hypernetwork import write_imported_index
 
     inbox = stage.layout.imported_hypernetworks_inbox(stage.part.tissue_class)
     summary = stage.build_or_reuse(lambda staging: write_imported_index(

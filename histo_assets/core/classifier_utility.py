@@ -45,13 +45,12 @@ from PIL import Image
 from scipy.optimize import minimize
 from torch import nn
 
+from histo_assets.core.candidates import ClassPaths, step_candidate
 from histo_assets.core.errors import HistoAssetsError
-from histo_assets.core.evaluation import generated_files, held_out_crops, image_set_hash
-from histo_assets.core.features import ImageFeatureExtractor, extract_features
-from histo_assets.core.io import Log, atomic_directory, atomic_write_json, stable_hash
-from histo_assets.core.layout import IMAGES, INDEX, Layout
+from histo_assets.core.feature_networks import ImageFeatureExtractor
+from histo_assets.core.features import extract_features
+from histo_assets.core.io import Log, atomic_directory, atomic_write_json
 from histo_assets.core.plots import interval_bars
-from histo_assets.core.schemas import AUGMENTED_INDEX
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.steps import BASELINE_STEP
 
@@ -96,15 +95,12 @@ RESULTS_FILE = "utility.csv"
 CONFUSION_FILE = "confusion.csv"
 SUMMARY_FILE = "utility.json"
 PLOT_FILE = "utility.png"
-# The candidate made of each class's chosen checkpoint (metrics_summary's `best`), the release's default.
-BEST_PER_CLASS = "best"
 # Per-candidate tables, confusion matrices and plots, below the overview files.
 CANDIDATES = "candidates"
 
 # Paths in, an N x D float array out, row i for paths[i]. It is called once per class and image set, with the
 # paths sorted, so the metrics' FeatureCache (which sorts and caches per set) serves the held-out and generated sets.
 Featurizer = Callable[[Sequence[Path]], np.ndarray]
-ClassPaths = Mapping[str, Sequence[Path]]
 
 
 class UtilityError(HistoAssetsError, ValueError):
@@ -637,38 +633,6 @@ def candidates_notes(results: Mapping[str, UtilityResult], classifier: str) -> s
         lines.append(f"| {candidate} | {cell.get(REAL, '')} | {cell.get(REAL_PLUS_SYNTHETIC, '')} | "
                      f"{cell.get(SYNTHETIC, '')} | {verdict.replace('_', ' ')} |")
     return "\n".join(lines)
-
-
-# ---- release candidates in the pipeline's data folder ----------------------------------------
-
-
-def step_candidate(step: int) -> str:
-    return f"step-{step}"
-
-
-def utility_inputs(
-    layout: Layout, classes: Sequence[str], steps: Sequence[int], best: Mapping[str, int],
-) -> tuple[dict[str, list[Path]], dict[str, list[Path]], dict[str, dict[str, list[Path]]]]:
-    """(real training crops, held-out crops, synthetic images per candidate), each per class.
-
-    The real training set is the original crops only: augmented crops are
-    themselves a kind of synthetic data, and would blur the comparison.
-    """
-    train, test = {}, {}
-    for tissue_class in classes:
-        index = AUGMENTED_INDEX.read(layout.augmented_crops(tissue_class) / INDEX, columns=["file", "kind"])
-        images = layout.augmented_crops(tissue_class) / IMAGES
-        train[tissue_class] = [images / name for name in index.loc[index["kind"] == "original", "file"]]
-        test[tissue_class] = held_out_crops(layout, tissue_class)
-    candidates = {step_candidate(step): {c: generated_files(layout, c, step) for c in classes} for step in steps}
-    candidates[BEST_PER_CLASS] = {c: generated_files(layout, c, best[c]) for c in classes}
-    return train, test, candidates
-
-
-def image_sets_hash(train: ClassPaths, test: ClassPaths, candidates: Mapping[str, ClassPaths]) -> str:
-    """The content of every image set the candidates are scored on, for the stage's fingerprint."""
-    return stable_hash({name: {c: image_set_hash(paths) for c, paths in sets.items()}
-                        for name, sets in [("train", train), ("test", test), *candidates.items()]})
 
 
 def write_candidates(

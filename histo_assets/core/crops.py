@@ -23,8 +23,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from PIL import Image
-from skimage.color import rgb2hsv
-from skimage.filters import threshold_otsu
 from tqdm.auto import tqdm
 
 from histo_assets.core.io import Log, atomic_save_png, sha256_file, stable_hash
@@ -94,6 +92,9 @@ def tissue_mask(image: Image.Image) -> np.ndarray:
     Glass and white background are unsaturated, while both H&E and IHC stains
     are saturated, so saturation separates tissue without stain-specific tuning.
     """
+    from skimage.color import rgb2hsv  # with scipy, half a second that only tiling needs
+    from skimage.filters import threshold_otsu
+
     saturation = rgb2hsv(np.asarray(image.convert("RGB")))[..., 1]
     if float(saturation.max() - saturation.min()) < 1e-6:
         return np.zeros(saturation.shape, dtype=bool)

@@ -18,20 +18,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
 from histo_assets.core.errors import HistoAssetsError
-from histo_assets.core.features import (
-    FeatureExtractorInfo,
-    ImageFeatureExtractor,
-    build_extractor,
-    extract_features,
-    extractor_info,
-)
+from histo_assets.core.features import FeatureExtractorInfo, build_extractor, extract_features, extractor_info
 from histo_assets.core.io import (
     Log,
     atomic_save_png,
@@ -65,6 +59,9 @@ from histo_assets.core.schemas import (
 from histo_assets.core.seeding import derive_seed
 from histo_assets.core.stage import read_summary
 from histo_assets.core.steps import BASELINE_STEP
+
+if TYPE_CHECKING:
+    from histo_assets.core.feature_networks import ImageFeatureExtractor
 
 LIBRARIES = ("torch", "torchmetrics", "diffusers", "numpy", "scipy")
 
@@ -187,6 +184,8 @@ class FeatureCache:
 
     @property
     def extractor(self) -> ImageFeatureExtractor:
+        from histo_assets.core.feature_networks import ImageFeatureExtractor
+
         if not isinstance(self._extractor, ImageFeatureExtractor):
             self._extractor = self._extractor()
         return self._extractor

@@ -10,18 +10,17 @@ The Fréchet square-root term and the polynomial MMD come from torchmetrics
 (pinned in pyproject.toml) so the numbers match the library the field uses;
 both are importable without torch-fidelity. They are imported where used:
 importing torchmetrics takes about a second (its text metrics come with it),
-which every CLI start would pay only to check fingerprints. Everything random (KID subsets,
+which every CLI start would pay only to check fingerprints; torch and scipy likewise. Everything random (KID subsets,
 IS splits, bootstrap resamples) draws from ``numpy.random.default_rng(seed)``,
 never global state, unlike torchmetrics' own metric classes.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from scipy.special import entr, softmax
 
 KID_KERNEL_DEGREE = 3
 KID_KERNEL_COEF = 1.0
@@ -29,12 +28,13 @@ KID_KERNEL_COEF = 1.0
 # about _ROW_CHUNK x N distances whatever the set sizes.
 _ROW_CHUNK = 1024
 
-ArrayLike = np.ndarray | torch.Tensor
+ArrayLike = "np.ndarray | torch.Tensor"  # a name for annotations: torch is imported where used
 
 
 def _as_matrix(values: ArrayLike, name: str, min_rows: int = 1) -> np.ndarray:
     """A finite float64 N x D copy; rejects shapes that would give silently wrong metrics."""
-    if isinstance(values, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported
+    if torch is not None and isinstance(values, torch.Tensor):
         values = values.detach().cpu().numpy()
     matrix = np.asarray(values, dtype=np.float64)
     if matrix.ndim != 2:
@@ -66,6 +66,8 @@ def frechet_distance_from_stats(
     mu/sigma) can be scored without their images, and so the analytic
     identities can be tested exactly.
     """
+    import torch
+
     mean1, mean2 = (torch.as_tensor(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
     cov1, cov2 = (torch.as_tensor(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
     if mean1.ndim != 1 or mean1.shape != mean2.shape:
@@ -122,6 +124,7 @@ def kernel_distance(
     2018. KID is unbiased, so unlike FID it is comparable across the small,
     unequal per-class sample sizes of this project; it can be slightly negative.
     """
+    import torch
     from torchmetrics.image.kid import poly_mmd  # see the module docstring: imported where used
 
     a = _as_matrix(features_a, "features_a")
@@ -163,6 +166,8 @@ def inception_score(logits: ArrayLike, images_per_split: int, seed: int) -> tupl
     H(p(y)) - mean_x H(p(y|x)), which stays finite when a class has zero
     probability. Std uses ddof 0 like torch-fidelity (torchmetrics uses ddof 1).
     """
+    from scipy.special import entr, softmax
+
     matrix = _as_matrix(logits, "logits")
     if not 1 <= images_per_split <= len(matrix):
         raise ValueError(
@@ -177,6 +182,8 @@ def inception_score(logits: ArrayLike, images_per_split: int, seed: int) -> tupl
 
 def _distances(queries: np.ndarray, references: np.ndarray) -> np.ndarray:
     """Exact Euclidean distances; the matmul shortcut would turn identical points into tiny non-zeros."""
+    import torch
+
     return torch.cdist(
         torch.from_numpy(queries), torch.from_numpy(references), compute_mode="donot_use_mm_for_euclid_dist"
     ).numpy()

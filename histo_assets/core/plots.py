@@ -7,21 +7,28 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from histo_assets.core.io import atomic_write_bytes  # noqa: E402
+from histo_assets.core.io import atomic_write_bytes
 
 DPI = 100
+
+
+def _pyplot():
+    """pyplot on the file-only Agg backend, imported at the first plot: importing it takes most of a second, which
+    every CLI start would pay otherwise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _save(figure, path: Path | None) -> Image.Image:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
-    plt.close(figure)
+    _pyplot().close(figure)
     data = buffer.getvalue()
     if path is not None:
         atomic_write_bytes(path, data)
@@ -40,7 +47,7 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
 
 def loss_curve(steps: Sequence[int], losses: Sequence[float], path: Path | None, *, title: str, marks: Sequence[int] = ()) -> Image.Image:
     """Per-step ε-MSE is very noisy (random timesteps), so a moving average is drawn over it."""
-    figure, axis = plt.subplots(figsize=(7, 3.5))
+    figure, axis = _pyplot().subplots(figsize=(7, 3.5))
     axis.plot(steps, losses, color="#c9a0dc", linewidth=0.6, label="loss per step")
     window = max(1, len(losses) // 20)
     axis.plot(steps, moving_average(list(losses), window), color="#5b2a86", linewidth=1.6, label=f"moving average ({window})")
@@ -60,7 +67,7 @@ def phase_loss_curves(phases: Mapping[str, tuple[str, Sequence[float]]], path: P
     Phases train different networks on different losses (a VAE's L1, a U-Net's
     ε-MSE), whose scales share no axis.
     """
-    figure, axes = plt.subplots(1, len(phases), figsize=(4.6 * len(phases), 3.4), squeeze=False)
+    figure, axes = _pyplot().subplots(1, len(phases), figsize=(4.6 * len(phases), 3.4), squeeze=False)
     for axis, (panel, (loss_name, losses)) in zip(axes[0], phases.items()):
         steps = list(range(1, len(losses) + 1))
         window = max(1, len(losses) // 20)
@@ -84,7 +91,7 @@ def metric_curves(series: Mapping[str, Mapping[str, Sequence[tuple[float, ...]]]
     as a band, so a dip that stays inside its neighbours' bands reads as noise.
     """
     metrics = list(series)
-    figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    figure, axes = _pyplot().subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for axis, metric in zip(axes[0], metrics):
         for label, points in series[metric].items():
             if not points:
@@ -118,7 +125,7 @@ def interval_bars(
     read as "not told apart"; ``reference`` draws a baseline such as chance level.
     """
     names = list(panels)
-    figure, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 3.6), squeeze=False, sharey=True)
+    figure, axes = _pyplot().subplots(1, len(names), figsize=(4.6 * len(names), 3.6), squeeze=False, sharey=True)
     for axis, name in zip(axes[0], names):
         groups = list(panels[name])
         labels = list(dict.fromkeys(bar[0] for group in groups for bar in panels[name][group]))
