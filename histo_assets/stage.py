@@ -5,9 +5,10 @@ it reads, what decides its output, and its Dagster settings. definitions.py
 builds every declaration into a Dagster asset for a params object. A
 partition's run is: read params (with the launch's overrides), pull its
 inputs and its own folder from the object store, fingerprint, build in a
-staging folder or reuse, push, and report metadata and a data version. The
-building itself is a core function; the asset passes it the inputs and
-settings and chooses what the UI shows.
+staging folder or reuse, push, and report metadata and a data version (and,
+for a stage that writes images, the image checks). The building itself is a
+core function; the asset passes it the inputs and settings and chooses what
+the UI shows. Any of the project's own errors fails the run with its message.
 """
 
 from __future__ import annotations
