@@ -127,8 +127,9 @@ def test_a_project_error_fails_the_run_with_its_message_and_a_bug_keeps_its_trac
     p = load_params(small_params)
     resources = {"params": ParamsResource(params_file=str(small_params)), "object_store": ObjectStoreResource()}
     for declared in (refusing, failing):
-        result = dg.materialize([declared.build(p, Partitions.from_params(p))], resources=resources,
-                                instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+        with instance() as recorded:
+            result = dg.materialize([declared.build(p, Partitions.from_params(p))], resources=resources,
+                                    instance=recorded, raise_on_error=False)
         assert not result.success
         error = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE").step_failure_data.error
         if declared is refusing:
