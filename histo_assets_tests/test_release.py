@@ -1,5 +1,6 @@
 """core/release.py: releases end to end with real git and real dvc against a local directory remote."""
 
+import dataclasses
 import re
 import subprocess
 from pathlib import Path
@@ -28,6 +29,7 @@ from histo_assets.core.release import (
     METRICS,
     ReleaseImage,
     ReleaseSelectionError,
+    already_published,
     build_release,
     content_hash,
     local_remote_path,
@@ -317,6 +319,19 @@ def test_republishing_identical_content_makes_no_commit(published) -> None:
     assert not again.new_commit and not again.new_tag
     assert (again.commit, again.md5) == (first.commit, first.md5)
     assert commit_count(repo) == before and working_copy_state(repo) == published["before"]
+
+
+def test_content_tagged_for_this_remote_is_known_published_without_dvc(published) -> None:
+    """What lets a refresh with nothing changed skip dvc add and push: the tag names the content, and was made after
+    the push to the remote its commit records."""
+    repo, info, first, remote = published["repo"], published["info"], published["release"], published["root"] / "remote"
+    known = already_published(repo, info, "store", remote)
+    assert (known.tag, known.commit, known.md5, known.dvc_file) == (first.tag, first.commit, first.md5, first.dvc_file)
+    assert not known.new_commit and not known.new_tag
+    assert already_published(repo, info, "store", published["root"] / "another-remote") is None, "pushed elsewhere"
+    assert already_published(repo, info, "other", remote) is None, "another remote name"
+    assert already_published(repo, info, "store", "s3://bucket/store") is None
+    assert already_published(repo, dataclasses.replace(info, tag="release/demo/000000000000"), "store", remote) is None
 
 
 def test_new_content_needs_a_new_tag_and_old_tag_still_serves_old_data(

@@ -8,6 +8,7 @@ idempotent and lets downstream teams pull an exact dataset by tag.
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import numbers
 import os
@@ -782,21 +783,54 @@ def build_dataset_release(
     )
 
 
+def already_published(repo: Path, info: ReleaseInfo, remote_name: str, remote: str | Path) -> PublishedRelease | None:
+    """The release as published before, when ``info.tag`` exists and its commit names ``remote`` as its DVC remote.
+
+    ``remote`` is a URL, or for a local remote its folder. DVC records a local
+    remote relative to ``.dvc/``, where its config lives.
+    """
+    root, folder = repo.resolve(), info.path.resolve()
+    tagged = git_tag_target(root, info.tag)
+    if tagged is None or not folder.is_relative_to(root):
+        return None
+    relative_dvc = folder.relative_to(root).with_name(folder.name + ".dvc")
+    config_text, dvc_text = git_file_at(root, tagged, ".dvc/config"), git_file_at(root, tagged, relative_dvc)
+    if config_text is None or dvc_text is None:
+        return None
+    config = configparser.ConfigParser()
+    config.read_string(config_text.decode())
+    recorded = config.get(f"'remote \"{remote_name}\"'", "url", fallback=None)
+    if config.get("core", "remote", fallback=None) != remote_name or recorded is None:
+        return None
+    same = ((root / ".dvc" / recorded).resolve() == remote.resolve() if isinstance(remote, Path)
+            else recorded == remote)
+    if not same:
+        return None
+    md5 = md5_from_dvc_text(dvc_text.decode(), f"{relative_dvc} at {info.tag}")
+    return PublishedRelease(tag=info.tag, commit=tagged, md5=md5, dvc_file=root / relative_dvc, new_commit=False,
+                            new_tag=False)
+
+
 def publish_dataset_release(
     dvc: DvcCli, repo: Path, info: ReleaseInfo, section: Mapping[str, Any], params_dir: Path, log: Log,
 ) -> PublishedRelease:
     """:func:`publish_release` into ``repo`` made a DVC repository, then the tag pushed where ``git_remote`` says.
 
     A local remote is recorded relative to the repository, so a clone beside
-    it resolves it without the path of this machine.
+    it resolves it without the path of this machine. Content already tagged
+    for this remote is not published again: its tag names the content (its
+    hash) and was made only after the push, so a refresh with nothing changed
+    runs no dvc command.
     """
     ensure_git_identity(repo, *PIPELINE_AUTHOR)
-    dvc.init()
     remote = section["remote"]
     local_remote = local_remote_path(remote["url"], params_dir)
-    url = os.path.relpath(local_remote, repo) if local_remote else remote["url"]
-    published = publish_release(dvc, repo, info.path, info.tag, f"Release {section['name']} ({info.tag})",
-                                (remote["name"], url))
+    published = already_published(repo, info, remote["name"], local_remote or remote["url"])
+    if published is None:
+        dvc.init()
+        url = os.path.relpath(local_remote, repo) if local_remote else remote["url"]
+        published = publish_release(dvc, repo, info.path, info.tag, f"Release {section['name']} ({info.tag})",
+                                    (remote["name"], url))
     if section["git_remote"]:
         git_push_tag(repo, section["git_remote"], info.tag)
         log(f"pushed tag {info.tag} to git remote {section['git_remote']}")
