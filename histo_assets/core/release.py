@@ -597,8 +597,7 @@ def publish_release(
         (dvc_file,) = dvc.add([folder])
         md5 = dvc.md5_of(dvc_file)
         if tagged is not None:
-            previous = git_file_at(root, tagged, relative_dvc)
-            previous_md5 = None if previous is None else md5_from_dvc_text(previous.decode(), f"{relative_dvc} at {tag}")
+            previous_md5 = _md5_at_tag(root, tagged, relative_dvc, tag)
             if previous_md5 != md5:
                 raise TagConflictError(
                     f"git tag {tag!r} already marks commit {tagged}, where {relative_dvc} "
@@ -625,6 +624,12 @@ def publish_release(
         new_commit=commit is not None,
         new_tag=tagged is None,
     )
+
+
+def _md5_at_tag(root: Path, tagged: str, relative_dvc: Path, tag: str) -> str | None:
+    """The md5 the ``.dvc`` file records in the tagged commit; None where that commit lacks it."""
+    text = git_file_at(root, tagged, relative_dvc)
+    return None if text is None else md5_from_dvc_text(text.decode(), f"{relative_dvc} at {tag}")
 
 
 @contextlib.contextmanager
@@ -794,11 +799,14 @@ def already_published(repo: Path, info: ReleaseInfo, remote_name: str, remote: s
     if tagged is None or not folder.is_relative_to(root):
         return None
     relative_dvc = folder.relative_to(root).with_name(folder.name + ".dvc")
-    config_text, dvc_text = git_file_at(root, tagged, ".dvc/config"), git_file_at(root, tagged, relative_dvc)
-    if config_text is None or dvc_text is None:
+    config_text, md5 = git_file_at(root, tagged, ".dvc/config"), _md5_at_tag(root, tagged, relative_dvc, info.tag)
+    if config_text is None or md5 is None:
         return None
     config = configparser.ConfigParser()
-    config.read_string(config_text.decode())
+    try:
+        config.read_string(config_text.decode())
+    except configparser.Error:  # a config this parser cannot read: publish the usual way, with dvc
+        return None
     recorded = config.get(f"'remote \"{remote_name}\"'", "url", fallback=None)
     if config.get("core", "remote", fallback=None) != remote_name or recorded is None:
         return None
@@ -806,7 +814,6 @@ def already_published(repo: Path, info: ReleaseInfo, remote_name: str, remote: s
             else recorded == remote)
     if not same:
         return None
-    md5 = md5_from_dvc_text(dvc_text.decode(), f"{relative_dvc} at {info.tag}")
     return PublishedRelease(tag=info.tag, commit=tagged, md5=md5, dvc_file=root / relative_dvc, new_commit=False,
                             new_tag=False)
 
